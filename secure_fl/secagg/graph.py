@@ -1,0 +1,243 @@
+"""Masking graphs and parameter selection for SecAgg and SecAgg+.
+
+SecAgg (Bonawitz et al. 2017) masks every pair of sites: the complete graph. SecAgg+ (Bell et al. 2020)
+masks each site with only ``k`` neighbours of a random sparse graph, and shares its secrets only with
+those neighbours, which brings the per-site cost from O(n) down to O(log n).
+
+The graph here is a Harary graph ``H(k, n)`` (a circulant: ring position ``i`` is joined to the ``k/2``
+positions on each side) placed on the sites through a uniformly random permutation drawn from a
+cryptographically secure source. It is ``k``-regular and ``k``-connected. The honest surviving sites
+stay connected unless ``k/2`` consecutive ring positions all hold dropped or corrupt sites, which is
+the event the parameter choice below bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from secure_fl.errors import ConfigError
+
+RandomBytes = Callable[[int], bytes]
+
+#: Statistical security parameter: failure events that would leak are bounded by 2**-SIGMA.
+DEFAULT_SIGMA = 40
+#: Correctness parameter: a round fails to produce the sum with probability at most 2**-ETA.
+DEFAULT_ETA = 30
+
+
+def _randbelow(n: int, randbytes: RandomBytes) -> int:
+    """Uniform integer in [0, n) by rejection sampling from ``randbytes`` (no modulo bias)."""
+    if n <= 0:
+        raise ConfigError(f"n must be positive, got {n}")
+    nbits = max(1, (n - 1).bit_length())
+    nbytes = (nbits + 7) // 8
+    mask = (1 << nbits) - 1
+    while True:
+        value = int.from_bytes(randbytes(nbytes), "big") & mask
+        if value < n:
+            return value
+
+
+def random_permutation(items: list[int], randbytes: RandomBytes) -> list[int]:
+    """Fisher-Yates shuffle driven by ``randbytes``; uniform over all permutations."""
+    out = list(items)
+    for i in range(len(out) - 1, 0, -1):
+        j = _randbelow(i + 1, randbytes)
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+def complete_graph(ids: list[int]) -> dict[int, frozenset[int]]:
+    """Every site is the neighbour of every other site (classic SecAgg)."""
+    everyone = frozenset(ids)
+    return {i: everyone - {i} for i in ids}
+
+
+def harary_graph(ids: list[int], k: int, randbytes: RandomBytes) -> dict[int, frozenset[int]]:
+    """A ``k``-regular Harary graph over ``ids`` with randomly permuted positions.
+
+    Errors: ConfigError when ``k`` is odd, below 2, or not below ``len(ids)``.
+    """
+    n = len(ids)
+    if k < 2 or k % 2 or k >= n:
+        raise ConfigError(f"k must be an even integer in [2, {n - 1}] for n={n} sites, got {k}")
+    ring = random_permutation(sorted(ids), randbytes)
+    half = k // 2
+    graph: dict[int, set[int]] = {i: set() for i in ids}
+    for pos, node in enumerate(ring):
+        for step in range(1, half + 1):
+            other = ring[(pos + step) % n]
+            graph[node].add(other)
+            graph[other].add(node)
+    return {i: frozenset(v) for i, v in graph.items()}
+
+
+def validate_graph(ids: tuple[int, ...], graph: Mapping[int, frozenset[int]]) -> None:
+    """Check that ``graph`` is a simple undirected graph over exactly ``ids``.
+
+    Errors: ConfigError naming the first offending site.
+    """
+    idset = set(ids)
+    if set(graph) != idset:
+        raise ConfigError("graph must have exactly one neighbour set per site id")
+    for node, neighbours in graph.items():
+        if node in neighbours:
+            raise ConfigError(f"graph: site {node} lists itself as a neighbour")
+        if not neighbours <= idset:
+            raise ConfigError(f"graph: site {node} has neighbours outside the roster")
+        for other in neighbours:
+            if node not in graph[other]:
+                raise ConfigError(f"graph: edge {node}-{other} is not symmetric")
+
+
+def _log_binom_pmf(n: int, k: int, p: float) -> float:
+    if p <= 0.0:
+        return 0.0 if k == 0 else -math.inf
+    if p >= 1.0:
+        return 0.0 if k == n else -math.inf
+    return (
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + k * math.log(p)
+        + (n - k) * math.log1p(-p)
+    )
+
+
+def binom_sf(n: int, k: int, p: float) -> float:
+    """P[Binomial(n, p) >= k], computed in log space (exact up to float rounding)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    return min(1.0, sum(math.exp(_log_binom_pmf(n, j, p)) for j in range(k, n + 1)))
+
+
+def binom_cdf(n: int, k: int, p: float) -> float:
+    """P[Binomial(n, p) <= k]."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return min(1.0, sum(math.exp(_log_binom_pmf(n, j, p)) for j in range(0, k + 1)))
+
+
+@dataclass(frozen=True)
+class MaskingParameters:
+    """The graph degree ``k`` and Shamir threshold ``t`` chosen for a federation.
+
+    ``k == n - 1`` means the complete graph (classic SecAgg). ``holders = k + 1`` parties hold shares
+    of each site's secrets (its neighbours and itself). The bounds below are the failure probabilities
+    of the three events the choice controls, each at most the stated target.
+    """
+
+    num_sites: int
+    k: int
+    threshold: int
+    dropout_rate: float
+    corrupt_fraction: float
+    security_failure: float
+    correctness_failure: float
+    connectivity_failure: float
+
+    @property
+    def holders(self) -> int:
+        return self.k + 1
+
+    @property
+    def complete(self) -> bool:
+        return self.k == self.num_sites - 1
+
+
+def _check_rates(num_sites: int, dropout_rate: float, corrupt_fraction: float) -> None:
+    if not isinstance(num_sites, int) or num_sites < 2:
+        raise ConfigError(f"num_sites must be an integer >= 2, got {num_sites!r}")
+    if not (0.0 <= dropout_rate < 1.0):
+        raise ConfigError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    if not (0.0 <= corrupt_fraction < 1.0):
+        raise ConfigError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction!r}")
+    if dropout_rate + corrupt_fraction >= 1.0:
+        raise ConfigError(
+            "dropout_rate + corrupt_fraction must be below 1, got "
+            f"{dropout_rate} + {corrupt_fraction}"
+        )
+
+
+def secagg_parameters(
+    num_sites: int, *, dropout_rate: float = 0.0, corrupt_fraction: float = 0.0
+) -> MaskingParameters:
+    """Threshold for classic SecAgg (complete graph).
+
+    The threshold is the smallest ``t`` with ``2t > n + c`` where ``c = ceil(corrupt_fraction * n)``:
+    the condition under which, in the active variant, a server colluding with ``c`` sites cannot
+    obtain both kinds of shares of one honest site (Bonawitz et al. 2017, section 6). It is at least a
+    strict majority. It must not exceed the number of sites expected to survive.
+
+    Errors: ConfigError when no threshold satisfies both conditions.
+    """
+    _check_rates(num_sites, dropout_rate, corrupt_fraction)
+    n = num_sites
+    corrupt = math.ceil(corrupt_fraction * n)
+    t = (n + corrupt) // 2 + 1
+    survivors = math.floor((1.0 - dropout_rate) * n + 1e-9)
+    if t > survivors:
+        raise ConfigError(
+            f"no safe threshold for num_sites={n}: security needs t >= {t} "
+            f"(corrupt_fraction={corrupt_fraction}), but with dropout_rate={dropout_rate} only "
+            f"{survivors} sites are expected to survive"
+        )
+    return MaskingParameters(n, n - 1, t, dropout_rate, corrupt_fraction, 0.0, 0.0, 0.0)
+
+
+def secagg_plus_parameters(
+    num_sites: int,
+    *,
+    dropout_rate: float = 0.05,
+    corrupt_fraction: float = 0.05,
+    sigma: int = DEFAULT_SIGMA,
+    eta: int = DEFAULT_ETA,
+) -> MaskingParameters:
+    """Choose the neighbourhood size ``k`` and threshold ``t`` for SecAgg+ (Bell et al. 2020).
+
+    Following the paper's analysis, three events are bounded, each by a union bound over the ``n``
+    sites, with each site dropping out with probability ``dropout_rate`` and being corrupt with
+    probability ``corrupt_fraction`` independently of its position in the (random) graph:
+
+    * security: a site's ``k + 1`` share holders include ``c`` corrupt ones with ``2t <= k + 1 + c``,
+      so the server could collect ``t`` shares of both of its secrets. Bound ``n * P[c >= 2t - k - 1]
+      <= 2**-sigma``.
+    * correctness: fewer than ``t`` of a site's ``k`` neighbours survive, so its secret cannot be
+      recovered. Bound ``n * P[Binomial(k, 1 - dropout_rate) < t] <= 2**-eta``.
+    * connectivity: the honest survivors split into parts, so the sum of one part leaks. On the
+      permuted Harary ring that needs ``k/2`` consecutive bad positions: bound
+      ``n * (dropout_rate + corrupt_fraction)**(k/2) <= 2**-sigma``.
+
+    The smallest even ``k`` (and for it the smallest ``t``) meeting all three is returned; when none
+    below ``n - 1`` does, the complete graph with the SecAgg threshold is returned.
+
+    Errors: ConfigError on rates outside [0, 1) or when even the complete graph cannot meet them.
+    """
+    _check_rates(num_sites, dropout_rate, corrupt_fraction)
+    if sigma < 1 or eta < 1:
+        raise ConfigError(f"sigma and eta must be >= 1, got sigma={sigma}, eta={eta}")
+    n = num_sites
+    target_sec = 2.0**-sigma
+    target_cor = 2.0**-eta
+    bad = dropout_rate + corrupt_fraction
+    for k in range(2, n - 1, 2):
+        connectivity = n * bad ** (k // 2) if bad > 0 else 0.0
+        if connectivity > target_sec:
+            continue
+        for t in range(1, k + 1):
+            security = n * binom_sf(k, 2 * t - k - 1, corrupt_fraction)
+            if security > target_sec:
+                continue
+            correctness = n * binom_cdf(k, t - 1, 1.0 - dropout_rate)
+            if correctness > target_cor:
+                break  # a larger t only makes correctness worse
+            return MaskingParameters(
+                n, k, t, dropout_rate, corrupt_fraction, security, correctness, connectivity
+            )
+    return secagg_parameters(n, dropout_rate=dropout_rate, corrupt_fraction=corrupt_fraction)

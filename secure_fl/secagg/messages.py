@@ -1,0 +1,178 @@
+"""Messages of the SecAgg / SecAgg+ protocol: frozen dataclasses, no I/O.
+
+Every message carries the round it belongs to; parties refuse messages of another round. Sizes are
+reported by :meth:`wire_size`, the number of bytes the message's fields occupy in a compact binary
+encoding (ids 4 bytes, round 8 bytes, keys and ciphertexts their length, vectors their raw size),
+which is what the in-process harness counts as bytes sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+_ID = 4
+_ROUND = 8
+_LEN = 4
+
+
+class Phase(Enum):
+    """The protocol's phases, in order. A dropout is injected 'at' a phase: the site sends nothing
+    from that phase on."""
+
+    ADVERTISE_KEYS = 0
+    SHARE_KEYS = 1
+    MASKED_INPUT = 2
+    CONSISTENCY_CHECK = 3
+    UNMASKING = 4
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Site -> server (phase 0): two fresh X25519 public keys, optionally signed.
+
+    ``enc_public`` keys the encryption of secret shares; ``mask_public`` keys the pairwise masks.
+    """
+
+    round_id: int
+    sender: int
+    enc_public: bytes
+    mask_public: bytes
+    signature: bytes | None = None
+
+    def wire_size(self) -> int:
+        return (
+            _ROUND
+            + _ID
+            + len(self.enc_public)
+            + len(self.mask_public)
+            + _LEN
+            + len(self.signature or b"")
+        )
+
+
+@dataclass(frozen=True)
+class KeyRoster:
+    """Server -> site (start of phase 1): the advertisements of the site's neighbours that arrived."""
+
+    round_id: int
+    adverts: tuple[AdvertiseKeys, ...]
+
+    def wire_size(self) -> int:
+        return _ROUND + _LEN + sum(a.wire_size() for a in self.adverts)
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Site -> server (phase 1): for each neighbour, the AEAD-encrypted shares addressed to it.
+
+    ``ciphertexts`` pairs a receiver id with the sealed (nonce || ciphertext || tag) bytes.
+    """
+
+    round_id: int
+    sender: int
+    ciphertexts: tuple[tuple[int, bytes], ...]
+
+    def wire_size(self) -> int:
+        return _ROUND + _ID + _LEN + sum(_ID + _LEN + len(c) for _, c in self.ciphertexts)
+
+
+@dataclass(frozen=True)
+class ShareDelivery:
+    """Server -> site (start of phase 2): the encrypted shares addressed to this site.
+
+    The senders listed are the site's view of U2, the neighbours that completed phase 1.
+    """
+
+    round_id: int
+    ciphertexts: tuple[tuple[int, bytes], ...]
+
+    def wire_size(self) -> int:
+        return _ROUND + _LEN + sum(_ID + _LEN + len(c) for _, c in self.ciphertexts)
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    """Site -> server (phase 2): the input plus self mask plus pairwise masks, modulo 2^bits.
+
+    The vector is made read-only so that no party can alter a message after sending it.
+    """
+
+    round_id: int
+    sender: int
+    vector: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        self.vector.setflags(write=False)
+
+    def wire_size(self) -> int:
+        return _ROUND + _ID + _LEN + int(self.vector.nbytes)
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    """Server -> site (phase 3, active variant): the set U3 of sites whose masked input arrived."""
+
+    round_id: int
+    survivors: frozenset[int]
+
+    def wire_size(self) -> int:
+        return _ROUND + _LEN + _ID * len(self.survivors)
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """Site -> server (phase 3, active variant): the site's Ed25519 signature over (round, U3)."""
+
+    round_id: int
+    sender: int
+    signature: bytes
+
+    def wire_size(self) -> int:
+        return _ROUND + _ID + _LEN + len(self.signature)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Server -> site (phase 4): which neighbours survived and which dropped.
+
+    For a surviving peer the site reveals its share of the peer's self-mask seed; for a dropped peer
+    its share of the peer's mask key. A peer named in both sets is refused: answering would reveal
+    the peer's input. In the active variant ``signatures`` carries the consistency signatures.
+    """
+
+    round_id: int
+    survivors: frozenset[int]
+    dropped: frozenset[int]
+    signatures: tuple[tuple[int, bytes], ...] = ()
+
+    def wire_size(self) -> int:
+        return (
+            _ROUND
+            + _LEN * 3
+            + _ID * (len(self.survivors) + len(self.dropped))
+            + sum(_ID + _LEN + len(s) for _, s in self.signatures)
+        )
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    """Site -> server (phase 4): shares of survivors' self-mask seeds and dropped peers' mask keys.
+
+    Each entry pairs the owner of the secret with one serialised Shamir share.
+    """
+
+    round_id: int
+    sender: int
+    self_mask_shares: tuple[tuple[int, bytes], ...]
+    mask_key_shares: tuple[tuple[int, bytes], ...]
+
+    def wire_size(self) -> int:
+        entries = self.self_mask_shares + self.mask_key_shares
+        return _ROUND + _ID + 2 * _LEN + sum(_ID + len(s) for _, s in entries)
+
+
+ClientMessage = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
+ServerMessage = KeyRoster | ShareDelivery | ConsistencyRequest | UnmaskRequest
