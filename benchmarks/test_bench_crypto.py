@@ -1,4 +1,4 @@
-"""Speed of the cryptographic primitives the protocol leans on (pytest-benchmark)."""
+"""Speed of the primitives the protocol leans on: PRG, Shamir, key agreement, encoding."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def test_key_agreement(benchmark) -> None:
     benchmark.group = "X25519 + HKDF"
     benchmark.name = "agree_key"
     benchmark(agree_key, a, b.public_bytes, context=b"bench")
+
+
+def test_fixed_point_encode(benchmark) -> None:
+    from secure_fl.encoding import FixedPointCodec
+
+    codec = FixedPointCodec(bits=32, frac_bits=24, clip_range=10.0)
+    x = np.random.default_rng(0).normal(scale=0.01, size=4_800_000)
+    rng = np.random.default_rng(1)
+    benchmark.group = "encoding, 4.8M values"
+    benchmark.name = "encode (clip, scale, stochastic rounding)"
+    benchmark(codec.encode, x, weight=0.1, rng=rng)

@@ -1,0 +1,145 @@
+"""The aggregator interface that pipelines import, and the input checks every aggregator shares."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from secure_fl.encoding import UpdateSpec, check_same_spec, flatten
+from secure_fl.errors import ConfigError, InvalidUpdateError
+
+#: What ``aggregate`` accepts as ``updates``: site name -> update, or (site name, update) pairs.
+Updates = Mapping[str, Any] | Sequence[tuple[str, Any]]
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """``mean`` has the structure of one update (same container, keys, shapes, dtypes, framework).
+
+    ``report`` holds at least ``included`` (sites whose update is in the mean), ``dropped``,
+    ``clipped`` (site -> number of values clipped), ``bytes_sent`` (site -> bytes) and ``seconds``.
+    """
+
+    mean: Any = field(repr=False)
+    report: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class PreparedRound:
+    """Validated inputs of one aggregation: flat float64 vectors in a fixed site order."""
+
+    sites: tuple[str, ...]
+    vectors: Mapping[str, np.ndarray] = field(repr=False)
+    spec: UpdateSpec
+    weights: Mapping[str, float]
+    dropped: frozenset[str]
+
+    @property
+    def survivors(self) -> tuple[str, ...]:
+        return tuple(s for s in self.sites if s not in self.dropped)
+
+
+def prepare(
+    updates: Updates,
+    weights: Mapping[str, float] | None,
+    dropped: Iterable[str],
+    *,
+    min_sites: int = 1,
+) -> PreparedRound:
+    """Validate and flatten one round's inputs.
+
+    Errors: InvalidUpdateError on duplicate site ids, a malformed update, NaN/Inf, or updates whose
+    structure, shapes or dtypes differ between sites; ConfigError on weights that are missing,
+    extra, not finite or not positive, and on ``dropped`` naming unknown sites or every site.
+    """
+    if isinstance(updates, Mapping):
+        pairs = list(updates.items())
+    else:
+        try:
+            pairs = [(name, upd) for name, upd in updates]
+        except (TypeError, ValueError) as exc:
+            raise InvalidUpdateError(
+                "updates must be a mapping of site name to update, or (site, update) pairs"
+            ) from exc
+    names = [name for name, _ in pairs]
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise InvalidUpdateError(f"site ids must be non-empty strings, got {name!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidUpdateError(f"duplicate site ids in updates: {duplicates}")
+    if len(pairs) < min_sites:
+        raise InvalidUpdateError(f"updates must hold at least {min_sites} sites, got {len(pairs)}")
+
+    vectors: dict[str, np.ndarray] = {}
+    spec: UpdateSpec | None = None
+    for name, update in pairs:
+        vector, site_spec = flatten(update, site=name)
+        if spec is None:
+            spec = site_spec
+        else:
+            check_same_spec(spec, site_spec, site=name)
+        vectors[name] = vector
+    assert spec is not None
+
+    if weights is None:
+        resolved = dict.fromkeys(names, 1.0)
+    else:
+        if not isinstance(weights, Mapping):
+            raise ConfigError("weights must map site name to a positive number")
+        missing = sorted(set(names) - set(weights))
+        extra = sorted(set(weights) - set(names))
+        if missing or extra:
+            raise ConfigError(
+                f"weights must name exactly the sites; missing {missing}, extra {extra}"
+            )
+        resolved = {}
+        for name in names:
+            w = weights[name]
+            if isinstance(w, bool) or not isinstance(w, int | float | np.number):
+                raise ConfigError(f"weights[{name!r}] must be a number, got {type(w).__name__}")
+            if not math.isfinite(float(w)) or float(w) <= 0:
+                raise ConfigError(f"weights[{name!r}] must be finite and > 0, got {w!r}")
+            resolved[name] = float(w)
+
+    if isinstance(dropped, str):
+        raise ConfigError("dropped must be a collection of site names, not one string")
+    gone = frozenset(dropped)
+    unknown = sorted(gone - set(names))
+    if unknown:
+        raise ConfigError(f"dropped names sites that sent no update: {unknown}")
+    if len(gone) == len(names):
+        raise ConfigError("dropped names every site; nothing would be aggregated")
+    return PreparedRound(tuple(names), vectors, spec, resolved, gone)
+
+
+class Aggregator(ABC):
+    """Computes the weighted mean of the surviving sites' float updates.
+
+    Implementations differ in what the server sees: ``plain`` sees every update; ``secagg`` and
+    ``secagg+`` see only masked vectors and the final sum.
+    """
+
+    name: str
+
+    @abstractmethod
+    def aggregate(
+        self,
+        updates: Updates,
+        weights: Mapping[str, float] | None = None,
+        *,
+        dropped: Iterable[str] = (),
+    ) -> AggregationResult:
+        """Weighted mean of the updates of all sites not in ``dropped``.
+
+        ``dropped`` names sites that vanish after the key exchange and before their masked input
+        arrives; their updates are excluded and, in secure aggregation, their masks recovered.
+
+        Errors: InvalidUpdateError, ConfigError (see :func:`prepare`); ThresholdError when too few
+        sites survive for the protocol's threshold.
+        """
