@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -116,8 +117,6 @@ def make_config(
 
     Errors: ConfigError on invalid combinations.
     """
-    import os
-
     rb: RandomBytes = randbytes if randbytes is not None else os.urandom
     ids = sorted(site_ids)
     n = len(ids)

@@ -172,9 +172,11 @@ class SecAggServer:
             )
 
     def _check_shares(self, m: ShareKeys) -> None:
-        allowed = self.u1 & self.config.neighbours(m.sender)
+        # Exactly one ciphertext for every neighbour in U1: a site that skipped a neighbour would
+        # mask with it while the neighbour does not mask back, and the sum would be garbage.
+        required = self.u1 & self.config.neighbours(m.sender)
         receivers = [r for r, _ in m.ciphertexts]
-        if len(set(receivers)) != len(receivers) or not set(receivers) <= allowed:
+        if len(set(receivers)) != len(receivers) or set(receivers) != required:
             raise RemoteProtocolError(
                 f"site {m.sender}: share ciphertexts must go once to each neighbour in U1"
             )
@@ -282,6 +284,17 @@ class SecAggServer:
                 seed_shares[owner].append(self._parse_share(raw, site, owner))
             for owner, raw in message.mask_key_shares:
                 key_shares[owner].append(self._parse_share(raw, site, owner))
+        # Check every count before reconstructing anything, so that an abort reconstructs nothing.
+        for owners, shares, what in (
+            (self.u3, seed_shares, "self-mask seed"),
+            (self.dropped, key_shares, "mask key"),
+        ):
+            for owner in sorted(owners):
+                if len({s.x for s in shares[owner]}) < cfg.threshold:
+                    raise ThresholdError(
+                        f"only {len(shares[owner])} shares of the {what} of site {owner} arrived, "
+                        f"threshold is {cfg.threshold}; round aborted, nothing reconstructed"
+                    )
         total = self._sum
         for owner in sorted(self.u3):
             seed = self._reconstruct(seed_shares[owner], owner, "self-mask seed")

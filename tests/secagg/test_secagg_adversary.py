@@ -296,3 +296,18 @@ def test_server_view_does_not_depend_on_the_input() -> None:
     table = np.vstack([_top_byte_histogram(masked_a), _top_byte_histogram(masked_b)])
     _, p_value, _, _ = stats.chi2_contingency(table)
     assert p_value > 1e-4
+
+
+def test_server_rejects_share_keys_that_skip_a_neighbour() -> None:
+    rand = DeterministicRandom(b"skip")
+    config = make_config(list(range(1, 5)), vector_length=4, bits=32, threshold=3, randbytes=rand)
+    clients = {i: SecAggClient(i, config, randbytes=rand) for i in range(1, 5)}
+    server = SecAggServer(config)
+    for c in clients.values():
+        server.receive(c.start())
+    rosters = server.close_phase()
+    share_keys = clients[1].handle(rosters[1])
+    partial = dataclasses.replace(share_keys, ciphertexts=share_keys.ciphertexts[1:])
+    with pytest.raises(RemoteProtocolError, match="once to each neighbour"):
+        server.receive(partial)
+    server.receive(share_keys)  # the honest message is still accepted
