@@ -1,0 +1,70 @@
+"""Data layer: datalists, site partitioning, the synthetic multi-site generator, MONAI transforms.
+
+* :mod:`~secure_fl.data.datalist` - :class:`Case`, :func:`load_datalist`, :func:`write_datalist`,
+  :func:`scan_brats_folder`, :func:`split_by_site`.
+* :mod:`~secure_fl.data.synthetic` - :func:`generate_federation`, the built-in default data.
+* :mod:`~secure_fl.data.transforms` - :class:`PreprocessConfig`, :func:`train_transforms`,
+  :func:`eval_transforms`.
+* :mod:`~secure_fl.data.loaders` - :func:`make_dataset`, :func:`make_loader`.
+
+Only the datalist names are imported eagerly; the others load on first use (torch and MONAI are
+heavy).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from secure_fl.data.datalist import (
+    Case,
+    group_by_site,
+    load_datalist,
+    scan_brats_folder,
+    site_name,
+    split_by_site,
+    write_datalist,
+)
+
+if TYPE_CHECKING:
+    from secure_fl.data.loaders import make_dataset, make_loader
+    from secure_fl.data.synthetic import SiteProfile, generate_federation, site_profiles
+    from secure_fl.data.transforms import PreprocessConfig, eval_transforms, train_transforms
+
+_LAZY = {
+    "SiteProfile": "secure_fl.data.synthetic",
+    "generate_federation": "secure_fl.data.synthetic",
+    "site_profiles": "secure_fl.data.synthetic",
+    "PreprocessConfig": "secure_fl.data.transforms",
+    "eval_transforms": "secure_fl.data.transforms",
+    "train_transforms": "secure_fl.data.transforms",
+    "make_dataset": "secure_fl.data.loaders",
+    "make_loader": "secure_fl.data.loaders",
+}
+
+__all__ = [
+    "Case",
+    "PreprocessConfig",
+    "SiteProfile",
+    "eval_transforms",
+    "generate_federation",
+    "group_by_site",
+    "load_datalist",
+    "make_dataset",
+    "make_loader",
+    "scan_brats_folder",
+    "site_name",
+    "site_profiles",
+    "split_by_site",
+    "train_transforms",
+    "write_datalist",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'secure_fl.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
