@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from secure_fl import __version__
 from secure_fl.errors import SecureFLError
@@ -17,31 +18,122 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"secure-fl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser(
-        "demo", help="secure aggregation demo: ten sites, one drops out, the exact sum"
+        "demo",
+        help="train a small 3D-UNet across 4 synthetic sites with SecAgg+ and report Dice",
     )
-    demo.add_argument("--sites", type=int, default=10, help="number of sites (>= 3, default 10)")
+    demo.add_argument("--rounds", type=int, default=None, help="federated rounds (default 8)")
+    demo.add_argument("--run-dir", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument(
+        "--data-dir",
+        default="data/synthetic",
+        help="synthetic data folder (default data/synthetic)",
+    )
+    demo.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+
+    simulate = commands.add_parser(
+        "simulate", help="run all sites of a federation on this machine from a TOML/YAML config"
+    )
+    simulate.add_argument("config", help="experiment configuration (.toml, .yaml or .json)")
+    simulate.add_argument("--run-dir", default=None, help="run folder (default runs/<name>)")
+    simulate.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+
+    sdemo = commands.add_parser(
+        "secagg-demo", help="secure aggregation demo: ten sites, one drops out, the exact sum"
+    )
+    sdemo.add_argument("--sites", type=int, default=10, help="number of sites (>= 3, default 10)")
+    sdemo.add_argument(
         "--protocol", choices=["secagg", "secagg+"], default="secagg+", help="masking protocol"
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed for the synthetic updates")
+    sdemo.add_argument("--seed", type=int, default=0, help="seed for the synthetic updates")
+
+    data = commands.add_parser("data", help="datasets: synthetic federation, BraTS datalists")
+    data_cmds = data.add_subparsers(dest="data_command", required=True)
+    synth = data_cmds.add_parser(
+        "synth", help="generate the synthetic multi-institution federation"
+    )
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--sites", type=int, default=4)
+    synth.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48), metavar=("D", "H", "W"))
+    synth.add_argument("--seed", type=int, default=0)
+    brats = data_cmds.add_parser(
+        "brats", help="turn a BraTS-layout folder into a site-partitioned datalist"
+    )
+    brats.add_argument("root", help="folder with one sub-folder per case")
+    brats.add_argument("--out", required=True, help="datalist JSON to write")
+    brats.add_argument(
+        "--sites",
+        type=int,
+        default=None,
+        help="when case names carry no institution, spread cases over this many sites",
+    )
     return parser
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from secure_fl.training import run_experiment
+    from secure_fl.training.demo import demo_config
+
+    config = demo_config(data_dir=args.data_dir, rounds=args.rounds)
+    summary = run_experiment(config, args.run_dir, resume=not args.no_resume)
+    print()
+    print((Path(summary.run_dir) / "report.md").read_text())
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from secure_fl.training import load_config, run_experiment
+
+    config = load_config(args.config)
+    run_dir = args.run_dir or f"runs/{config.name}"
+    run_experiment(config, run_dir, resume=not args.no_resume)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from secure_fl.data import generate_federation, scan_brats_folder, write_datalist
+
+    if args.data_command == "synth":
+        path = generate_federation(
+            Path(args.out), sites=args.sites, shape=tuple(args.shape), seed=args.seed
+        )
+        print(f"datalist: {path}")
+        return 0
+    cases = scan_brats_folder(Path(args.root), sites=args.sites)
+    write_datalist(cases, Path(args.out))
+    per_site: dict[str, int] = {}
+    for case in cases:
+        per_site[case.site] = per_site.get(case.site, 0) + 1
+    print(f"{len(cases)} cases from {len(per_site)} sites -> {args.out}")
+    for site, count in sorted(per_site.items()):
+        print(f"  {site}: {count}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. Returns the process exit status (0 on success)."""
+    """Entry point. Returns the process exit status (0 on success, 2 on a usage or config error)."""
     args = _build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
+        if args.command == "secagg-demo":
             from secure_fl.demo import run_demo
 
             if args.sites < 3:
                 print("error: --sites must be >= 3", file=sys.stderr)
                 return 2
             return 0 if run_demo(sites=args.sites, protocol=args.protocol, seed=args.seed) else 1
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "simulate":
+            return _simulate(args)
+        if args.command == "data":
+            return _data(args)
     except SecureFLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -51,7 +51,7 @@ def run_demo(
 
     # 1. The protocol in the integer domain: the sum is exact.
     plan = plan_bit_width(
-        num_sites=sites, weights=list(weights.values()), clip_range=10.0, precision=2.0**-20
+        num_sites=sites, weights=list(weights.values()), clip_range=10.0, precision=2.0**-24
     )
     codec = plan.codec()
     inputs = {

@@ -1,0 +1,74 @@
+"""The run report: a markdown table of Dice per site and strategy, and a PNG of Dice by round."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from secure_fl.training.config import ExperimentConfig
+
+
+def write_report(run: Path, config: ExperimentConfig, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``report.md`` and ``dice_vs_rounds.png`` into ``run`` from the metrics rows."""
+    final: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        final[row["strategy"]] = row  # rows are in round order
+    sites = sorted({s for r in final.values() for s in r["dice"]})
+    lines = [
+        f"# {config.name}",
+        "",
+        f"{len(sites)} sites, {config.rounds} rounds, seed {config.seed}, aggregation "
+        f"`{config.aggregation.name}` (for fedavg/fedprox), model channels "
+        f"{list(config.model.channels)}, grid {list(config.preprocess.grid)}.",
+        "",
+        "Dice (whole tumour) on each site's held-out cases after the last round:",
+        "",
+        "| strategy | " + " | ".join(sites) + " | pooled |",
+        "|---|" + "---|" * (len(sites) + 1),
+    ]
+    for name in config.strategies:
+        if name not in final:
+            continue
+        row = final[name]
+        cells = [_fmt(row["dice"].get(s)) for s in sites] + [_fmt(row["pooled_dice"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    agg = [r for r in rows if r.get("aggregation")]
+    if agg:
+        last = agg[-1]["aggregation"]
+        lines += [
+            "",
+            f"Aggregation ({last.get('aggregator')}): threshold {last.get('threshold', '-')}, "
+            f"k {last.get('k', '-')}, {last.get('bits', '-')}-bit, values clipped "
+            f"{last.get('clipped_total', 0)}, max quantisation error {last.get('max_error', 0):.2e}.",
+        ]
+    lines += ["", "![Dice against rounds](dice_vs_rounds.png)", ""]
+    (run / "report.md").write_text("\n".join(lines))
+    _plot(run / "dice_vs_rounds.png", config, rows)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _plot(path: Path, config: ExperimentConfig, rows: Sequence[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name in config.strategies:
+        points = [(r["round"] + 1, r["pooled_dice"]) for r in rows if r["strategy"] == name]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("pooled Dice (held-out cases)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(config.name)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

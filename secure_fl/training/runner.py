@@ -1,0 +1,295 @@
+"""Run a simulated experiment: every strategy, every round, into a run folder; resumable.
+
+The run folder holds:
+
+* ``config.json`` — the resolved configuration;
+* ``metrics.jsonl`` — one JSON line per (strategy, round): Dice per site and pooled, loss, time,
+  the aggregation report;
+* ``checkpoints/<strategy>.pt`` — the strategy's state after its last finished round;
+* ``models/<strategy>.pt`` — the final model(s) as torch state dicts;
+* ``report.md`` and ``dice_vs_rounds.png`` — a table of Dice per site and strategy, and a plot.
+
+Crash safety: a round's metrics line is appended, then its checkpoint is written atomically (a
+temporary file renamed over the old one). On resume the run continues after the last checkpointed
+round and drops metrics lines beyond it, so no finished round is lost and none is counted twice.
+Every round's randomness derives from (seed, strategy, site, round), so a resumed run produces the
+same models as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secure_fl.data import Case, generate_federation, load_datalist, split_by_site
+from secure_fl.errors import ConfigError
+from secure_fl.training.config import ExperimentConfig
+from secure_fl.training.model import build_unet, derive_seed, get_state
+from secure_fl.training.strategies import Federation, Strategy, StrategyState, make_strategy
+from secure_fl.training.trainer import SiteTrainer
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Final Dice per strategy: per site, and pooled over all held-out cases."""
+
+    run_dir: Path
+    dice: dict[str, dict[str, float]]
+    pooled: dict[str, float]
+
+
+def resolve_cases(config: ExperimentConfig, log: Log = print) -> list[Case]:
+    """The cases of the experiment: the datalist, or the synthetic federation (generated if needed)."""
+    if config.data.datalist:
+        return load_datalist(config.data.datalist)
+    path = generate_federation(
+        Path(config.data.synthetic_dir),
+        sites=config.data.synthetic_sites,
+        shape=config.data.synthetic_shape,
+        seed=config.data.synthetic_seed,
+    )
+    log(f"synthetic federation: {path}")
+    return load_datalist(path)
+
+
+def build_federation(config: ExperimentConfig, cases: list[Case], *, pooled: bool) -> Federation:
+    """One :class:`SiteTrainer` per site (train/held-out split per site) and the initial model."""
+    import torch
+
+    splits = split_by_site(cases, val_fraction=config.data.val_fraction, seed=config.seed)
+    common = {
+        "preprocess": config.preprocess,
+        "model": config.model,
+        "train": config.train,
+        "seed": config.seed,
+        "cache": config.data.cache,
+    }
+    sites = {
+        name: SiteTrainer(name, train, val, **common)  # type: ignore[arg-type]
+        for name, (train, val) in sorted(splits.items())
+    }
+    pool = None
+    if pooled:
+        everything = [c for name in sorted(splits) for c in splits[name][0]]
+        pool = SiteTrainer("pooled", everything, [], **common)  # type: ignore[arg-type]
+    torch.manual_seed(derive_seed(config.seed, "initial-model"))
+    initial = get_state(build_unet(config.model))
+    return Federation(sites=sites, pooled=pool, initial=initial)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(path: Path, strategy: str, round_id: int, state: StrategyState) -> None:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "strategy": strategy,
+            "round": round_id,
+            "state": {
+                k: {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in v.items()}
+                for k, v in state.items()
+            },
+        },
+        buf,
+    )
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path) -> tuple[int, StrategyState]:
+    import torch
+
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: {n: t.numpy() for n, t in v.items()} for k, v in data["state"].items()}
+    return int(data["round"]), state
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash: everything after it is dropped
+    return rows
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = True,
+    log: Log = print,
+    stop_after: tuple[str, int] | None = None,
+) -> RunSummary:
+    """Run every strategy of ``config`` for ``config.rounds`` rounds, writing ``run_dir``.
+
+    ``resume`` continues a run folder written with the same configuration (ConfigError if it was
+    another one). ``stop_after=(strategy, round)`` stops right after that round is checkpointed, as a
+    crash would (for tests of resumption).
+    """
+    run = Path(run_dir)
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "models").mkdir(exist_ok=True)
+    resolved = config.to_dict()
+    cfg_path = run / "config.json"
+    if cfg_path.exists() and resume:
+        previous = json.loads(cfg_path.read_text())
+        if previous != resolved:
+            raise ConfigError(
+                f"{run} holds a run with another configuration; choose another run folder "
+                "or pass resume=False (--no-resume) to start over"
+            )
+    elif cfg_path.exists():
+        for old in [*(run / "checkpoints").glob("*.pt"), run / "metrics.jsonl"]:
+            old.unlink(missing_ok=True)
+    _atomic_write_bytes(cfg_path, json.dumps(resolved, indent=2).encode())
+
+    cases = resolve_cases(config, log)
+    fed = build_federation(config, cases, pooled="centralized" in config.strategies)
+    for trainer in [*fed.sites.values(), *([fed.pooled] if fed.pooled else [])]:
+        trainer.rounds = config.rounds
+    sizes = ", ".join(f"{n}: {len(s.train_cases)}+{len(s.val_cases)}" for n, s in fed.sites.items())
+    log(f"{len(fed.sites)} sites (train+held-out cases) {sizes}")
+
+    metrics_path = run / "metrics.jsonl"
+    rows = _read_metrics(metrics_path)
+    final_dice: dict[str, dict[str, float]] = {}
+    final_pooled: dict[str, float] = {}
+    for strategy_name in config.strategies:
+        strategy = make_strategy(
+            strategy_name,
+            rounds=config.rounds,
+            aggregator=config.aggregation.name,
+            aggregator_options=config.aggregation.options,
+            fedprox_mu=config.fedprox_mu,
+            dropouts={int(k): v for k, v in config.dropouts.items()},
+        )
+        ckpt = run / "checkpoints" / f"{strategy_name}.pt"
+        start, state = 0, strategy.init_state(fed)
+        if ckpt.exists():
+            last, state = _load_checkpoint(ckpt)
+            start = last + 1
+            log(f"[{strategy_name}] resuming after round {last}")
+        rows = [r for r in rows if r["strategy"] != strategy_name or r["round"] < start]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for round_id in range(start, config.rounds):
+            t0 = time.perf_counter()
+            state, info = strategy.run_round(fed, state, round_id)
+            dice, pooled = evaluate_strategy(strategy, fed, state)
+            row = {
+                "strategy": strategy_name,
+                "round": round_id,
+                "dice": dice,
+                "pooled_dice": pooled,
+                "train_loss": info.train_loss,
+                "steps": info.steps,
+                "seconds": time.perf_counter() - t0,
+                "aggregation": _summarise(info.aggregation),
+            }
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(_json_safe(row)) + "\n")
+            rows.append(_json_safe(row))
+            _save_checkpoint(ckpt, strategy_name, round_id, state)
+            per_site = " ".join(f"{n}={d:.3f}" for n, d in dice.items())
+            log(
+                f"[{strategy_name}] round {round_id + 1}/{config.rounds}  loss {info.train_loss:.3f}  "
+                f"Dice pooled {pooled:.3f}  ({per_site})  {row['seconds']:.1f}s"
+            )
+            if stop_after == (strategy_name, round_id):
+                raise KeyboardInterrupt(f"stopped after {strategy_name} round {round_id}")
+        _save_models(run / "models" / f"{strategy_name}.pt", strategy.final_models(state))
+        last_row = next(r for r in reversed(rows) if r["strategy"] == strategy_name)
+        final_dice[strategy_name] = last_row["dice"]
+        final_pooled[strategy_name] = last_row["pooled_dice"]
+
+    from secure_fl.training.report import write_report
+
+    write_report(run, config, rows)
+    log(f"report: {run / 'report.md'}")
+    return RunSummary(run, final_dice, final_pooled)
+
+
+def evaluate_strategy(
+    strategy: Strategy, fed: Federation, state: StrategyState
+) -> tuple[dict[str, float], float]:
+    """Mean Dice per site on its held-out cases, and the mean over all held-out cases pooled."""
+    dice: dict[str, float] = {}
+    everything: list[float] = []
+    for name in fed.names:
+        scores = fed.sites[name].dice(strategy.eval_states(fed, state, name))
+        everything.extend(scores)
+        dice[name] = float(np.mean(scores)) if scores else float("nan")
+    pooled = float(np.mean(everything)) if everything else float("nan")
+    return dice, pooled
+
+
+def _summarise(report: Any) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    keep = (
+        "aggregator",
+        "included",
+        "dropped",
+        "clipped_total",
+        "threshold",
+        "k",
+        "bits",
+        "max_error",
+        "seconds",
+    )
+    out = {k: report[k] for k in keep if k in report}
+    if "bytes_sent" in report:
+        out["bytes_sent_per_site"] = float(np.mean(list(report["bytes_sent"].values())))
+    return out
+
+
+def _save_models(path: Path, state: StrategyState) -> None:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(
+        {
+            k: {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in v.items()}
+            for k, v in state.items()
+        },
+        buf,
+    )
+    _atomic_write_bytes(path, buf.getvalue())

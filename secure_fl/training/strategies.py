@@ -1,0 +1,279 @@
+"""Collaboration strategies compared in the literature, each a small class behind one interface.
+
+* ``fedavg`` — federated averaging (McMahan et al. 2017) of the sites' updates, weighted by their
+  number of training cases, through any aggregator (``plain``, ``secagg``, ``secagg+``, ``ckks``).
+* ``fedprox`` — FedAvg with a proximal term in the local loss (Li et al. 2020).
+* ``cwt`` — cyclical weight transfer: each round the model visits every site in turn (Chang et al. 2018).
+* ``swt`` — single weight transfer: the model trains at one site, then moves on, visiting each once.
+* ``ensemble`` — each site trains its own model; predictions are averaged over all site models.
+* ``local`` — each site trains and is evaluated alone (the "no collaboration" baseline).
+* ``centralized`` — one model trained on the pooled data (the upper baseline, not private).
+
+A strategy's state is a mapping of named model states (numpy), which is all a checkpoint needs.
+One *round* costs every strategy the same local work: every site's data is seen
+``train.local_epochs`` times (for ``swt``, one site's data per round, as the model is at one site).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from monai.fl.utils.exchange_object import ExchangeObject
+
+from secure_fl.aggregators import create as create_aggregator
+from secure_fl.errors import ConfigError
+from secure_fl.training.model import State, state_add, state_sub
+from secure_fl.training.trainer import SiteTrainer
+
+#: Named model states, e.g. {"global": ...} or one per site.
+StrategyState = dict[str, State]
+
+
+@dataclass
+class Federation:
+    """The sites of one simulated federation (and, for the centralised baseline, the pooled site)."""
+
+    sites: dict[str, SiteTrainer]
+    pooled: SiteTrainer | None = None
+    initial: State = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.sites)
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """What one round did: mean training loss, optimiser steps, and the aggregation report."""
+
+    train_loss: float
+    steps: int
+    aggregation: Mapping[str, Any] | None = None
+
+
+class Strategy(ABC):
+    """One way of collaborating. Subclasses set ``name`` and implement the three methods."""
+
+    name: str
+
+    @abstractmethod
+    def init_state(self, fed: Federation) -> StrategyState:
+        """The state before round 0."""
+
+    @abstractmethod
+    def run_round(
+        self, fed: Federation, state: StrategyState, round_id: int
+    ) -> tuple[StrategyState, RoundInfo]:
+        """Run round ``round_id`` and return the new state."""
+
+    @abstractmethod
+    def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
+        """The model(s) whose ensemble is evaluated on ``site``'s held-out cases."""
+
+    def final_models(self, state: StrategyState) -> StrategyState:
+        """The models to save at the end of the run."""
+        return state
+
+
+def _train(site: SiteTrainer, weights: State, round_id: int, tag: str, **extra: Any) -> State:
+    site.train(
+        ExchangeObject(weights=weights),
+        {"round": round_id, "rounds": site.rounds, "tag": tag, **extra},
+    )
+    out = site.get_weights()
+    assert out.weights is not None
+    return dict(out.weights)
+
+
+def _info(sites: Sequence[SiteTrainer], aggregation: Mapping[str, Any] | None = None) -> RoundInfo:
+    losses = [s.last_loss for s in sites]
+    return RoundInfo(sum(losses) / len(losses), sum(s.last_steps for s in sites), aggregation)
+
+
+class FedAvg(Strategy):
+    """Sample-weighted federated averaging of model deltas through an aggregator.
+
+    ``dropouts`` maps a round to the sites that vanish in it (their update is lost; secure
+    aggregation recovers the others' sum); the mean is taken over the survivors.
+    """
+
+    name = "fedavg"
+
+    def __init__(
+        self,
+        aggregator: str = "plain",
+        aggregator_options: Mapping[str, Any] | None = None,
+        *,
+        fedprox_mu: float = 0.0,
+        dropouts: Mapping[int, Sequence[str]] | None = None,
+    ) -> None:
+        self.aggregator_name = aggregator
+        self.aggregator = create_aggregator(aggregator, **dict(aggregator_options or {}))
+        self.fedprox_mu = fedprox_mu
+        self.dropouts = {int(k): list(v) for k, v in (dropouts or {}).items()}
+
+    def init_state(self, fed: Federation) -> StrategyState:
+        return {"global": dict(fed.initial)}
+
+    def run_round(
+        self, fed: Federation, state: StrategyState, round_id: int
+    ) -> tuple[StrategyState, RoundInfo]:
+        current = state["global"]
+        deltas: dict[str, State] = {}
+        weights: dict[str, float] = {}
+        for name in fed.names:
+            site = fed.sites[name]
+            local = _train(site, current, round_id, self.name, fedprox_mu=self.fedprox_mu)
+            deltas[name] = state_sub(local, current)
+            weights[name] = float(site.num_train_cases)
+        result = self.aggregator.aggregate(deltas, weights, dropped=self.dropouts.get(round_id, []))
+        new_global = state_add(current, result.mean)
+        report = {k: v for k, v in result.report.items() if k not in ("site_seconds",)}
+        return {"global": new_global}, _info(list(fed.sites.values()), report)
+
+    def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
+        return [state["global"]]
+
+
+class FedProx(FedAvg):
+    """FedAvg with the proximal term ``mu/2 ||w - w_global||^2`` in each site's loss."""
+
+    name = "fedprox"
+
+    def __init__(self, *args: Any, fedprox_mu: float = 0.01, **kwargs: Any) -> None:
+        if fedprox_mu <= 0:
+            raise ConfigError(f"fedprox_mu must be > 0 for fedprox, got {fedprox_mu}")
+        super().__init__(*args, fedprox_mu=fedprox_mu, **kwargs)
+
+
+class CyclicWeightTransfer(Strategy):
+    """Each round the model trains at every site in turn, in a fixed order."""
+
+    name = "cwt"
+
+    def init_state(self, fed: Federation) -> StrategyState:
+        return {"global": dict(fed.initial)}
+
+    def run_round(
+        self, fed: Federation, state: StrategyState, round_id: int
+    ) -> tuple[StrategyState, RoundInfo]:
+        current = state["global"]
+        for name in fed.names:
+            current = _train(fed.sites[name], current, round_id, self.name)
+        return {"global": current}, _info(list(fed.sites.values()))
+
+    def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
+        return [state["global"]]
+
+
+class SingleWeightTransfer(Strategy):
+    """The model trains at one site for its share of the rounds, then moves to the next."""
+
+    name = "swt"
+
+    def __init__(self, rounds: int) -> None:
+        if rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {rounds}")
+        self.rounds = rounds
+
+    def init_state(self, fed: Federation) -> StrategyState:
+        return {"global": dict(fed.initial)}
+
+    def site_for_round(self, fed: Federation, round_id: int) -> str:
+        names = fed.names
+        return names[min(len(names) - 1, round_id * len(names) // self.rounds)]
+
+    def run_round(
+        self, fed: Federation, state: StrategyState, round_id: int
+    ) -> tuple[StrategyState, RoundInfo]:
+        site = fed.sites[self.site_for_round(fed, round_id)]
+        current = _train(site, state["global"], round_id, self.name)
+        return {"global": current}, _info([site])
+
+    def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
+        return [state["global"]]
+
+
+class LocalOnly(Strategy):
+    """Every site trains its own model on its own data; no collaboration."""
+
+    name = "local"
+
+    def init_state(self, fed: Federation) -> StrategyState:
+        return {name: dict(fed.initial) for name in fed.names}
+
+    def run_round(
+        self, fed: Federation, state: StrategyState, round_id: int
+    ) -> tuple[StrategyState, RoundInfo]:
+        new = {
+            name: _train(fed.sites[name], state[name], round_id, self.name) for name in fed.names
+        }
+        return new, _info(list(fed.sites.values()))
+
+    def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
+        return [state[site]]
+
+
+class Ensemble(LocalOnly):
+    """Single-site models trained independently; predictions averaged over all of them."""
+
+    name = "ensemble"
+
+    def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
+        return [state[name] for name in fed.names]
+
+
+class Centralized(Strategy):
+    """One model trained on the pooled training data of every site (the non-private baseline)."""
+
+    name = "centralized"
+
+    def init_state(self, fed: Federation) -> StrategyState:
+        if fed.pooled is None:
+            raise ConfigError("the centralised baseline needs the pooled site")
+        return {"global": dict(fed.initial)}
+
+    def run_round(
+        self, fed: Federation, state: StrategyState, round_id: int
+    ) -> tuple[StrategyState, RoundInfo]:
+        assert fed.pooled is not None
+        current = _train(fed.pooled, state["global"], round_id, self.name)
+        return {"global": current}, _info([fed.pooled])
+
+    def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
+        return [state["global"]]
+
+
+STRATEGIES = ("fedavg", "fedprox", "cwt", "swt", "ensemble", "local", "centralized")
+
+
+def make_strategy(
+    name: str,
+    *,
+    rounds: int,
+    aggregator: str = "plain",
+    aggregator_options: Mapping[str, Any] | None = None,
+    fedprox_mu: float = 0.01,
+    dropouts: Mapping[int, Sequence[str]] | None = None,
+) -> Strategy:
+    """The strategy called ``name`` (one of :data:`STRATEGIES`).
+
+    Errors: ConfigError for an unknown name or invalid options.
+    """
+    factories: dict[str, Callable[[], Strategy]] = {
+        "fedavg": lambda: FedAvg(aggregator, aggregator_options, dropouts=dropouts),
+        "fedprox": lambda: FedProx(
+            aggregator, aggregator_options, fedprox_mu=fedprox_mu, dropouts=dropouts
+        ),
+        "cwt": CyclicWeightTransfer,
+        "swt": lambda: SingleWeightTransfer(rounds),
+        "ensemble": Ensemble,
+        "local": LocalOnly,
+        "centralized": Centralized,
+    }
+    if name not in factories:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    return factories[name]()
