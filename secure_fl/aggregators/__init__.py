@@ -11,19 +11,20 @@ from __future__ import annotations
 from typing import Any
 
 from secure_fl.aggregators.base import AggregationResult, Aggregator, Updates
+from secure_fl.aggregators.ckks import CKKSAggregator
 from secure_fl.aggregators.masked import MaskedAggregator
 from secure_fl.aggregators.plain import PlainAggregator
 from secure_fl.errors import ConfigError
 
 #: Names accepted by :func:`create`.
-NAMES = ("plain", "secagg", "secagg+")
+NAMES = ("plain", "secagg", "secagg+", "ckks")
 
 
 def create(name: str, **options: Any) -> Aggregator:
     """Return the aggregator called ``name`` configured with ``options``.
 
-    ``name`` is one of ``"plain"``, ``"secagg"``, ``"secagg+"``. Options are keyword arguments of
-    :class:`PlainAggregator` or :class:`MaskedAggregator`.
+    ``name`` is one of ``"plain"``, ``"secagg"``, ``"secagg+"``, ``"ckks"``. Options are keyword
+    arguments of :class:`PlainAggregator`, :class:`MaskedAggregator` or :class:`CKKSAggregator`.
 
     Errors: ConfigError for an unknown name or an unknown or invalid option.
     """
@@ -32,6 +33,8 @@ def create(name: str, **options: Any) -> Aggregator:
     try:
         if name == "plain":
             return PlainAggregator(**options)
+        if name == "ckks":
+            return CKKSAggregator(**options)
         return MaskedAggregator(name, **options)
     except TypeError as exc:
         raise ConfigError(f"invalid option for aggregator {name!r}: {exc}") from exc
@@ -41,6 +44,7 @@ __all__ = [
     "NAMES",
     "AggregationResult",
     "Aggregator",
+    "CKKSAggregator",
     "MaskedAggregator",
     "PlainAggregator",
     "Updates",

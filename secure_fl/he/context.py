@@ -1,0 +1,507 @@
+"""CKKS contexts: provisioning, loading, fingerprints and secret hygiene.
+
+Two artefacts per federation, written by :func:`provision` (or made in process for a simulation):
+
+* the **secret context** (:class:`SecretContext`), held by every site: parameters and the one
+  secret key. It encrypts (symmetric RLWE encryption: no public key exists, so nobody without the
+  secret key can even encrypt) and decrypts the aggregate.
+* the **public context** (:class:`PublicContext`), held by the server: parameters only. It can
+  deserialise and add ciphertexts, nothing else.
+
+Both carry the same **fingerprint**: SHA-256 over the preset's parameters, SEAL's parameter id
+(a hash of the exact primes) and a key id derived from the secret key. Parties compare fingerprints,
+so mixed keys or parameters fail loudly instead of decrypting to garbage.
+
+Artefact format (version 1), every field big-endian::
+
+    b"SFLCKKSC" | version u8 = 1 | kind u8 (1 secret, 2 public) | header length u32 | header JSON
+    | body length u64 | body (TenSEAL context) | SHA-256 of everything before
+
+The header JSON holds ``format``, ``kind``, ``preset``, ``key_id`` and ``fingerprint``.
+
+Secret hygiene: a :class:`SecretContext` cannot be pickled or copied (``TypeError``), its repr shows
+only the preset name and the fingerprint, and no error message or log line quotes key material.
+:meth:`SecretContext.save` writes with mode 0600 (atomically, refusing to overwrite unless asked),
+and :meth:`SecretContext.load` refuses a file that other users can read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import json
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final, NoReturn
+
+from secure_fl.errors import ConfigError, CryptoError
+from secure_fl.he.params import CKKSPreset, get_preset
+
+_MAGIC: Final = b"SFLCKKSC"
+_VERSION: Final = 1
+_KIND_SECRET: Final = 1
+_KIND_PUBLIC: Final = 2
+_KIND_NAMES: Final = {_KIND_SECRET: "secret", _KIND_PUBLIC: "public"}
+_PREFIX: Final = struct.Struct(">8sBBI")
+_BODY_LEN: Final = struct.Struct(">Q")
+_DIGEST_LEN: Final = 32
+_FORMAT: Final = "secure_fl/ckks-context/v1"
+_FINGERPRINT_DOMAIN: Final = "secure_fl/ckks/fingerprint/v1"
+_KEY_ID_DOMAIN: Final = b"secure_fl/ckks/key-id/v1\x00"
+_MAX_HEADER: Final = 1 << 16
+
+#: File names that :func:`provision` writes.
+SECRET_FILE: Final = "ckks-secret.ctx"  # noqa: S105 - a file name, not a password
+PUBLIC_FILE: Final = "ckks-public.ctx"
+
+PathLike = str | os.PathLike[str]
+
+
+def tenseal() -> ModuleType:
+    """Import TenSEAL on first use.
+
+    Errors: ConfigError with the install command when TenSEAL is not installed.
+    """
+    try:
+        module = importlib.import_module("tenseal")
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigError("CKKS aggregation needs TenSEAL: pip install tenseal==0.3.18") from exc
+    return module
+
+
+def _fingerprint(preset: CKKSPreset, parms_id: list[int], key_id: str) -> str:
+    params = preset.to_dict()
+    del params["description"]
+    doc = {
+        "domain": _FINGERPRINT_DOMAIN,
+        "preset": params,
+        "parms_id": [int(w) for w in parms_id],
+        "key_id": key_id,
+    }
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def check_fingerprint(actual: str, expected: str | None, what: str) -> None:
+    """Raise ConfigError unless ``expected`` is None or equals ``actual``.
+
+    ``what`` names the context in the message (for example ``"the site's secret context"``).
+    """
+    if expected is None:
+        return
+    if not isinstance(expected, str) or not hmac.compare_digest(
+        actual.encode(), expected.strip().lower().encode()
+    ):
+        raise ConfigError(
+            f"{what} has fingerprint {actual[:16]}..., not the federation's "
+            f"{str(expected)[:16]}...: its parameters or key differ (mixed keys would decrypt to "
+            "garbage); provision one context for the whole federation"
+        )
+
+
+def _parms_id(ctx: Any) -> list[int]:
+    return [int(w) for w in ctx.seal_context().data.key_parms_id()]
+
+
+def _check_parameters(ctx: Any, preset: CKKSPreset) -> None:
+    """The TenSEAL context must have exactly the preset's ring degree and modulus sizes."""
+    try:
+        seal = ctx.seal_context().data
+        key_level = seal.key_context_data()
+        first_level = seal.first_context_data()
+        degree = int(key_level.parms().poly_modulus_degree())
+        total = int(key_level.total_coeff_modulus_bit_count())
+        data = int(first_level.total_coeff_modulus_bit_count())
+        ok = bool(seal.parameters_set())
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            "the TenSEAL context cannot be inspected: it is not a CKKS context"
+        ) from exc
+    if not ok or (degree, total, data) != (
+        preset.poly_modulus_degree,
+        preset.total_bits,
+        preset.data_bits,
+    ):
+        raise ConfigError(
+            f"the TenSEAL context (N={degree}, {total}-bit modulus, {data}-bit ciphertext level) "
+            f"does not match preset {preset.name!r} (N={preset.poly_modulus_degree}, "
+            f"{preset.total_bits}-bit modulus, {preset.data_bits}-bit ciphertext level)"
+        )
+
+
+def _secret_bytes(ctx: Any) -> bytes:
+    data: bytes = ctx.serialize(
+        save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+    )
+    return data
+
+
+def _public_bytes(ctx: Any) -> bytes:
+    data: bytes = ctx.serialize(
+        save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    return data
+
+
+def _key_id(secret_serialised: bytes) -> str:
+    return hashlib.sha256(_KEY_ID_DOMAIN + secret_serialised).hexdigest()[:32]
+
+
+def _load_tenseal(body: bytes) -> Any:
+    ts = tenseal()
+    try:
+        return ts.context_from(body, n_threads=1)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigError("the context artefact's TenSEAL body does not parse") from exc
+
+
+def _encode_artefact(kind: int, header: dict[str, Any], body: bytes) -> bytes:
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    parts = [_PREFIX.pack(_MAGIC, _VERSION, kind, len(head)), head, _BODY_LEN.pack(len(body)), body]
+    blob = b"".join(parts)
+    return blob + hashlib.sha256(blob).digest()
+
+
+def _decode_artefact(data: bytes, kind: int) -> tuple[dict[str, Any], bytes]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ConfigError(f"a context artefact must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < _PREFIX.size + _BODY_LEN.size + _DIGEST_LEN or data[:8] != _MAGIC:
+        raise ConfigError("not a secure_fl CKKS context artefact (bad magic or too short)")
+    if not hmac.compare_digest(hashlib.sha256(data[:-_DIGEST_LEN]).digest(), data[-_DIGEST_LEN:]):
+        raise ConfigError("the CKKS context artefact is corrupted (SHA-256 digest mismatch)")
+    _, version, found, head_len = _PREFIX.unpack_from(data)
+    if version != _VERSION:
+        raise ConfigError(f"unsupported CKKS context artefact version {version}")
+    if found not in _KIND_NAMES:
+        raise ConfigError(f"unknown CKKS context artefact kind {found}")
+    if found != kind:
+        if kind == _KIND_PUBLIC:
+            raise ConfigError(
+                "this is the SECRET context artefact, which holds the secret key; the server must "
+                "get the public artefact (a server holding the secret key could read every site's "
+                "update)"
+            )
+        raise ConfigError("this is the public context artefact; sites need the secret one")
+    offset = _PREFIX.size
+    if head_len > _MAX_HEADER or offset + head_len + _BODY_LEN.size > len(data) - _DIGEST_LEN:
+        raise ConfigError("the CKKS context artefact's header length is out of range")
+    try:
+        header = json.loads(data[offset : offset + head_len].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError("the CKKS context artefact's header is not JSON") from exc
+    offset += head_len
+    (body_len,) = _BODY_LEN.unpack_from(data, offset)
+    offset += _BODY_LEN.size
+    if offset + body_len != len(data) - _DIGEST_LEN:
+        raise ConfigError("the CKKS context artefact's body length does not match its size")
+    if (
+        not isinstance(header, dict)
+        or header.get("format") != _FORMAT
+        or header.get("kind") != _KIND_NAMES[kind]
+        or not isinstance(header.get("key_id"), str)
+        or not isinstance(header.get("fingerprint"), str)
+    ):
+        raise ConfigError("the CKKS context artefact's header is malformed")
+    return header, data[offset : offset + body_len]
+
+
+def _write(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
+    """Write atomically: a temporary file created with ``mode`` in the same folder, then rename."""
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; pass overwrite=True to replace it")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # the umask may have narrowed it; never widened
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read(path: PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read CKKS context artefact {os.fspath(path)!r}: {exc}") from exc
+
+
+class SecretContext:
+    """A site's CKKS context: the preset's parameters and the federation's secret key.
+
+    Build one with :meth:`generate` (simulation, or the provisioner), :meth:`load` or
+    :meth:`from_bytes`. It cannot be pickled or copied, and its repr shows only the fingerprint.
+
+    Errors: ConfigError for invalid presets, artefacts or fingerprint mismatches; CryptoError if
+    TenSEAL fails to generate keys.
+    """
+
+    __slots__ = ("_ctx", "_fingerprint", "_key_id", "_preset")
+
+    def __init__(self, ctx: Any, preset: CKKSPreset, key_id: str, fingerprint: str) -> None:
+        """Internal: use :meth:`generate`, :meth:`load` or :meth:`from_bytes`."""
+        self._ctx = ctx
+        self._preset = preset
+        self._key_id = key_id
+        self._fingerprint = fingerprint
+
+    @classmethod
+    def generate(cls, preset: str | CKKSPreset | None = None) -> SecretContext:
+        """Create fresh parameters and a fresh secret key for ``preset`` (default ``n8192-add``)."""
+        params = get_preset(preset)
+        ts = tenseal()
+        try:
+            ctx = ts.context(
+                ts.SCHEME_TYPE.CKKS,
+                params.poly_modulus_degree,
+                coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+                encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+                n_threads=1,
+            )
+            ctx.global_scale = params.scale
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise CryptoError(f"TenSEAL refused preset {params.name!r}: {exc}") from exc
+        _check_parameters(ctx, params)
+        key_id = _key_id(_secret_bytes(ctx))
+        return cls(ctx, params, key_id, _fingerprint(params, _parms_id(ctx), key_id))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, expected_fingerprint: str | None = None) -> SecretContext:
+        """Load a secret artefact produced by :meth:`to_bytes`.
+
+        Errors: ConfigError when the artefact is corrupted, is a public artefact, holds no secret
+        key, does not match its preset or its own key id, or has another fingerprint than
+        ``expected_fingerprint``.
+        """
+        header, body = _decode_artefact(data, _KIND_SECRET)
+        preset = CKKSPreset.from_dict(header.get("preset", {}))
+        ctx = _load_tenseal(body)
+        if not ctx.is_private():
+            raise ConfigError("the secret context artefact holds no secret key")
+        _check_parameters(ctx, preset)
+        ctx.global_scale = preset.scale
+        key_id = _key_id(_secret_bytes(ctx))
+        if not hmac.compare_digest(key_id.encode(), header["key_id"].encode()):
+            raise ConfigError("the secret context's key does not match the key id in its header")
+        fingerprint = _fingerprint(preset, _parms_id(ctx), key_id)
+        if not hmac.compare_digest(fingerprint.encode(), header["fingerprint"].encode()):
+            raise ConfigError("the secret context's fingerprint does not match its header")
+        check_fingerprint(fingerprint, expected_fingerprint, "the secret context")
+        return cls(ctx, preset, key_id, fingerprint)
+
+    @classmethod
+    def load(cls, path: PathLike, *, expected_fingerprint: str | None = None) -> SecretContext:
+        """Load the secret artefact at ``path`` (see :meth:`from_bytes`).
+
+        Errors: as :meth:`from_bytes`; also ConfigError when the file is unreadable or, on POSIX,
+        readable or writable by group or others (``chmod 600`` it).
+        """
+        if os.name == "posix":
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except OSError as exc:
+                raise ConfigError(f"cannot read secret context {os.fspath(path)!r}: {exc}") from exc
+            if mode & 0o077:
+                raise ConfigError(
+                    f"secret context {os.fspath(path)!r} is accessible to other users "
+                    f"(mode {mode:04o}); chmod 600 it"
+                )
+        return cls.from_bytes(_read(path), expected_fingerprint=expected_fingerprint)
+
+    def to_bytes(self) -> bytes:
+        """The secret artefact, key included. Treat the result as the secret key itself."""
+        header = {
+            "format": _FORMAT,
+            "kind": "secret",
+            "preset": self._preset.to_dict(),
+            "key_id": self._key_id,
+            "fingerprint": self._fingerprint,
+        }
+        return _encode_artefact(_KIND_SECRET, header, _secret_bytes(self._ctx))
+
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """Write the secret artefact to ``path`` with mode 0600; return the path.
+
+        Errors: ConfigError if ``path`` exists and ``overwrite`` is false; OSError from the file
+        system.
+        """
+        target = Path(path)
+        _write(target, self.to_bytes(), 0o600, overwrite)
+        return target
+
+    def public(self) -> PublicContext:
+        """The matching server context: the same parameters and fingerprint, no secret key."""
+        ctx = _load_tenseal(_public_bytes(self._ctx))
+        return PublicContext(ctx, self._preset, self._key_id, self._fingerprint)
+
+    @property
+    def preset(self) -> CKKSPreset:
+        return self._preset
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex SHA-256 over parameters and key id; equal for every party of one federation."""
+        return self._fingerprint
+
+    @property
+    def key_id(self) -> str:
+        """A public identifier of the secret key (a domain-separated hash of it)."""
+        return self._key_id
+
+    @property
+    def tenseal_context(self) -> Any:
+        """The wrapped ``tenseal.Context`` (holds the secret key: never send or log it)."""
+        return self._ctx
+
+    def __repr__(self) -> str:
+        return f"SecretContext(preset={self._preset.name!r}, fingerprint={self._fingerprint[:16]})"
+
+    def _refuse_pickle(self) -> NoReturn:
+        raise TypeError(
+            "SecretContext holds the CKKS secret key and cannot be pickled or copied; "
+            "use save() (mode 0600) or to_bytes() deliberately"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        self._refuse_pickle()
+
+    def __reduce_ex__(self, protocol: Any) -> NoReturn:
+        self._refuse_pickle()
+
+    def __getstate__(self) -> NoReturn:
+        self._refuse_pickle()
+
+    def __copy__(self) -> NoReturn:
+        self._refuse_pickle()
+
+    def __deepcopy__(self, memo: Any) -> NoReturn:
+        self._refuse_pickle()
+
+
+class PublicContext:
+    """The server's CKKS context: parameters only; it can add ciphertexts, never decrypt.
+
+    Errors: ConfigError whenever a context holding a secret key is offered (a server holding the
+    secret key could read every site's update), and for corrupted artefacts or fingerprint
+    mismatches.
+    """
+
+    __slots__ = ("_ctx", "_fingerprint", "_key_id", "_preset")
+
+    def __init__(self, ctx: Any, preset: CKKSPreset, key_id: str, fingerprint: str) -> None:
+        """Internal: use :meth:`SecretContext.public`, :meth:`load` or :meth:`from_bytes`."""
+        if ctx.is_private() or ctx.has_secret_key():
+            raise ConfigError(
+                "the server context holds a secret key: a server holding it could read every "
+                "site's update; give the server the public context (SecretContext.public() or "
+                "the public artefact)"
+            )
+        self._ctx = ctx
+        self._preset = preset
+        self._key_id = key_id
+        self._fingerprint = fingerprint
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, expected_fingerprint: str | None = None) -> PublicContext:
+        """Load a public artefact produced by :meth:`to_bytes`.
+
+        Errors: ConfigError when the artefact is the secret one or its TenSEAL body holds a secret
+        key, is corrupted, does not match its preset or header, or has another fingerprint than
+        ``expected_fingerprint``.
+        """
+        header, body = _decode_artefact(data, _KIND_PUBLIC)
+        preset = CKKSPreset.from_dict(header.get("preset", {}))
+        ctx = _load_tenseal(body)
+        _check_parameters(ctx, preset)
+        key_id = header["key_id"]
+        fingerprint = _fingerprint(preset, _parms_id(ctx), key_id)
+        if not hmac.compare_digest(fingerprint.encode(), header["fingerprint"].encode()):
+            raise ConfigError("the public context's fingerprint does not match its header")
+        check_fingerprint(fingerprint, expected_fingerprint, "the server's public context")
+        return cls(ctx, preset, key_id, fingerprint)
+
+    @classmethod
+    def load(cls, path: PathLike, *, expected_fingerprint: str | None = None) -> PublicContext:
+        """Load the public artefact at ``path`` (see :meth:`from_bytes`)."""
+        return cls.from_bytes(_read(path), expected_fingerprint=expected_fingerprint)
+
+    def to_bytes(self) -> bytes:
+        header = {
+            "format": _FORMAT,
+            "kind": "public",
+            "preset": self._preset.to_dict(),
+            "key_id": self._key_id,
+            "fingerprint": self._fingerprint,
+        }
+        return _encode_artefact(_KIND_PUBLIC, header, _public_bytes(self._ctx))
+
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """Write the public artefact to ``path`` with mode 0644; return the path."""
+        target = Path(path)
+        _write(target, self.to_bytes(), 0o644, overwrite)
+        return target
+
+    @property
+    def preset(self) -> CKKSPreset:
+        return self._preset
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    @property
+    def tenseal_context(self) -> Any:
+        """The wrapped ``tenseal.Context`` (no secret key)."""
+        return self._ctx
+
+    def __repr__(self) -> str:
+        return f"PublicContext(preset={self._preset.name!r}, fingerprint={self._fingerprint[:16]})"
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return (PublicContext.from_bytes, (self.to_bytes(),))
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """What :func:`provision` wrote: the two artefacts and the federation's fingerprint."""
+
+    secret_path: Path
+    public_path: Path
+    fingerprint: str
+    preset: CKKSPreset
+
+
+def provision(
+    directory: PathLike, preset: str | CKKSPreset | None = None, *, overwrite: bool = False
+) -> Provisioned:
+    """Generate one federation's keys and write both artefacts into ``directory``.
+
+    Writes ``ckks-secret.ctx`` (mode 0600: copy it to every site over a secure channel, never to
+    the server) and ``ckks-public.ctx`` (mode 0644: for the server). The returned fingerprint is
+    what every party checks (``expected_fingerprint``).
+
+    Errors: ConfigError for an unknown preset or when a file exists and ``overwrite`` is false.
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (SECRET_FILE, PUBLIC_FILE):
+        if (folder / name).exists() and not overwrite:
+            raise ConfigError(f"{folder / name} exists; pass overwrite=True to replace it")
+    secret = SecretContext.generate(preset)
+    secret_path = secret.save(folder / SECRET_FILE, overwrite=overwrite)
+    public_path = secret.public().save(folder / PUBLIC_FILE, overwrite=overwrite)
+    return Provisioned(secret_path, public_path, secret.fingerprint, secret.preset)
