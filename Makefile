@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all lint typecheck bench clean
+.PHONY: venv demo test test-all lint typecheck bench proto proto-check clean
 
 # torch is pinned and installed first so that no dependency pulls a newer build with CUDA packages.
 $(STAMP): pyproject.toml
@@ -32,6 +32,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -m '' -p no:randomly --benchmark-only --benchmark-columns=min,median,rounds
+
+# Regenerate (or check) secure_fl/transport/_generated from protocols/*.proto.
+proto: $(STAMP)
+	$(BIN)/python -m secure_fl.transport.codegen
+
+proto-check: $(STAMP)
+	$(BIN)/python -m secure_fl.transport.codegen --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -68,6 +68,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="when case names carry no institution, spread cases over this many sites",
     )
+    audit = commands.add_parser(
+        "audit", help="verify a run's privacy ledger and recompute every site's epsilon"
+    )
+    audit.add_argument("run_dir", help="the run folder")
+    audit.add_argument("--tolerance", type=float, default=1e-6, help="epsilon tolerance")
+    from secure_fl.transport.cli import add_subcommands as add_transport_commands
+
+    add_transport_commands(commands)  # provision, server, site (imports no grpc until run)
     return parser
 
 
@@ -128,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "data":
             return _data(args)
+        if args.command == "audit":
+            from secure_fl.privacy.audit import main as audit_main
+
+            return audit_main([args.run_dir, "--tolerance", str(args.tolerance)])
+        if args.command in ("provision", "server", "site"):
+            return int(args.handler(args))
     except SecureFLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,123 @@
+"""The server's checkpoint: written after every completed round, read at start-up.
+
+``state_dir/checkpoint.json`` names the federation, the number of completed rounds, the model file
+``model-NNNNNN.tensors`` and its SHA-256, the round history and the privacy-ledger state (``null``
+until differential privacy is on). Each file is written to a temporary name, flushed to disk and
+renamed, model first, so a crash at any point leaves either the previous or the new checkpoint,
+never a mix. Per-round records are kept in ``state_dir/rounds/round-NNNNNN.json`` (failed attempts
+in ``round-NNNNNN-failed-A.json``).
+
+Errors: :func:`load` raises ConfigError when the checkpoint belongs to another federation or its
+model does not match the recorded SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secure_fl.errors import ConfigError
+from secure_fl.transport.tensors import Tensors, dumps, loads
+
+CHECKPOINT = "checkpoint.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """``completed_rounds`` rounds are done (the next round id equals it); ``model`` is the
+    global model after them; ``ledger`` is the DP ledger's state dict (None without DP)."""
+
+    federation: str
+    completed_rounds: int
+    model: Tensors = field(repr=False)
+    model_sha256: str
+    history: tuple[Mapping[str, Any], ...] = ()
+    ledger: Mapping[str, Any] | None = None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def model_blob(model: Mapping[str, np.ndarray]) -> tuple[bytes, str]:
+    """The serialised model and its SHA-256 (hex)."""
+    blob = dumps(model)
+    return blob, hashlib.sha256(blob).hexdigest()
+
+
+def save(state_dir: Path, checkpoint: Checkpoint, blob: bytes | None = None) -> None:
+    """Write ``checkpoint`` atomically (see the module docstring); ``blob`` is the serialised
+    model when the caller already has it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    data = blob if blob is not None else dumps(checkpoint.model)
+    if hashlib.sha256(data).hexdigest() != checkpoint.model_sha256:
+        raise ConfigError("checkpoint model does not match its SHA-256")
+    model_name = f"model-{checkpoint.completed_rounds:06d}.tensors"
+    _atomic_write(state_dir / model_name, data)
+    meta = {
+        "federation": checkpoint.federation,
+        "completed_rounds": checkpoint.completed_rounds,
+        "model_file": model_name,
+        "model_sha256": checkpoint.model_sha256,
+        "history": list(checkpoint.history),
+        "ledger": checkpoint.ledger,
+    }
+    _atomic_write(state_dir / CHECKPOINT, (json.dumps(meta, indent=1) + "\n").encode())
+    for old in state_dir.glob("model-*.tensors"):
+        if old.name != model_name:
+            old.unlink(missing_ok=True)
+
+
+def save_round_record(state_dir: Path, name: str, record: Mapping[str, Any]) -> None:
+    """Write the record of one round attempt to ``rounds/<name>.json`` (``round-NNNNNN`` for a
+    completed round, ``round-NNNNNN-failed-A`` for a failed attempt)."""
+    rounds = state_dir / "rounds"
+    rounds.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(record, indent=1) + "\n").encode()
+    _atomic_write(rounds / f"{name}.json", data)
+
+
+def load(state_dir: Path, federation: str) -> Checkpoint | None:
+    """The checkpoint in ``state_dir``, or None when there is none (a fresh start)."""
+    path = state_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        blob = (state_dir / meta["model_file"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"checkpoint {path} is unreadable: {exc}") from exc
+    if meta.get("federation") != federation:
+        raise ConfigError(
+            f"checkpoint {path} belongs to federation {meta.get('federation')!r}, not "
+            f"{federation!r}"
+        )
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != meta.get("model_sha256"):
+        raise ConfigError(f"checkpoint model {meta['model_file']} does not match its SHA-256")
+    return Checkpoint(
+        federation=federation,
+        completed_rounds=int(meta["completed_rounds"]),
+        model=loads(blob),
+        model_sha256=digest,
+        history=tuple(meta.get("history", [])),
+        ledger=meta.get("ledger"),
+    )

@@ -1,0 +1,391 @@
+"""``secure-fl provision``: a certificate authority, certificates, keys and one config per party.
+
+Layout of ``FEDERATION_DIR`` (every private key is written with mode 0600, in directories of mode
+0700, and never overwritten)::
+
+    ca/ca.crt, ca/ca.key             the federation CA; keep ca.key offline
+    server/server.json               the server's config (roster with pinned certificates)
+    server/server.crt, server.key    the server's TLS identity; server/ca.crt
+    sites/<name>/site.json           one config per site
+    sites/<name>/site.crt, site.key  the site's TLS identity (common name = site name)
+    sites/<name>/signing.key         the site's long-term Ed25519 key (active SecAgg variant)
+    sites/<name>/ca.crt
+    sites/<name>/ckks-secret.ctx     the CKKS secret context (encrypts, decrypts the sum)
+    server/ckks-public.ctx           the CKKS public context (adds ciphertexts only)
+    ckks/                            both CKKS artefacts as generated; keep offline like ca/
+    roster.json                      names, ids, certificate fingerprints, verification keys
+
+Copy ``server/`` to the server machine and ``sites/<name>/`` to each site; each directory is
+self-contained (paths in the configs are relative to it).
+
+Keys: ECDSA P-256 for TLS (widely supported by gRPC's TLS stacks), Ed25519 for protocol signatures.
+The CKKS artefacts come from :func:`secure_fl.he.provision` (TenSEAL); they are written when
+``ckks`` is true, or by default when that function and TenSEAL are available; each config then
+names its artefact and the federation's CKKS fingerprint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import ipaddress
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from secure_fl.crypto import SigningKey
+from secure_fl.errors import ConfigError
+from secure_fl.transport.config import AGGREGATIONS, valid_name
+from secure_fl.transport.tls import cert_fingerprint
+
+DEFAULT_SERVER_NAME = "secure-fl-server"
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """What :func:`provision` wrote: the directory, the server config and each site's config."""
+
+    root: Path
+    server_config: Path
+    site_configs: dict[str, Path]
+    ckks: str
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 and write ``data``; refuses to overwrite an existing file.
+
+    Errors: ConfigError if the file exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(f"{path} exists; refusing to overwrite a key") from exc
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    os.chmod(path, 0o644)
+
+
+def _mkdir_private(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(common: str, federation: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"secure_fl federation {federation}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common),
+        ]
+    )
+
+
+def _issue(
+    *,
+    subject: x509.Name,
+    public_key: Any,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    days: int,
+    ca: bool,
+    usage: list[x509.ObjectIdentifier] | None,
+    san: list[x509.GeneralName] | None,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    if usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            out.append(x509.DNSName(host))
+    return out
+
+
+def issue_site_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    name: str,
+    federation: str,
+    *,
+    days: int = 365,
+) -> tuple[bytes, bytes]:
+    """A client certificate (PEM) and its key (PEM) for site ``name``, signed by the CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(
+        subject=_name(name, federation),
+        public_key=key.public_key(),
+        issuer=ca_cert.subject,
+        issuer_key=ca_key,
+        days=days,
+        ca=False,
+        usage=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        san=[x509.DNSName(name)],
+    )
+    return _cert_pem(cert), _key_pem(key)
+
+
+def new_ca(
+    federation: str, *, days: int = 3650
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A fresh self-signed CA for ``federation``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(f"secure_fl CA {federation}", federation)
+    cert = _issue(
+        subject=name,
+        public_key=key.public_key(),
+        issuer=name,
+        issuer_key=key,
+        days=days,
+        ca=True,
+        usage=None,
+        san=None,
+    )
+    return cert, key
+
+
+def ckks_provisioner() -> Callable[..., Any] | None:
+    """The CKKS key provisioner, ``secure_fl.he.provision(directory) -> Provisioned`` (with
+    ``secret_path``, ``public_path`` and ``fingerprint``), when that package and TenSEAL are
+    installed; None otherwise. The one place where provisioning reaches into :mod:`secure_fl.he`.
+    """
+    try:
+        he = importlib.import_module("secure_fl.he")
+        importlib.import_module("tenseal")
+    except ImportError:
+        return None
+    provisioner = getattr(he, "provision", None)
+    return provisioner if callable(provisioner) else None
+
+
+def provision(
+    directory: str | Path,
+    sites: Sequence[str],
+    *,
+    federation: str | None = None,
+    listen: str = "127.0.0.1:50051",
+    server_name: str = DEFAULT_SERVER_NAME,
+    server_hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    rounds: int = 3,
+    protocol: str = "secagg+",
+    days: int = 365,
+    ckks: bool | None = None,
+) -> Provisioned:
+    """Create a federation directory (layout in the module docstring) for ``sites``.
+
+    Guarantee: every private key is created with mode 0600 and no existing file is overwritten;
+    the server config pins each site's certificate fingerprint.
+
+    ``ckks``: write the CKKS artefacts (True), skip them (False), or write them when
+    :func:`ckks_provisioner` finds a provisioner (None).
+
+    Errors: ConfigError for invalid or duplicate site names, fewer than 2 sites, an unknown
+    protocol, a directory that already holds a federation, or ``ckks=True`` without TenSEAL.
+    """
+    root = Path(directory)
+    names = list(sites)
+    if len(names) < 2:
+        raise ConfigError(f"--sites must name at least 2 sites, got {len(names)}")
+    if len(set(names)) != len(names):
+        raise ConfigError("--sites must not repeat a name")
+    for name in [*names, server_name]:
+        if not valid_name(name):
+            raise ConfigError(f"name {name!r} must match [A-Za-z0-9._-]{{1,64}}")
+    if server_name in names:
+        raise ConfigError(f"a site may not be named like the server ({server_name!r})")
+    if protocol not in AGGREGATIONS:
+        raise ConfigError(f"protocol must be one of {AGGREGATIONS}, got {protocol!r}")
+    fed = federation or root.resolve().name or "federation"
+    if not valid_name(fed):
+        raise ConfigError(f"federation name {fed!r} must match [A-Za-z0-9._-]{{1,64}}")
+    if (root / "ca" / "ca.key").exists() or (root / "roster.json").exists():
+        raise ConfigError(f"{root} already holds a federation; refusing to overwrite it")
+
+    root.mkdir(parents=True, exist_ok=True)
+    ca_dir, server_dir, sites_dir = root / "ca", root / "server", root / "sites"
+    for d in (ca_dir, server_dir, sites_dir):
+        _mkdir_private(d)
+    ca_cert, ca_key = new_ca(fed, days=max(days, 3650))
+    ca_pem = _cert_pem(ca_cert)
+    write_private(ca_dir / "ca.key", _key_pem(ca_key))
+    _write_public(ca_dir / "ca.crt", ca_pem)
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _issue(
+        subject=_name(server_name, fed),
+        public_key=server_key.public_key(),
+        issuer=ca_cert.subject,
+        issuer_key=ca_key,
+        days=days,
+        ca=False,
+        usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+        san=_host_names([server_name, *server_hosts]),
+    )
+    write_private(server_dir / "server.key", _key_pem(server_key))
+    _write_public(server_dir / "server.crt", _cert_pem(server_cert))
+    _write_public(server_dir / "ca.crt", ca_pem)
+
+    roster: list[dict[str, Any]] = []
+    for site_id, name in enumerate(names, start=1):
+        site_dir = sites_dir / name
+        _mkdir_private(site_dir)
+        cert_pem, key_pem = issue_site_certificate(ca_cert, ca_key, name, fed, days=days)
+        write_private(site_dir / "site.key", key_pem)
+        _write_public(site_dir / "site.crt", cert_pem)
+        _write_public(site_dir / "ca.crt", ca_pem)
+        signing = Ed25519PrivateKey.generate()
+        write_private(site_dir / "signing.key", _key_pem(signing))
+        roster.append(
+            {
+                "name": name,
+                "site_id": site_id,
+                "cert_sha256": cert_fingerprint(x509.load_pem_x509_certificate(cert_pem)),
+                "verify_key": SigningKey(signing).public_bytes.hex(),
+            }
+        )
+    (root / "roster.json").write_text(json.dumps({"roster": roster}, indent=2) + "\n")
+
+    ckks_note = "not provisioned"
+    server_ckks: dict[str, str] | None = None
+    site_ckks: dict[str, str] | None = None
+    provisioner = ckks_provisioner() if ckks is not False else None
+    if ckks and provisioner is None:
+        raise ConfigError("CKKS keys need secure_fl.he and TenSEAL: pip install tenseal==0.3.18")
+    if provisioner is not None:
+        ckks_dir = root / "ckks"
+        _mkdir_private(ckks_dir)
+        made = provisioner(ckks_dir)
+        secret = Path(made.secret_path).read_bytes()
+        _write_public(server_dir / "ckks-public.ctx", Path(made.public_path).read_bytes())
+        for name in names:
+            write_private(sites_dir / name / "ckks-secret.ctx", secret)
+        server_ckks = {"context": "ckks-public.ctx", "fingerprint": made.fingerprint}
+        site_ckks = {"context": "ckks-secret.ctx", "fingerprint": made.fingerprint}
+        ckks_note = f"fingerprint {made.fingerprint[:16]}..., artefacts in {ckks_dir}"
+
+    tls = {"ca": "ca.crt", "cert": "server.crt", "key": "server.key"}
+    server_config = {
+        "federation": fed,
+        "listen": listen,
+        "tls": tls,
+        "roster": roster,
+        "state_dir": "state",
+        "rounds": rounds,
+        "min_sites": 2,
+        "aggregation": {"protocol": protocol, "clip_range": 10.0, "dropout_rate": 0.1},
+        "model": {"shapes": [[16, 16], [16]]},
+        "deadlines": {"update_s": 3600.0, "phase_s": 120.0, "wait_for_sites_s": 120.0},
+        "limits": {},
+    }
+    if server_ckks is not None:
+        server_config["ckks"] = server_ckks
+    server_path = server_dir / "server.json"
+    server_path.write_text(json.dumps(server_config, indent=2) + "\n")
+    site_paths: dict[str, Path] = {}
+    for name in names:
+        site_config = {
+            "federation": fed,
+            "name": name,
+            "server": listen,
+            "server_name": server_name,
+            "tls": {"ca": "ca.crt", "cert": "site.crt", "key": "site.key"},
+            "signing_key": "signing.key",
+            "roster": roster,
+            "state_dir": "state",
+            "output_model": "final_model.tensors",
+            "task": {"kind": "synthetic", "options": {}},
+        }
+        if site_ckks is not None:
+            site_config["ckks"] = site_ckks
+        path = sites_dir / name / "site.json"
+        path.write_text(json.dumps(site_config, indent=2) + "\n")
+        site_paths[name] = path
+    return Provisioned(
+        root=root, server_config=server_path, site_configs=site_paths, ckks=ckks_note
+    )
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    """Load a site's Ed25519 signing key (PEM, PKCS8). Errors: ConfigError."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load signing key {path}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path} is not an Ed25519 private key")
+    return SigningKey(key)

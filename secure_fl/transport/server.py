@@ -1,0 +1,996 @@
+"""The federation server: gRPC over mutual TLS, a round driver with deadlines, checkpoints.
+
+Guarantees:
+
+* **Identity.** Every call is authenticated by the client certificate (:mod:`.tls`): the TLS
+  handshake needs a certificate from the federation's CA, and the certificate's name must be on
+  the roster (and match its pinned fingerprint). Message fields never name the sender.
+* **Rounds.** The driver thread runs the rounds one after the other: it invites the live sites,
+  collects their updates (or, for secure aggregation, their weights) until the update deadline,
+  then runs SecAgg / SecAgg+ (:class:`secure_fl.secagg.SecAggServer`) phase by phase. A phase
+  closes when every expected site answered or at its deadline; a site that misses it is a dropout
+  for the protocol, which recovers the sum of the others while at least the threshold remain.
+* **Bad messages do not disturb a round.** A malformed, oversized, out-of-phase, duplicate or
+  wrongly addressed message is refused with a gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
+  FAILED_PRECONDITION, PERMISSION_DENIED) and the round goes on.
+* **Nothing finished is lost.** After each completed round the model, the round number, the
+  history and the ledger state are checkpointed atomically (:mod:`.checkpoint`); a restarted
+  server resumes with the next round; sites rejoin by themselves. A round interrupted by a crash
+  is run again from its start, with fresh keys.
+* **Bounded resources.** Message size, HTTP/2 streams per connection, concurrent calls in total and
+  per site, and a per-site call rate are limited (:class:`~secure_fl.transport.config.Limits`).
+
+The server also serves the standard gRPC health service (``grpc.health.v1.Health``) on the same
+port and writes JSON-lines logs (:mod:`.logs`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from secure_fl import __version__
+from secure_fl.errors import ConfigError, InvalidUpdateError, ProtocolError, RemoteProtocolError
+from secure_fl.secagg import (
+    ConsistencyRequest,
+    KeyRoster,
+    SecAggServer,
+    ServerPhase,
+    ShareDelivery,
+    UnmaskRequest,
+)
+from secure_fl.secagg.messages import ClientMessage, ServerMessage
+from secure_fl.transport import checkpoint as ckpt
+from secure_fl.transport import convert, logs, rounds, tensors
+from secure_fl.transport._generated import federation_pb2 as pb
+from secure_fl.transport.chunks import iter_chunk_bytes, receive_raw
+from secure_fl.transport.config import FEDERATION_PROTOCOL, RosterEntry, ServerConfig
+from secure_fl.transport.errors import RejectedError
+from secure_fl.transport.limits import SiteLimiter
+from secure_fl.transport.tls import Authenticator, server_credentials
+
+SERVICE = "secure_fl.federation.v1.Federation"
+M = TypeVar("M", bound=Message)
+
+
+@dataclass
+class _Site:
+    entry: RosterEntry
+    joined: bool = False
+    last_seen: float = -math.inf
+    attempt: int = 0
+    queue: list[pb.Instruction] = field(default_factory=list)
+    told_finished: bool = False
+
+
+@dataclass
+class _Attempt:
+    """One attempt at a round. Mutated only under the server's condition lock."""
+
+    attempt: int
+    round_id: int
+    participants: dict[int, str]
+    stage: str = "update"  # update -> secagg -> done
+    weights: dict[int, float] = field(default_factory=dict)
+    plain_updates: dict[int, tensors.Tensors] = field(default_factory=dict)
+    secagg: SecAggServer | None = None
+    closing: bool = False
+    excluded: set[int] = field(default_factory=set)
+    bytes_in: dict[int, int] = field(default_factory=dict)
+    bytes_out: dict[int, int] = field(default_factory=dict)
+    rejected: int = 0
+    model_bytes_out: int = 0
+
+
+class _RoundFailedError(Exception):
+    """A round attempt ended without a result (too few sites, a protocol abort)."""
+
+
+def _parse(cls: type[M], raw: bytes) -> M:
+    try:
+        return cls.FromString(raw)
+    except DecodeError as exc:
+        raise RejectedError("INVALID_ARGUMENT", f"malformed {cls.__name__} message") from exc
+
+
+class FederationServer:
+    """The federation server process (see the module docstring).
+
+    Use: ``server = FederationServer(config); server.start(); status = server.wait()``.
+    :meth:`start` binds the port (``listen`` may use port 0: the bound address is in
+    :attr:`address` and in ``state_dir/endpoint.json``) and starts the driver thread;
+    :meth:`wait` returns once the federation is finished (0) or has failed (1).
+
+    Errors: ConfigError at construction or start (bad config, unreadable keys, a checkpoint of
+    another federation, an aggregation this server does not run).
+    """
+
+    def __init__(self, config: ServerConfig, log: logs.EventLog | None = None) -> None:
+        if config.aggregation.protocol == "ckks":
+            raise ConfigError(
+                "aggregation.protocol 'ckks' is not run by this server yet: its wire messages "
+                "(CkksSetup, UploadCiphertext) are reserved but not wired to secure_fl.he"
+            )
+        if config.aggregation.active and any(e.verify_key is None for e in config.roster):
+            raise ConfigError("aggregation.active needs a verify_key for every roster entry")
+        self.config = config
+        self.log = log or logs.setup("server", config.log_file)
+        self.session = os.urandom(16)
+        self.address = ""
+        self._auth = Authenticator(config.roster)
+        lim = config.limits
+        self._limiter = SiteLimiter(
+            rate_per_s=lim.rate_per_s, burst=lim.burst, concurrency=lim.per_site_concurrency
+        )
+        self._cond = threading.Condition()
+        self._sites = {e.site_id: _Site(e) for e in config.roster}
+        self._attempt_counter = 0
+        self._current: _Attempt | None = None
+        self._finished = False
+        self._failed = False
+        self._stopping = False
+        self._history: list[dict[str, Any]] = []
+        self._ledger: dict[str, Any] | None = None
+        self._completed = 0
+        self._model: tensors.Tensors = {}
+        self._blob = b""
+        self._model_chunks: list[bytes] = []
+        self._digest = b""
+        self._grpc: grpc.Server | None = None
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._driver = threading.Thread(target=self._drive, name="round-driver", daemon=True)
+        self._done = threading.Event()
+        self._downloads = 0  # model downloads in flight (the server lingers for them at the end)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the checkpoint (or the initial model), bind, serve, start the driver."""
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        restored = ckpt.load(cfg.state_dir, cfg.federation)
+        if restored is not None:
+            self._completed = restored.completed_rounds
+            self._history = [dict(h) for h in restored.history]
+            self._ledger = dict(restored.ledger) if restored.ledger is not None else None
+            self._set_model(restored.model)
+            self.log.info(
+                "resumed",
+                completed_rounds=self._completed,
+                model_sha256=self._digest.hex(),
+            )
+        else:
+            self._set_model(rounds.initial_model(cfg.model))
+            self.log.info("fresh-start", parameters=rounds.model_size(self._model))
+        lim = cfg.limits
+        options = [
+            ("grpc.max_receive_message_length", lim.max_message_bytes),
+            ("grpc.max_send_message_length", lim.max_message_bytes),
+            ("grpc.max_concurrent_streams", lim.max_streams_per_connection),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=lim.max_concurrent_rpcs),
+            options=options,
+            maximum_concurrent_rpcs=lim.max_concurrent_rpcs,
+        )
+        server.add_generic_rpc_handlers((self._handlers(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        try:
+            port = server.add_secure_port(cfg.listen, server_credentials(cfg.tls))
+        except RuntimeError as exc:  # grpc raises on a failed bind (older versions return 0)
+            raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
+        if port == 0:
+            raise ConfigError(f"cannot listen on {cfg.listen}")
+        host = cfg.listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        server.start()
+        self._grpc = server
+        for name in ("", SERVICE):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        endpoint = {"address": self.address, "pid": os.getpid()}
+        (cfg.state_dir / "endpoint.json").write_text(json.dumps(endpoint) + "\n")
+        self.log.info(
+            "listening",
+            address=self.address,
+            federation=cfg.federation,
+            aggregation=cfg.aggregation.protocol,
+            roster=len(cfg.roster),
+            rounds=cfg.rounds,
+            test_mode=cfg.insecure_test_seed is not None,
+        )
+        if cfg.insecure_test_seed is not None:
+            self.log.warning("insecure-test-seed", note="server randomness is reproducible")
+        if cfg.aggregation.protocol == "plain":
+            self.log.warning("plain-aggregation", note="updates travel and are seen in the clear")
+        self._driver.start()
+
+    def stop(self) -> None:
+        """Stop serving (idempotent): refuse new calls, end long polls, stop the driver."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for name in ("", SERVICE):
+            self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._grpc is not None:
+            self._grpc.stop(grace=1.0).wait(5.0)
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the federation is over; returns 0 when every round completed, else 1."""
+        self._done.wait(timeout)
+        return 1 if self._failed or not self._finished else 0
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT stop the server gracefully (the checkpoint is already on disk)."""
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            self.log.info("signal", signal=signum)
+            self._failed = True
+            threading.Thread(target=self.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def _set_model(self, model: tensors.Tensors) -> None:
+        blob, digest = ckpt.model_blob(model)
+        self._model, self._blob, self._digest = model, blob, bytes.fromhex(digest)
+        # Every site downloads the same chunk stream: serialise (and hash) it once per model.
+        header = pb.PayloadHeader(kind=pb.MODEL, length=len(model))
+        self._model_chunks = list(iter_chunk_bytes(header, blob, self.config.limits.chunk_bytes))
+
+    # -- the round driver ---------------------------------------------------------------------
+
+    def _drive(self) -> None:
+        failures = 0
+        try:
+            while self._completed < self.config.rounds and not self._stopping:
+                participants = self._await_sites()
+                if participants is None:
+                    continue
+                if self._run_attempt(participants):
+                    failures = 0
+                else:
+                    failures += 1
+                    if failures >= self.config.max_attempts:
+                        self.log.error("giving-up", round=self._completed, attempts=failures)
+                        self._failed = True
+                        break
+        except Exception:
+            self.log.error("driver-crashed", exc=True)
+            self._failed = True
+        self._finish()
+
+    def _live(self, now: float) -> dict[int, str]:
+        horizon = self.config.deadlines.liveness_s
+        return {
+            sid: s.entry.name
+            for sid, s in self._sites.items()
+            if s.joined and now - s.last_seen <= horizon
+        }
+
+    def _await_sites(self) -> dict[int, str] | None:
+        """Wait until every roster site is live, or ``wait_for_sites_s`` passed with at least
+        ``min_sites`` live. Returns the participants, or None when stopping or still too few."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.deadlines.wait_for_sites_s
+        with self._cond:
+            while not self._stopping:
+                now = time.monotonic()
+                live = self._live(now)
+                if len(live) == len(self._sites):
+                    return live
+                if now >= deadline:
+                    if len(live) >= cfg.min_sites:
+                        return live
+                    self.log.warning(
+                        "waiting-for-sites", live=sorted(live.values()), min_sites=cfg.min_sites
+                    )
+                    deadline = now + cfg.deadlines.wait_for_sites_s
+                self._cond.wait(min(1.0, max(0.01, deadline - now)))
+        return None
+
+    def _post(self, rs: _Attempt, site: int, kind: str, message: Message) -> None:
+        """Queue instruction ``kind`` (a field of the Instruction oneof) for ``site`` (caller
+        holds the lock)."""
+        s = self._sites[site]
+        if s.attempt != rs.attempt:
+            s.attempt, s.queue = rs.attempt, []
+        inst = pb.Instruction(attempt=rs.attempt, index=len(s.queue), round_id=rs.round_id)
+        getattr(inst, kind).CopyFrom(message)
+        s.queue.append(inst)
+
+    def _wait_for(self, predicate: Callable[[], bool], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while not predicate() and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(min(remaining, 1.0))
+
+    def _run_attempt(self, participants: dict[int, str]) -> bool:
+        cfg = self.config
+        start = time.perf_counter()
+        with self._cond:
+            self._attempt_counter += 1
+            rs = _Attempt(self._attempt_counter, self._completed, dict(participants))
+            self._current = rs
+            for site in sorted(participants):
+                self._post(
+                    rs,
+                    site,
+                    "round_start",
+                    pb.RoundStart(
+                        aggregation=cfg.aggregation.protocol,
+                        model_sha256=self._digest,
+                        model_bytes=len(self._blob),
+                        deadline_s=cfg.deadlines.update_s,
+                    ),
+                )
+            self._cond.notify_all()
+        self.log.info(
+            "round-start",
+            round=rs.round_id,
+            attempt=rs.attempt,
+            participants=sorted(participants.values()),
+        )
+        record: dict[str, Any] = {
+            "round": rs.round_id,
+            "attempt": rs.attempt,
+            "aggregation": cfg.aggregation.protocol,
+            "participants": {str(k): v for k, v in sorted(participants.items())},
+        }
+        try:
+            self._wait_for(
+                lambda: set(rs.weights) | rs.excluded >= set(rs.participants),
+                cfg.deadlines.update_s,
+            )
+            with self._cond:
+                reported = dict(rs.weights)
+                rs.stage = "aggregate"
+            record["reported"] = sorted(reported)
+            if self._stopping:
+                raise _RoundFailedError("server stopping")
+            if len(reported) < cfg.min_sites:
+                raise _RoundFailedError(
+                    f"only {len(reported)} sites reported an update, min_sites is {cfg.min_sites}"
+                )
+            if cfg.aggregation.protocol == "plain":
+                mean, survivors = self._aggregate_plain(rs, reported)
+                record.update(survivors=sorted(survivors), dropped=[])
+            else:
+                mean, survivors = self._aggregate_secagg(rs, reported, record)
+        except (_RoundFailedError, ProtocolError, ConfigError, InvalidUpdateError) as exc:
+            return self._end_attempt(rs, record, start, completed=False, reason=str(exc))
+        new_model = rounds.apply_mean(self._model, mean)
+        with self._cond:
+            self._set_model(new_model)
+            self._completed += 1
+        return self._end_attempt(rs, record, start, completed=True, reason="")
+
+    def _end_attempt(
+        self, rs: _Attempt, record: dict[str, Any], start: float, *, completed: bool, reason: str
+    ) -> bool:
+        """Record the attempt, checkpoint a completed round (durably, before any site hears of
+        it), then tell the participants."""
+        seconds = time.perf_counter() - start
+        with self._cond:
+            rs.stage = "done"
+            record.update(
+                completed=completed,
+                reason=reason,
+                seconds=round(seconds, 4),
+                model_sha256=self._digest.hex(),
+                bytes_in=sum(rs.bytes_in.values()),
+                bytes_out=sum(rs.bytes_out.values()),
+                model_bytes_out=rs.model_bytes_out,
+                bytes_in_per_site={str(k): v for k, v in sorted(rs.bytes_in.items())},
+                bytes_out_per_site={str(k): v for k, v in sorted(rs.bytes_out.items())},
+                rejected_calls=rs.rejected,
+            )
+            model, blob, digest, completed_rounds = (
+                self._model,
+                self._blob,
+                self._digest,
+                self._completed,
+            )
+        # Only the driver changes the model and the history: no lock needed for the disk writes.
+        state = self.config.state_dir
+        if completed:
+            self._history.append(record)
+            ckpt.save(
+                state,
+                ckpt.Checkpoint(
+                    federation=self.config.federation,
+                    completed_rounds=completed_rounds,
+                    model=model,
+                    model_sha256=digest.hex(),
+                    history=tuple(self._history),
+                    ledger=self._ledger,
+                ),
+                blob=blob,
+            )
+            ckpt.save_round_record(state, f"round-{rs.round_id:06d}", record)
+        else:
+            ckpt.save_round_record(state, f"round-{rs.round_id:06d}-failed-{rs.attempt}", record)
+        survivors = record.get("survivors", [])
+        dropped = record.get("dropped", [])
+        with self._cond:
+            for site in sorted(rs.participants):
+                self._post(
+                    rs,
+                    site,
+                    "outcome",
+                    pb.RoundOutcome(
+                        completed=completed,
+                        survivors=survivors,
+                        dropped=dropped,
+                        reason=reason,
+                        model_sha256=digest,
+                        next_round=completed_rounds,
+                    ),
+                )
+            self._current = None
+            self._cond.notify_all()
+        if completed:
+            self.log.info(
+                "round-completed",
+                round=rs.round_id,
+                attempt=rs.attempt,
+                survivors=survivors,
+                dropped=dropped,
+                seconds=round(seconds, 3),
+                bytes_in=record["bytes_in"],
+                bytes_out=record["bytes_out"],
+            )
+        else:
+            self.log.warning("round-failed", round=rs.round_id, attempt=rs.attempt, reason=reason)
+        return completed
+
+    def _aggregate_plain(
+        self, rs: _Attempt, reported: dict[int, float]
+    ) -> tuple[np.ndarray, frozenset[int]]:
+        with self._cond:
+            updates = {s: rs.plain_updates[s] for s in reported}
+        mean = rounds.weighted_mean(updates, reported)
+        return np.asarray(mean, dtype=np.float64), frozenset(reported)
+
+    def _aggregate_secagg(
+        self, rs: _Attempt, reported: dict[int, float], record: dict[str, Any]
+    ) -> tuple[np.ndarray, frozenset[int]]:
+        cfg = self.config
+        ids = sorted(reported)
+        plan = rounds.plan_round(cfg.aggregation, [reported[s] for s in ids])
+        codec = plan.codec()
+        norm = dict(zip(ids, plan.weights, strict=True))
+        verify_keys = {
+            e.site_id: e.verify_key
+            for e in cfg.roster
+            if e.site_id in reported and e.verify_key is not None
+        }
+        config = rounds.round_config(
+            cfg.aggregation,
+            ids,
+            vector_length=rounds.model_size(self._model),
+            bits=plan.bits,
+            round_id=rs.round_id,
+            randbytes=rounds.server_randbytes(cfg.insecure_test_seed, rs.round_id),
+            verify_keys=verify_keys,
+        )
+        secagg = SecAggServer(config)
+        record.update(
+            threshold=config.threshold,
+            k=min(len(v) for v in config.graph.values()),
+            bits=plan.bits,
+            frac_bits=plan.frac_bits,
+        )
+        phase_s = cfg.deadlines.phase_s
+        secagg_start = time.perf_counter()
+        with self._cond:
+            rs.secagg = secagg
+            rs.stage = "secagg"
+            for site in ids:
+                if site in rs.excluded:
+                    continue
+                self._post(
+                    rs,
+                    site,
+                    "secagg_setup",
+                    convert.setup_to_pb(config, codec, norm[site], phase_s),
+                )
+            self._cond.notify_all()
+        while secagg.phase not in (ServerPhase.DONE, ServerPhase.ABORTED):
+            self._wait_for(lambda: not (secagg.expected - rs.excluded), phase_s)
+            if self._stopping:
+                raise _RoundFailedError("server stopping")
+            with self._cond:
+                rs.closing = True
+                closing_phase = secagg.phase.value
+                missing = sorted(secagg.expected)
+            try:
+                out = secagg.close_phase()
+            finally:
+                with self._cond:
+                    rs.closing = False
+            self.log.info(
+                "phase-closed",
+                round=rs.round_id,
+                phase=closing_phase,
+                missing=missing,
+            )
+            with self._cond:
+                for site, message in sorted(out.items()):
+                    if site not in rs.excluded:
+                        self._post(rs, site, *self._instruction(message))
+                self._cond.notify_all()
+        total = secagg.result()
+        survivors = secagg.u3
+        record.update(
+            survivors=sorted(survivors),
+            dropped=sorted(secagg.dropped),
+            sum_sha256=rounds.vector_sha256(total),
+            secagg_seconds=round(time.perf_counter() - secagg_start, 4),
+        )
+        mean = codec.decode(total) / sum(norm[s] for s in survivors)
+        return mean, survivors
+
+    @staticmethod
+    def _instruction(message: ServerMessage) -> tuple[str, Message]:
+        if isinstance(message, KeyRoster):
+            return "key_roster", convert.roster_to_pb(message)
+        if isinstance(message, ShareDelivery):
+            return "share_delivery", convert.delivery_to_pb(message)
+        if isinstance(message, ConsistencyRequest):
+            return "consistency_request", convert.consistency_to_pb(message)
+        if isinstance(message, UnmaskRequest):
+            return "unmask_request", convert.unmask_request_to_pb(message)
+        raise TypeError(f"unknown server message {type(message).__name__}")
+
+    def _finish(self) -> None:
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+        self.log.info(
+            "federation-finished" if not self._failed else "federation-stopped",
+            completed_rounds=self._completed,
+            model_sha256=self._digest.hex(),
+        )
+        deadline = time.monotonic() + self.config.deadlines.linger_s
+        quiet_since: float | None = None
+        with self._cond:
+            while not self._stopping and time.monotonic() < deadline:
+                now = time.monotonic()
+                waiting = [s for s in self._live(now) if not self._sites[s].told_finished]
+                if waiting or self._downloads:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = now  # everyone knows; leave time for a final model download
+                elif now - quiet_since >= 0.5:
+                    break
+                self._cond.wait(0.1)
+        self.stop()
+
+    # -- gRPC handlers ------------------------------------------------------------------------
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        def ser(message: Message) -> bytes:
+            return message.SerializeToString()
+
+        unary: dict[str, Callable[[RosterEntry, bytes, grpc.ServicerContext], Message]] = {
+            "Join": self._join,
+            "Poll": self._poll,
+            "ReportUpdateReady": self._report_ready,
+            "SendAdvertiseKeys": self._advertise,
+            "SendShareKeys": self._share_keys,
+            "SendConsistencySignature": self._consistency,
+            "SendUnmaskResponse": self._unmask,
+        }
+        streams_in: dict[
+            str, Callable[[RosterEntry, Iterator[bytes], grpc.ServicerContext], Message]
+        ] = {
+            "UploadMaskedInput": self._upload_masked,
+            "UploadUpdate": self._upload_update,
+            "UploadCiphertext": self._upload_ciphertext,
+        }
+        methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for name, fn in unary.items():
+            methods[name] = grpc.unary_unary_rpc_method_handler(
+                self._guard_unary(name, fn), request_deserializer=None, response_serializer=ser
+            )
+        for name, sfn in streams_in.items():
+            methods[name] = grpc.stream_unary_rpc_method_handler(
+                self._guard_stream(name, sfn), request_deserializer=None, response_serializer=ser
+            )
+        # Model chunks are serialised by iter_chunk_bytes (one copy of the data).
+        methods["DownloadModel"] = grpc.unary_stream_rpc_method_handler(
+            self._download, request_deserializer=None, response_serializer=None
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def _count(self, site: int, received: int, sent: int, *, model: bool = False) -> None:
+        with self._cond:
+            rs = self._current
+            if rs is not None:
+                rs.bytes_in[site] = rs.bytes_in.get(site, 0) + received
+                rs.bytes_out[site] = rs.bytes_out.get(site, 0) + sent
+                if model:
+                    rs.model_bytes_out += sent
+
+    def _reject(
+        self, context: grpc.ServicerContext, method: str, who: str, r: RejectedError
+    ) -> NoReturn:
+        with self._cond:
+            if self._current is not None:
+                self._current.rejected += 1
+        self.log.warning("rejected", method=method, site=who, code=r.code, reason=r.message)
+        context.abort(getattr(grpc.StatusCode, r.code), r.message)
+
+    def _guard_unary(
+        self, method: str, fn: Callable[[RosterEntry, bytes, grpc.ServicerContext], Message]
+    ) -> Callable[[bytes, grpc.ServicerContext], Message]:
+        def handler(raw: bytes, context: grpc.ServicerContext) -> Message:
+            who = "?"
+            try:
+                entry = self._auth.identify(context)
+                who = entry.name
+                with self._limiter.admit(entry.name):
+                    reply = fn(entry, raw, context)
+                self._count(entry.site_id, len(raw), reply.ByteSize())
+                return reply
+            except RejectedError as r:
+                self._reject(context, method, who, r)
+
+        return handler
+
+    def _guard_stream(
+        self,
+        method: str,
+        fn: Callable[[RosterEntry, Iterator[bytes], grpc.ServicerContext], Message],
+    ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Message]:
+        def handler(stream: Iterator[bytes], context: grpc.ServicerContext) -> Message:
+            who = "?"
+            try:
+                entry = self._auth.identify(context)
+                who = entry.name
+                with self._limiter.admit(entry.name):
+                    return fn(entry, stream, context)
+            except RejectedError as r:
+                self._reject(context, method, who, r)
+
+        return handler
+
+    def _touch(self, entry: RosterEntry) -> _Site:
+        """Record contact from a joined site (caller holds the lock)."""
+        s = self._sites[entry.site_id]
+        if not s.joined:
+            raise RejectedError("FAILED_PRECONDITION", "join first")
+        s.last_seen = time.monotonic()
+        return s
+
+    # -- control ------------------------------------------------------------------------------
+
+    def _join(self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext) -> Message:
+        request = _parse(pb.JoinRequest, raw)
+        if request.protocol_version != FEDERATION_PROTOCOL:
+            raise RejectedError(
+                "FAILED_PRECONDITION",
+                f"protocol {request.protocol_version!r} is not supported; this server speaks "
+                f"{FEDERATION_PROTOCOL!r}",
+            )
+        sid = entry.site_id
+        with self._cond:
+            s = self._sites[sid]
+            rejoined = s.joined
+            s.joined = True
+            s.last_seen = time.monotonic()
+            s.told_finished = False
+            rs = self._current
+            if rs is None or sid not in rs.participants:
+                # Whatever was queued for an earlier process of this site is stale.
+                s.queue = []
+            else:
+                if rs.stage == "update":
+                    # A restarted site redoes its update within the same attempt.
+                    rs.weights.pop(sid, None)
+                    rs.plain_updates.pop(sid, None)
+                elif sid not in rs.excluded:
+                    # Its protocol state is gone: it is a dropout of this attempt.
+                    rs.excluded.add(sid)
+                    s.attempt, s.queue = rs.attempt, []
+            self._cond.notify_all()
+        self.log.info("join", site=entry.name, rejoin=rejoined, version=request.software_version)
+        lim = self.config.limits
+        return pb.JoinReply(
+            federation=self.config.federation,
+            session=self.session,
+            site_id=sid,
+            site_name=entry.name,
+            next_round=self._completed,
+            rounds=self.config.rounds,
+            max_chunk_bytes=lim.chunk_bytes,
+            poll_wait_ms=int(self.config.deadlines.poll_wait_s * 1000),
+        )
+
+    def _next_instruction(self, s: _Site, attempt: int, index: int) -> pb.Instruction | None:
+        if self._finished:
+            s.told_finished = True
+            return pb.Instruction(
+                round_id=self._completed,
+                finished=pb.Finished(rounds_completed=self._completed, model_sha256=self._digest),
+            )
+        if not s.queue:
+            return None
+        if attempt == s.attempt:
+            return s.queue[index] if index < len(s.queue) else None
+        return s.queue[0]
+
+    def _poll(self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext) -> Message:
+        request = _parse(pb.PollRequest, raw)
+        if request.session != self.session:
+            raise RejectedError("FAILED_PRECONDITION", "unknown session: join again")
+        wait = min(request.wait_ms / 1000.0, self.config.deadlines.poll_wait_s)
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while True:
+                s = self._touch(entry)
+                inst = self._next_instruction(s, request.attempt, request.next_index)
+                if inst is not None:
+                    return inst
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping or not context.is_active():
+                    return pb.Instruction(wait=pb.Wait())
+                self._cond.wait(min(remaining, 1.0))
+
+    def _download(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        who = "?"
+        try:
+            entry = self._auth.identify(context)
+            who = entry.name
+            request = _parse(pb.ModelRequest, raw)
+            with self._cond:
+                self._touch(entry)
+                chunks, digest = self._model_chunks, self._digest
+            if request.model_sha256 != digest:
+                raise RejectedError(
+                    "FAILED_PRECONDITION", "the requested model is not the current global model"
+                )
+            with self._limiter.admit(entry.name):
+                with self._cond:
+                    self._downloads += 1
+                try:
+                    for chunk in chunks:
+                        self._count(entry.site_id, 0, len(chunk), model=True)
+                        yield chunk
+                finally:
+                    with self._cond:
+                        self._downloads -= 1
+                        self._cond.notify_all()
+        except RejectedError as r:
+            self._reject(context, "DownloadModel", who, r)
+
+    def _update_stage(self, entry: RosterEntry, round_id: int) -> _Attempt:
+        """The current attempt, if it accepts an update from ``entry`` (caller holds the lock)."""
+        rs = self._current
+        if rs is None or rs.stage != "update":
+            raise RejectedError("FAILED_PRECONDITION", "no round is collecting updates now")
+        if round_id != rs.round_id:
+            raise RejectedError(
+                "FAILED_PRECONDITION",
+                f"update for round {round_id}, the current round is {rs.round_id}",
+            )
+        if entry.site_id not in rs.participants:
+            raise RejectedError(
+                "FAILED_PRECONDITION", "this site is not a participant of this round"
+            )
+        if entry.site_id in rs.weights:
+            raise RejectedError("FAILED_PRECONDITION", "update already reported for this round")
+        return rs
+
+    def _report_ready(
+        self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext
+    ) -> Message:
+        request = _parse(pb.UpdateReady, raw)
+        if not (math.isfinite(request.weight) and request.weight > 0):
+            raise RejectedError(
+                "INVALID_ARGUMENT", f"weight must be finite and > 0, got {request.weight}"
+            )
+        with self._cond:
+            self._touch(entry)
+            if self.config.aggregation.protocol not in ("secagg", "secagg+"):
+                raise RejectedError(
+                    "FAILED_PRECONDITION",
+                    f"this federation aggregates with {self.config.aggregation.protocol}",
+                )
+            rs = self._update_stage(entry, request.round_id)
+            rs.weights[entry.site_id] = float(request.weight)
+            self._cond.notify_all()
+        return pb.Ack(round_id=request.round_id, phase="update")
+
+    def _upload_update(
+        self, entry: RosterEntry, stream: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Message:
+        expected = len(self._blob)
+
+        def check(header: pb.PayloadHeader) -> None:
+            if header.kind != pb.PLAIN_UPDATE:
+                raise RejectedError(
+                    "INVALID_ARGUMENT", "UploadUpdate carries PLAIN_UPDATE payloads"
+                )
+            if not (math.isfinite(header.weight) and header.weight > 0):
+                raise RejectedError("INVALID_ARGUMENT", "weight must be finite and > 0")
+            with self._cond:
+                self._touch(entry)
+                if self.config.aggregation.protocol != "plain":
+                    raise RejectedError(
+                        "FAILED_PRECONDITION", "this federation does not take plain updates"
+                    )
+                self._update_stage(entry, header.round_id)
+            if header.total_bytes != expected:
+                raise RejectedError(
+                    "INVALID_ARGUMENT",
+                    f"a plain update must be {expected} bytes, got {header.total_bytes}",
+                )
+
+        header, data, nbytes = self._receive(stream, check)
+        try:
+            update = tensors.loads(data)
+        except InvalidUpdateError as exc:
+            raise RejectedError("INVALID_ARGUMENT", str(exc)) from exc
+        if not tensors.same_structure(update, self._model):
+            raise RejectedError(
+                "INVALID_ARGUMENT", "the update does not match the model's structure"
+            )
+        if not all(np.isfinite(v).all() for v in update.values()):
+            raise RejectedError("INVALID_ARGUMENT", "the update holds NaN or Inf")
+        with self._cond:
+            rs = self._update_stage(entry, header.round_id)
+            rs.plain_updates[entry.site_id] = update
+            rs.weights[entry.site_id] = float(header.weight)
+            self._cond.notify_all()
+        self._count(entry.site_id, nbytes, 0)
+        return pb.Ack(round_id=header.round_id, phase="update")
+
+    def _upload_ciphertext(
+        self, entry: RosterEntry, stream: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Message:
+        raise RejectedError(
+            "UNIMPLEMENTED", "CKKS aggregation is not available in this server (secure_fl.he)"
+        )
+
+    def _receive(
+        self, stream: Iterable[bytes], check: Callable[[pb.PayloadHeader], None]
+    ) -> tuple[pb.PayloadHeader, bytearray, int]:
+        lim = self.config.limits
+        return receive_raw(
+            stream, max_chunk=lim.chunk_bytes, max_total=lim.max_payload_bytes, check_header=check
+        )
+
+    # -- secure aggregation phases -------------------------------------------------------------
+
+    def _secagg_stage(
+        self, entry: RosterEntry, phase: ServerPhase, round_id: int, what: str
+    ) -> SecAggServer:
+        """The running SecAggServer, if it accepts ``what`` from ``entry`` now (lock held)."""
+        self._touch(entry)
+        rs = self._current
+        secagg = rs.secagg if rs is not None else None
+        if rs is None or secagg is None or rs.stage != "secagg":
+            raise RejectedError(
+                "FAILED_PRECONDITION", f"{what} refused: no secure aggregation is running"
+            )
+        if round_id != rs.round_id:
+            raise RejectedError(
+                "FAILED_PRECONDITION",
+                f"{what} for round {round_id} refused: the current round is {rs.round_id}",
+            )
+        if rs.closing or secagg.phase is not phase:
+            raise RejectedError(
+                "FAILED_PRECONDITION",
+                f"{what} refused: the server is in phase {secagg.phase.value}"
+                + (" (closing)" if rs.closing else ""),
+            )
+        if entry.site_id in rs.excluded or entry.site_id not in secagg.expected:
+            raise RejectedError(
+                "FAILED_PRECONDITION",
+                f"{what} refused: site {entry.name} is not expected in phase {phase.value} "
+                "(not a participant, a duplicate, or dropped)",
+            )
+        return secagg
+
+    def _deliver(
+        self, entry: RosterEntry, phase: ServerPhase, message: ClientMessage, what: str
+    ) -> Message:
+        with self._cond:
+            secagg = self._secagg_stage(entry, phase, message.round_id, what)
+            try:
+                secagg.receive(message)
+            except RemoteProtocolError as exc:
+                raise RejectedError("INVALID_ARGUMENT", str(exc)) from exc
+            self._cond.notify_all()
+        return pb.Ack(round_id=message.round_id, phase=phase.value)
+
+    def _n_sites(self) -> int:
+        return len(self._sites)
+
+    def _advertise(self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext) -> Message:
+        message = convert.advert_from_pb(_parse(pb.AdvertiseKeys, raw), entry.site_id)
+        return self._deliver(entry, ServerPhase.COLLECT_KEYS, message, "AdvertiseKeys")
+
+    def _share_keys(self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext) -> Message:
+        message = convert.share_keys_from_pb(
+            _parse(pb.ShareKeys, raw), entry.site_id, self._n_sites()
+        )
+        return self._deliver(entry, ServerPhase.COLLECT_SHARES, message, "ShareKeys")
+
+    def _consistency(
+        self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext
+    ) -> Message:
+        message = convert.signature_from_pb(_parse(pb.ConsistencySignature, raw), entry.site_id)
+        return self._deliver(entry, ServerPhase.COLLECT_SIGNATURES, message, "ConsistencySignature")
+
+    def _unmask(self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext) -> Message:
+        message = convert.unmask_from_pb(
+            _parse(pb.UnmaskResponse, raw), entry.site_id, 2 * self._n_sites()
+        )
+        return self._deliver(entry, ServerPhase.COLLECT_UNMASK, message, "UnmaskResponse")
+
+    def _upload_masked(
+        self, entry: RosterEntry, stream: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Message:
+        def check(header: pb.PayloadHeader) -> None:
+            if header.kind != pb.MASKED_INPUT:
+                raise RejectedError(
+                    "INVALID_ARGUMENT", "UploadMaskedInput carries MASKED_INPUT payloads"
+                )
+            with self._cond:
+                secagg = self._secagg_stage(
+                    entry, ServerPhase.COLLECT_MASKED, header.round_id, "MaskedInput"
+                )
+                cfg = secagg.config
+            if header.bits != cfg.bits or header.length != cfg.vector_length:
+                raise RejectedError(
+                    "INVALID_ARGUMENT",
+                    f"masked input must be {cfg.vector_length} values of {cfg.bits} bits, got "
+                    f"{header.length} of {header.bits}",
+                )
+            if header.total_bytes != cfg.vector_length * cfg.bits // 8:
+                raise RejectedError(
+                    "INVALID_ARGUMENT",
+                    f"masked input must be {cfg.vector_length * cfg.bits // 8} bytes, got "
+                    f"{header.total_bytes}",
+                )
+
+        header, data, nbytes = self._receive(stream, check)
+        message = convert.masked_from_payload(header, data, entry.site_id)
+        ack = self._deliver(entry, ServerPhase.COLLECT_MASKED, message, "MaskedInput")
+        self._count(entry.site_id, nbytes, 0)
+        return ack
+
+
+def run_server(config: ServerConfig) -> int:
+    """Run the server until the federation is over; returns the process exit status."""
+    log = logs.setup("server", config.log_file)
+    server = FederationServer(config, log)
+    server.start()
+    server.install_signal_handlers()
+    log.info("started", version=__version__, pid=os.getpid())
+    return server.wait()

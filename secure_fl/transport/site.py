@@ -1,0 +1,510 @@
+"""A site process: joins the federation over mutual TLS, polls for instructions, runs its task and
+the SecAgg / SecAgg+ client (:class:`secure_fl.secagg.SecAggClient`) over the network.
+
+Guarantees:
+
+* The site talks only to a server whose certificate chains to the federation's CA and names the
+  configured ``server_name``; it presents its own certificate (its identity).
+* The plain update never leaves the site in secure aggregation: only the masked vector and the
+  protocol messages do. The site checks the server's round configuration against its provisioned
+  roster (every participant on the roster; in the active variant, the verification keys are the
+  provisioned ones).
+* The site answers at most one unmasking request per round number unless the survivor set is the
+  same (recorded in ``state_dir/unmasked.json`` before answering, so it holds across restarts): a
+  server that re-ran a round after a crash cannot obtain two sums over different survivor sets of
+  the same inputs, which would reveal the difference.
+* A protocol violation by the server ends this site's part in the round (the client erases its
+  secrets); the site keeps polling and joins the next round. When the server is unreachable the
+  site reconnects with back-off until ``reconnect_timeout_s`` passes.
+
+Exit status of :meth:`SiteRunner.run`: 0 when the federation finished, 3 when the server refuses
+this site's identity, 4 when the server stayed unreachable too long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from secure_fl import __version__
+from secure_fl.crypto import SigningKey
+from secure_fl.errors import (
+    ConfigError,
+    InvalidUpdateError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from secure_fl.secagg import SecAggClient
+from secure_fl.transport import convert, logs, rounds, tensors
+from secure_fl.transport._generated import federation_pb2 as pb
+from secure_fl.transport._generated.federation_pb2_grpc import FederationStub
+from secure_fl.transport.chunks import PayloadReceiver, iter_chunk_bytes
+from secure_fl.transport.config import FEDERATION_PROTOCOL, SiteConfig
+from secure_fl.transport.errors import RejectedError
+from secure_fl.transport.provision import load_signing_key
+from secure_fl.transport.tasks import SiteTask, TaskResult, check_result, load_task
+from secure_fl.transport.tls import channel_credentials
+
+EXIT_FINISHED = 0
+EXIT_REFUSED = 3
+EXIT_UNREACHABLE = 4
+_CALL_TIMEOUT_S = 60.0
+
+
+class _RejoinError(Exception):
+    """The server restarted or forgot this site: join again."""
+
+
+@dataclass
+class _Round:
+    """This site's state in one round attempt."""
+
+    attempt: int
+    round_id: int
+    aggregation: str
+    result: TaskResult | None = None
+    client: SecAggClient | None = field(default=None, repr=False)
+    bits: int = 32
+    failed: bool = False
+
+
+class _RawCalls:
+    """The chunk-stream calls with pre-serialised chunks (see ``chunks.iter_chunk_bytes``): the
+    same wire messages as the generated stub sends, with fewer copies of large payloads."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        path = "/secure_fl.federation.v1.Federation/"
+        self.download: grpc.UnaryStreamMultiCallable[pb.ModelRequest, bytes] = channel.unary_stream(
+            path + "DownloadModel",
+            request_serializer=pb.ModelRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self.upload_masked: grpc.StreamUnaryMultiCallable[bytes, pb.Ack] = channel.stream_unary(
+            path + "UploadMaskedInput",
+            request_serializer=None,
+            response_deserializer=pb.Ack.FromString,
+        )
+        self.upload_update: grpc.StreamUnaryMultiCallable[bytes, pb.Ack] = channel.stream_unary(
+            path + "UploadUpdate", request_serializer=None, response_deserializer=pb.Ack.FromString
+        )
+
+
+def channel_options(config: SiteConfig) -> list[tuple[str, Any]]:
+    lim = config.limits
+    return [
+        ("grpc.ssl_target_name_override", config.server_name),
+        ("grpc.default_authority", config.server_name),
+        ("grpc.max_receive_message_length", lim.max_message_bytes),
+        ("grpc.max_send_message_length", lim.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+class SiteRunner:
+    """Runs one site until the federation is over (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: SiteConfig,
+        *,
+        task: SiteTask | None = None,
+        log: logs.EventLog | None = None,
+    ) -> None:
+        self.config = config
+        self.log = log or logs.setup(f"site:{config.name}", config.log_file)
+        self.site_id = config.site_id
+        self.task = task if task is not None else load_task(config.task, config.name)
+        self.signing_key: SigningKey | None = (
+            load_signing_key(config.signing_key) if config.signing_key is not None else None
+        )
+        self._roster = {e.site_id: e for e in config.roster}
+        self._model: tensors.Tensors | None = None
+        self._model_digest = b""
+        self._round: _Round | None = None
+        self._guard_path = config.state_dir / "unmasked.json"
+        self._last_ok = time.monotonic()
+        self._channel: grpc.Channel | None = None
+        self._stub: FederationStub | None = None
+        self._raw: _RawCalls | None = None
+        self._session = b""
+        self._poll_wait_ms = 10_000
+        self._max_chunk = config.limits.chunk_bytes
+        if config.insecure_test_seed is not None:
+            self.log.warning("insecure-test-seed", note="this site's randomness is reproducible")
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _connect(self) -> FederationStub:
+        if self._stub is None:
+            self._channel = grpc.secure_channel(
+                self.config.server,
+                channel_credentials(self.config.tls),
+                options=channel_options(self.config),
+            )
+            self._stub = FederationStub(self._channel)
+            self._raw = _RawCalls(self._channel)
+        return self._stub
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+            self._stub = None
+            self._raw = None
+
+    def run(self) -> int:
+        """Join, poll and work until the federation is over (exit status in the module doc)."""
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        backoff = 0.2
+        try:
+            while True:
+                began = self._last_ok
+                try:
+                    return self._session_loop()
+                except _RejoinError as exc:
+                    self.log.info("rejoin", reason=str(exc))
+                    self._drop_round("rejoin")
+                    time.sleep(0.05)
+                    continue
+                except grpc.RpcError as exc:
+                    code = exc.code() if isinstance(exc, grpc.Call) else None
+                    detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                        self.log.error("refused", code=str(code), reason=detail)
+                        return EXIT_REFUSED
+                    self._drop_round("connection lost")
+                    if self._last_ok > began:  # the server was reachable in between
+                        backoff = 0.2
+                    if time.monotonic() - self._last_ok > self.config.reconnect_timeout_s:
+                        self.log.error("unreachable", code=str(code), reason=detail)
+                        return EXIT_UNREACHABLE
+                    self.log.info("reconnecting", code=str(code), reason=detail, backoff=backoff)
+                    time.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
+                    backoff = min(backoff * 2, 5.0)
+        finally:
+            self.close()
+
+    def _ok(self) -> None:
+        self._last_ok = time.monotonic()
+
+    def _session_loop(self) -> int:
+        stub = self._connect()
+        reply = stub.Join(
+            pb.JoinRequest(protocol_version=FEDERATION_PROTOCOL, software_version=__version__),
+            timeout=_CALL_TIMEOUT_S,
+        )
+        self._ok()
+        if reply.site_id != self.site_id or reply.site_name != self.config.name:
+            raise ConfigError(
+                f"the server knows this site as {reply.site_name!r} (id {reply.site_id}), the "
+                f"config says {self.config.name!r} (id {self.site_id})"
+            )
+        self._session = reply.session
+        self._poll_wait_ms = max(100, reply.poll_wait_ms)
+        self._max_chunk = min(self.config.limits.chunk_bytes, reply.max_chunk_bytes or 1 << 20)
+        self.log.info("joined", federation=reply.federation, next_round=reply.next_round)
+        attempt, index = 0, 0
+        while True:
+            try:
+                inst = stub.Poll(
+                    pb.PollRequest(
+                        session=self._session,
+                        attempt=attempt,
+                        next_index=index,
+                        wait_ms=self._poll_wait_ms,
+                    ),
+                    timeout=self._poll_wait_ms / 1000 + _CALL_TIMEOUT_S,
+                )
+            except grpc.RpcError as exc:
+                if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise _RejoinError(exc.details() or "session expired") from exc
+                raise
+            self._ok()
+            kind = inst.WhichOneof("kind")
+            if kind == "wait" or kind is None:
+                continue
+            if kind == "finished":
+                return self._finish(inst.finished)
+            attempt, index = inst.attempt, inst.index + 1
+            self._dispatch(kind, inst)
+
+    # -- instructions -------------------------------------------------------------------------
+
+    def _dispatch(self, kind: str, inst: pb.Instruction) -> None:
+        rs = self._round
+        if rs is None or rs.attempt != inst.attempt:
+            if rs is not None:
+                self._drop_round("a new attempt started")
+            if kind != "round_start":
+                if kind == "outcome":
+                    self._on_outcome(inst)
+                else:
+                    self.log.info("skipping", instruction=kind, attempt=inst.attempt)
+                return
+            rs = self._round = _Round(inst.attempt, inst.round_id, inst.round_start.aggregation)
+        try:
+            if kind == "round_start":
+                self._on_round_start(rs, inst.round_start)
+            elif kind == "outcome":
+                self._on_outcome(inst)
+            elif rs.failed:
+                self.log.info("skipping", instruction=kind, round=rs.round_id)
+            elif kind == "secagg_setup":
+                self._on_setup(rs, inst.secagg_setup)
+            elif kind in ("key_roster", "share_delivery", "consistency_request", "unmask_request"):
+                self._on_secagg(rs, kind, inst)
+            else:
+                self.log.warning("unsupported-instruction", instruction=kind)
+                rs.failed = True
+        except ProtocolError as exc:
+            rs.failed = True
+            rs.client = None
+            self.log.error("protocol-error", round=rs.round_id, instruction=kind, reason=str(exc))
+        except (InvalidUpdateError, ConfigError, RejectedError) as exc:
+            rs.failed = True
+            rs.client = None
+            self.log.error("round-error", round=rs.round_id, instruction=kind, reason=str(exc))
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, None):
+                raise
+            rs.failed = True
+            rs.client = None
+            detail = exc.details() if isinstance(exc, grpc.Call) else ""
+            self.log.warning("refused-by-server", round=rs.round_id, code=str(code), reason=detail)
+
+    def _drop_round(self, reason: str) -> None:
+        if self._round is not None:
+            self.log.info("left-round", round=self._round.round_id, reason=reason)
+        self._round = None
+
+    def _crash_point(self, point: str, round_id: int) -> None:
+        cfg = self.config
+        if cfg.test_crash_before == point and cfg.test_crash_round in (None, round_id):
+            self.log.warning("test-crash", point=point, round=round_id)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _ensure_model(self, digest: bytes) -> tensors.Tensors:
+        if self._model is not None and self._model_digest == digest:
+            return self._model
+        lim = self.config.limits
+
+        def check(header: pb.PayloadHeader) -> None:
+            if header.kind != pb.MODEL:
+                raise RemoteProtocolError("the model download is not a MODEL payload")
+
+        self._connect()
+        assert self._raw is not None
+        stream = self._raw.download(
+            pb.ModelRequest(model_sha256=digest), timeout=_CALL_TIMEOUT_S * 10
+        )
+        receiver = PayloadReceiver(
+            max_chunk=lim.max_message_bytes, max_total=lim.max_payload_bytes, check_header=check
+        )
+        try:
+            for raw in stream:
+                receiver.feed_raw(raw)
+            _, data = receiver.result()
+        except RejectedError as exc:
+            raise RemoteProtocolError(f"model download rejected: {exc}") from exc
+        # The receiver checked the data against the trailer's SHA-256; it must be the one asked.
+        if receiver.digest != digest:
+            raise RemoteProtocolError("the downloaded model does not match its SHA-256")
+        self._model = tensors.loads(data)
+        self._model_digest = digest
+        self._ok()
+        return self._model
+
+    def _on_round_start(self, rs: _Round, start: pb.RoundStart) -> None:
+        self.log.info(
+            "round-start", round=rs.round_id, attempt=rs.attempt, aggregation=start.aggregation
+        )
+        self._crash_point("update", rs.round_id)
+        model = self._ensure_model(start.model_sha256)
+        t0 = time.perf_counter()
+        try:
+            raw_result = self.task.compute_update(model, rs.round_id)
+        except Exception as exc:  # a task bug must not take the site process down
+            raise InvalidUpdateError(f"the task failed: {type(exc).__name__}: {exc}") from exc
+        result = check_result(raw_result, model)
+        rs.result = result
+        self.log.info(
+            "update-computed",
+            round=rs.round_id,
+            seconds=round(time.perf_counter() - t0, 3),
+            weight=result.weight,
+            **{f"metric_{k}": v for k, v in result.metrics.items()},
+        )
+        stub = self._connect()
+        if start.aggregation in ("secagg", "secagg+"):
+            stub.ReportUpdateReady(
+                pb.UpdateReady(round_id=rs.round_id, weight=float(result.weight)),
+                timeout=_CALL_TIMEOUT_S,
+            )
+        elif start.aggregation == "plain":
+            header = pb.PayloadHeader(
+                kind=pb.PLAIN_UPDATE,
+                round_id=rs.round_id,
+                length=len(result.update),
+                weight=float(result.weight),
+            )
+            assert self._raw is not None
+            self._raw.upload_update(
+                iter_chunk_bytes(header, tensors.dumps(result.update), self._max_chunk),
+                timeout=_CALL_TIMEOUT_S * 10,
+            )
+        else:
+            raise ConfigError(f"aggregation {start.aggregation!r} is not supported by this site")
+        self._ok()
+
+    def _check_setup_against_roster(self, config: Any) -> None:
+        for sid in config.site_ids:
+            if sid not in self._roster:
+                raise RemoteProtocolError(f"the round names site {sid}, which is not on the roster")
+        if self.site_id not in config.site_ids:
+            raise RemoteProtocolError("this site is not in the round configuration")
+        if config.active:
+            for sid, key in (config.verify_keys or {}).items():
+                if self._roster[sid].verify_key != key:
+                    raise RemoteProtocolError(
+                        f"the verification key of site {sid} differs from the provisioned one"
+                    )
+
+    def _on_setup(self, rs: _Round, setup: pb.SecAggSetup) -> None:
+        if rs.result is None or self._model is None:
+            raise RemoteProtocolError("secure-aggregation setup before this site's update")
+        config, codec = convert.setup_from_pb(
+            setup, rs.round_id, max_length=self.config.limits.max_vector_length
+        )
+        self._check_setup_against_roster(config)
+        if config.active and self.signing_key is None:
+            raise ConfigError("the active variant needs signing_key in the site config")
+        seed = self.config.insecure_test_seed
+        values, clipped = rounds.encode_update(
+            rs.result.update,
+            self._model,
+            codec,
+            setup.weight,
+            rounds.encoding_rng(seed, self.site_id, rs.round_id),
+        )
+        rs.result = None  # the plain update is not kept past encoding
+        rs.bits = config.bits
+        rs.client = SecAggClient(
+            self.site_id,
+            config,
+            input_vector=values,
+            signing_key=self.signing_key,
+            randbytes=rounds.site_randbytes(seed, self.site_id, rs.round_id),
+        )
+        self.log.info(
+            "secagg-setup",
+            round=rs.round_id,
+            protocol=config.protocol,
+            sites=len(config.site_ids),
+            threshold=config.threshold,
+            bits=config.bits,
+            clipped=clipped,
+        )
+        self._crash_point("advertise", rs.round_id)
+        advert = rs.client.start()
+        self._connect().SendAdvertiseKeys(convert.advert_to_pb(advert), timeout=_CALL_TIMEOUT_S)
+        self._ok()
+
+    def _on_secagg(self, rs: _Round, kind: str, inst: pb.Instruction) -> None:
+        client = rs.client
+        if client is None:
+            raise RemoteProtocolError(f"{kind} before the secure-aggregation setup")
+        stub = self._connect()
+        if kind == "key_roster":
+            reply = client.handle(convert.roster_from_pb(inst.key_roster))
+            self._crash_point("share_keys", rs.round_id)
+            stub.SendShareKeys(convert.share_keys_to_pb(reply), timeout=_CALL_TIMEOUT_S)
+        elif kind == "share_delivery":
+            masked = client.handle(convert.delivery_from_pb(inst.share_delivery))
+            self._crash_point("masked_input", rs.round_id)
+            header = pb.PayloadHeader(
+                kind=pb.MASKED_INPUT,
+                round_id=rs.round_id,
+                length=int(masked.vector.shape[0]),
+                bits=rs.bits,
+            )
+            data = convert.masked_to_bytes(masked, rs.bits)
+            assert self._raw is not None
+            self._raw.upload_masked(
+                iter_chunk_bytes(header, data, self._max_chunk), timeout=_CALL_TIMEOUT_S * 10
+            )
+        elif kind == "consistency_request":
+            reply = client.handle(convert.consistency_from_pb(inst.consistency_request))
+            stub.SendConsistencySignature(convert.signature_to_pb(reply), timeout=_CALL_TIMEOUT_S)
+        else:
+            request = convert.unmask_request_from_pb(inst.unmask_request)
+            self._guard_unmask(rs.round_id, request.survivors)
+            self._crash_point("unmask", rs.round_id)
+            reply = client.handle(request)
+            stub.SendUnmaskResponse(convert.unmask_to_pb(reply), timeout=_CALL_TIMEOUT_S)
+            rs.client = None
+        self._ok()
+        self.log.info("answered", round=rs.round_id, instruction=kind)
+
+    def _guard_unmask(self, round_id: int, survivors: frozenset[int]) -> None:
+        """Refuse a second unmasking of ``round_id`` with another survivor set (module doc)."""
+        record: dict[str, Any] = {}
+        if self._guard_path.exists():
+            try:
+                record = json.loads(self._guard_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{self._guard_path} is unreadable: {exc}") from exc
+        fed = record.setdefault(self.config.federation, {})
+        previous = fed.get(str(round_id))
+        if previous is not None and sorted(previous) != sorted(survivors):
+            raise RemoteProtocolError(
+                f"the server asks to unmask round {round_id} again with another survivor set; "
+                "answering would reveal the difference of two sums"
+            )
+        fed[str(round_id)] = sorted(survivors)
+        tmp = self._guard_path.with_name(self._guard_path.name + ".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self._guard_path)
+
+    def _on_outcome(self, inst: pb.Instruction) -> None:
+        out = inst.outcome
+        self.log.info(
+            "round-outcome",
+            round=inst.round_id,
+            completed=out.completed,
+            survivors=list(out.survivors),
+            dropped=list(out.dropped),
+            reason=out.reason,
+        )
+        self._round = None
+
+    def _finish(self, finished: pb.Finished) -> int:
+        self.log.info("federation-finished", rounds=finished.rounds_completed)
+        out = self.config.output_model
+        if out is not None and finished.model_sha256:
+            try:
+                model = self._ensure_model(finished.model_sha256)
+            except (grpc.RpcError, RemoteProtocolError) as exc:
+                self.log.warning("final-model-unavailable", reason=str(exc))
+            else:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(out.name + ".tmp")
+                tmp.write_bytes(tensors.dumps(model))
+                os.replace(tmp, out)
+                self.log.info("final-model-written", path=str(out))
+        return EXIT_FINISHED
+
+
+def run_site(config: SiteConfig) -> int:
+    """Run a site until the federation is over; returns the process exit status."""
+    runner = SiteRunner(config)
+    return runner.run()

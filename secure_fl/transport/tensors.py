@@ -1,0 +1,123 @@
+"""A small, pickle-free serialisation of named float tensors (models and plain updates).
+
+Layout: ``b"SFLTENS1"`` (8 bytes), the header length ``h`` (8 bytes, little endian), ``h`` bytes
+of UTF-8 JSON ``{"tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...]}``, then the raw
+little-endian data of each tensor, back to back, in header order.
+
+Guarantee: :func:`loads` either returns exactly the tensors :func:`dumps` was given (same names,
+order, dtypes, shapes and bits) or raises; it never unpickles, never reads outside the buffer and
+refuses dtypes other than float16/float32/float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from secure_fl.errors import InvalidUpdateError
+
+MAGIC = b"SFLTENS1"
+_DTYPES = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
+_MAX_HEADER = 16 * 1024 * 1024
+_MAX_TENSORS = 100_000
+_MAX_NAME = 512
+
+#: A model or update: tensor name -> float array, in a fixed order.
+Tensors = dict[str, np.ndarray]
+
+
+def dumps(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """Serialise ``tensors`` (name -> float16/32/64 numpy array) in the layout above.
+
+    Errors: InvalidUpdateError for a non-string or overlong name, a non-array value or a dtype
+    other than float16/float32/float64.
+    """
+    entries: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    offset = 0
+    for name, array in tensors.items():
+        if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME:
+            raise InvalidUpdateError(f"tensor names must be strings of 1..{_MAX_NAME} characters")
+        if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPES:
+            raise InvalidUpdateError(
+                f"tensor {name!r} must be a numpy array of dtype {sorted(_DTYPES)}, got "
+                f"{getattr(array, 'dtype', type(array).__name__)}"
+            )
+        data = np.ascontiguousarray(array, dtype=_DTYPES[array.dtype.name]).tobytes()
+        entries.append(
+            {
+                "name": name,
+                "dtype": array.dtype.name,
+                "shape": list(array.shape),
+                "offset": offset,
+                "nbytes": len(data),
+            }
+        )
+        blobs.append(data)
+        offset += len(data)
+    header = json.dumps({"tensors": entries}, separators=(",", ":")).encode()
+    return b"".join([MAGIC, len(header).to_bytes(8, "little"), header, *blobs])
+
+
+def _fail(reason: str) -> InvalidUpdateError:
+    return InvalidUpdateError(f"malformed tensors payload: {reason}")
+
+
+def loads(data: bytes | bytearray | memoryview) -> Tensors:
+    """Parse the output of :func:`dumps`; the arrays returned are fresh, writable copies.
+
+    Errors: InvalidUpdateError naming what is wrong (magic, header, dtype, shape, offsets, size).
+    """
+    buf = memoryview(data).cast("B")
+    if len(buf) < 16 or bytes(buf[:8]) != MAGIC:
+        raise _fail("bad magic")
+    hlen = int.from_bytes(buf[8:16], "little")
+    if hlen > min(_MAX_HEADER, len(buf) - 16):
+        raise _fail(f"header length {hlen} exceeds the payload")
+    try:
+        header = json.loads(bytes(buf[16 : 16 + hlen]).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail("header is not JSON") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise _fail("header has no tensor list")
+    entries = header["tensors"]
+    if len(entries) > _MAX_TENSORS:
+        raise _fail(f"more than {_MAX_TENSORS} tensors")
+    body = buf[16 + hlen :]
+    out: Tensors = {}
+    expected_offset = 0
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise _fail("tensor entry is not an object")
+        name, dtype, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
+        offset, nbytes = entry.get("offset"), entry.get("nbytes")
+        if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME or name in out:
+            raise _fail("tensor names must be distinct strings")
+        if dtype not in _DTYPES:
+            raise _fail(f"tensor {name!r}: dtype must be one of {sorted(_DTYPES)}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise _fail(f"tensor {name!r}: shape must be a list of integers >= 0")
+        size = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if offset != expected_offset or nbytes != size:
+            raise _fail(f"tensor {name!r}: offset or size inconsistent with its shape")
+        if offset + size > len(body):
+            raise _fail(f"tensor {name!r} extends past the end of the payload")
+        array = np.frombuffer(body[offset : offset + size], dtype=_DTYPES[dtype]).reshape(shape)
+        out[name] = array.astype(dtype, copy=True)
+        expected_offset += size
+    if expected_offset != len(body):
+        raise _fail(f"{len(body) - expected_offset} trailing bytes")
+    return out
+
+
+def same_structure(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    """True when ``a`` and ``b`` have the same names in the same order, shapes and dtypes."""
+    return list(a) == list(b) and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a
+    )

@@ -1,0 +1,251 @@
+"""Chunked payloads, the tensors format and the protocol-message conversions, without a network."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from secure_fl.encoding import FixedPointCodec
+from secure_fl.errors import InvalidUpdateError, RemoteProtocolError
+from secure_fl.secagg import (
+    ConsistencyRequest,
+    KeyRoster,
+    MaskedInput,
+    ShareDelivery,
+    UnmaskRequest,
+    make_config,
+    run_round,
+)
+from secure_fl.secagg.client import SecAggClient
+from secure_fl.transport import convert, tensors
+from secure_fl.transport._generated import federation_pb2 as pb
+from secure_fl.transport.chunks import PayloadReceiver, iter_chunks, receive, receive_raw
+from secure_fl.transport.errors import RejectedError
+
+
+def accept(header: pb.PayloadHeader) -> None:
+    if header.kind != pb.MASKED_INPUT:
+        raise RejectedError("INVALID_ARGUMENT", "wrong kind")
+
+
+def test_chunks_round_trip_with_bounded_pieces() -> None:
+    data = bytes(range(256)) * 41
+    header = pb.PayloadHeader(kind=pb.MASKED_INPUT, round_id=3, length=7)
+    chunks = list(iter_chunks(header, data, 1000))
+    assert chunks[0].header.total_bytes == len(data)
+    assert all(len(c.data) <= 1000 for c in chunks[1:-1])
+    assert chunks[-1].trailer.sha256 == hashlib.sha256(data).digest()
+    got_header, got = receive(chunks, max_chunk=1000, max_total=len(data), check_header=accept)
+    assert bytes(got) == data and got_header.round_id == 3
+    raw = [c.SerializeToString() for c in chunks]
+    _, got, nbytes = receive_raw(raw, max_chunk=1000, max_total=len(data), check_header=accept)
+    assert bytes(got) == data and nbytes == sum(map(len, raw))
+
+
+def test_empty_payload() -> None:
+    chunks = list(iter_chunks(pb.PayloadHeader(kind=pb.MASKED_INPUT), b"", 10))
+    assert len(chunks) == 2
+    _, got = receive(chunks, max_chunk=10, max_total=10, check_header=accept)
+    assert got == bytearray()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "words"),
+    [
+        (lambda c: c[1:], "INVALID_ARGUMENT", "start with a header"),
+        (lambda c: c[:-1], "INVALID_ARGUMENT", "before its trailer"),
+        (
+            lambda c: [*c[:-1], pb.Chunk(trailer=pb.PayloadTrailer(sha256=b"x" * 32))],
+            "INVALID_ARGUMENT",
+            "checksum",
+        ),
+        (lambda c: [c[0], *c[2:]], "INVALID_ARGUMENT", "truncated"),
+        (lambda c: [*c, pb.Chunk(data=b"1")], "INVALID_ARGUMENT", "after the payload trailer"),
+        (lambda c: [c[0], c[0], *c[1:]], "INVALID_ARGUMENT", "second payload header"),
+        (lambda c: [c[0], pb.Chunk()], "INVALID_ARGUMENT", "empty chunk"),
+        (
+            lambda c: [c[0], pb.Chunk(data=b"z" * 101), *c[1:]],
+            "RESOURCE_EXHAUSTED",
+            "exceeds the limit",
+        ),
+        (lambda c: [c[0], pb.Chunk(data=b"z" * 100), *c[1:]], "INVALID_ARGUMENT", "longer than"),
+    ],
+)
+def test_broken_streams_are_refused(mutate, code: str, words: str) -> None:
+    chunks = list(iter_chunks(pb.PayloadHeader(kind=pb.MASKED_INPUT), b"a" * 250, 100))
+    with pytest.raises(RejectedError) as info:
+        receive(mutate(chunks), max_chunk=100, max_total=10_000, check_header=accept)
+    assert info.value.code == code and words in info.value.message
+
+
+def test_declared_size_and_header_check_come_before_any_data() -> None:
+    big = pb.Chunk(header=pb.PayloadHeader(kind=pb.MASKED_INPUT, total_bytes=10**12))
+    receiver = PayloadReceiver(max_chunk=10, max_total=1000, check_header=accept)
+    with pytest.raises(RejectedError, match="exceeds the limit") as info:
+        receiver.feed(big)
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    receiver = PayloadReceiver(max_chunk=10, max_total=1000, check_header=accept)
+    with pytest.raises(RejectedError, match="wrong kind"):
+        receiver.feed(pb.Chunk(header=pb.PayloadHeader(kind=pb.MODEL)))
+    with pytest.raises(RejectedError, match="not a valid Chunk"):
+        PayloadReceiver(max_chunk=10, max_total=10, check_header=accept).feed_raw(b"\xff" * 5)
+
+
+def test_rejected_error_names_a_real_status() -> None:
+    with pytest.raises(ValueError):
+        RejectedError("NOT_A_CODE", "x")
+    assert str(RejectedError("INVALID_ARGUMENT", "bad")) == "INVALID_ARGUMENT: bad"
+
+
+def test_tensors_round_trip_and_refuse_malformed_input() -> None:
+    model = {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.array([1.5, -2.0], dtype=np.float64),
+        "s": np.zeros((0, 2), dtype=np.float16),
+    }
+    blob = tensors.dumps(model)
+    back = tensors.loads(blob)
+    assert list(back) == ["w", "b", "s"]
+    for k in model:
+        assert back[k].dtype == model[k].dtype and np.array_equal(back[k], model[k])
+        assert back[k].flags.writeable
+    assert tensors.same_structure(back, model)
+    for bad in (b"", b"XXXXXXXX" + blob[8:], blob[:-1], blob + b"\x00", blob[:20]):
+        with pytest.raises(InvalidUpdateError):
+            tensors.loads(bad)
+    with pytest.raises(InvalidUpdateError, match="dtype"):
+        tensors.dumps({"i": np.zeros(3, dtype=np.int64)})
+    header = b'{"tensors":[{"name":"x","dtype":"object","shape":[1],"offset":0,"nbytes":8}]}'
+    forged = tensors.MAGIC + len(header).to_bytes(8, "little") + header + b"\x00" * 8
+    with pytest.raises(InvalidUpdateError, match="dtype"):
+        tensors.loads(forged)
+
+
+def _round_messages():
+    """Real protocol messages from an in-process round of 4 sites."""
+    config = make_config([1, 2, 3, 4], vector_length=5, bits=32, protocol="secagg", threshold=2)
+    clients = {
+        s: SecAggClient(s, config, input_vector=np.full(5, s, dtype=np.uint32))
+        for s in config.site_ids
+    }
+    adverts = {s: c.start() for s, c in clients.items()}
+    return config, clients, adverts
+
+
+def test_protocol_messages_survive_the_wire() -> None:
+    _, clients, adverts = _round_messages()
+    for s, advert in adverts.items():
+        wire = pb.AdvertiseKeys.FromString(convert.advert_to_pb(advert).SerializeToString())
+        assert convert.advert_from_pb(wire, s) == advert
+    roster = KeyRoster(0, tuple(adverts[s] for s in sorted(adverts)))
+    wire_roster = pb.KeyRoster.FromString(convert.roster_to_pb(roster).SerializeToString())
+    assert convert.roster_from_pb(wire_roster) == roster
+    share = clients[1].handle(roster)
+    back = convert.share_keys_from_pb(convert.share_keys_to_pb(share), 1, max_entries=4)
+    assert back == share
+    delivery = ShareDelivery(0, ((2, b"c" * 110), (3, b"d" * 110)))
+    assert convert.delivery_from_pb(convert.delivery_to_pb(delivery)) == delivery
+    request = ConsistencyRequest(0, frozenset({1, 2, 3}))
+    assert convert.consistency_from_pb(convert.consistency_to_pb(request)) == request
+    unmask = UnmaskRequest(0, frozenset({1, 2}), frozenset({3}), ((1, b"s" * 64),))
+    assert convert.unmask_request_from_pb(convert.unmask_request_to_pb(unmask)) == unmask
+    masked = MaskedInput(0, 2, np.array([1, 2**32 - 1, 7], dtype=np.uint32))
+    data = bytes(convert.masked_to_bytes(masked, 32))
+    header = pb.PayloadHeader(round_id=0, length=3, bits=32)
+    got = convert.masked_from_payload(header, bytearray(data), 2)
+    assert np.array_equal(got.vector, masked.vector) and got.vector.dtype == np.uint32
+
+
+def test_site_to_server_messages_are_checked_before_the_core_sees_them() -> None:
+    ok = pb.AdvertiseKeys(round_id=0, enc_public=b"a" * 32, mask_public=b"b" * 32)
+    assert convert.advert_from_pb(ok, 5).sender == 5  # the sender comes from the certificate
+    for bad, code in [
+        (
+            pb.AdvertiseKeys(round_id=0, sender=4, enc_public=b"a" * 32, mask_public=b"b" * 32),
+            "PERMISSION_DENIED",
+        ),
+        (
+            pb.AdvertiseKeys(round_id=0, enc_public=b"a" * 31, mask_public=b"b" * 32),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            pb.AdvertiseKeys(
+                round_id=0, enc_public=b"a" * 32, mask_public=b"b" * 32, signature=b"s"
+            ),
+            "INVALID_ARGUMENT",
+        ),
+    ]:
+        with pytest.raises(RejectedError) as info:
+            convert.advert_from_pb(bad, 5)
+        assert info.value.code == code
+    many = pb.ShareKeys(
+        ciphertexts=[pb.EncryptedShare(peer=i, ciphertext=b"x" * 100) for i in range(5)]
+    )
+    with pytest.raises(RejectedError, match="at most 4"):
+        convert.share_keys_from_pb(many, 1, max_entries=4)
+    with pytest.raises(RejectedError, match="37 bytes"):
+        convert.unmask_from_pb(
+            pb.UnmaskResponse(self_mask_shares=[pb.OwnedShare(owner=1, share=b"x")]), 1, 8
+        )
+    with pytest.raises(RejectedError, match="64 bytes"):
+        convert.signature_from_pb(pb.ConsistencySignature(signature=b"x"), 1)
+
+
+def test_server_to_site_messages_refuse_duplicates() -> None:
+    with pytest.raises(RemoteProtocolError, match="twice"):
+        convert.unmask_request_from_pb(pb.UnmaskRequest(survivors=[1, 1], dropped=[]))
+
+
+def test_round_configuration_travels_exactly() -> None:
+    config = make_config(
+        list(range(1, 8)), vector_length=9, bits=64, protocol="secagg+", k=2, threshold=2
+    )
+    codec = FixedPointCodec(bits=64, frac_bits=30, clip_range=3.5)
+    setup = pb.SecAggSetup.FromString(
+        convert.setup_to_pb(config, codec, 0.125, 9.0).SerializeToString()
+    )
+    back, back_codec = convert.setup_from_pb(setup, 0, max_length=100)
+    assert back == config and dict(back.graph) == dict(config.graph)
+    assert back_codec == codec and setup.weight == 0.125
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        convert.setup_from_pb(setup, 0, max_length=8)
+    setup.threshold = 99
+    with pytest.raises(RemoteProtocolError, match="threshold"):
+        convert.setup_from_pb(setup, 0, max_length=100)
+
+
+def test_simulation_harness_still_sums() -> None:
+    config = make_config([1, 2, 3], vector_length=4, bits=32, threshold=2)
+    inputs = {s: np.full(4, s, dtype=np.uint32) for s in config.site_ids}
+    assert np.array_equal(run_round(config, inputs).total, np.full(4, 6, dtype=np.uint32))
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16383, 16384, 70_000])
+def test_preserialised_chunks_equal_protobuf_serialisation(size: int) -> None:
+    from secure_fl.transport.chunks import iter_chunk_bytes
+
+    data = bytes(i % 251 for i in range(size))
+    header = pb.PayloadHeader(kind=pb.MODEL, round_id=2, length=1)
+    fast = list(iter_chunk_bytes(header, data, 30_000))
+    slow = [c.SerializeToString() for c in iter_chunks(header, data, 30_000)]
+    assert fast == slow
+    receiver = PayloadReceiver(max_chunk=30_000, max_total=10**6, check_header=lambda h: None)
+    for raw in fast:
+        receiver.feed_raw(raw)
+    assert bytes(receiver.result()[1]) == data
+
+
+def test_fast_path_falls_back_to_protobuf_for_anything_unusual() -> None:
+    # A data field followed by a trailer in one message: protobuf keeps the last oneof member.
+    odd = (
+        pb.Chunk(data=b"abc").SerializeToString()
+        + pb.Chunk(
+            trailer=pb.PayloadTrailer(sha256=hashlib.sha256(b"").digest())
+        ).SerializeToString()
+    )
+    receiver = PayloadReceiver(max_chunk=10, max_total=10, check_header=lambda h: None)
+    receiver.feed(pb.Chunk(header=pb.PayloadHeader(kind=pb.MODEL)))
+    receiver.feed_raw(odd)
+    assert receiver.result()[1] == bytearray()
