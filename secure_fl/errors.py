@@ -76,5 +76,10 @@ class ThresholdError(ProtocolError):
     """Fewer parties than the threshold remain; the round aborts and reveals nothing."""
 
 
+class LedgerIntegrityError(SecureFLError):
+    """The privacy ledger was altered (a record edited, deleted, reordered or inserted, or the tail
+    truncated); the message names the first broken record."""
+
+
 class BudgetExceededError(SecureFLError):
     """A privacy budget would be exceeded; the round is refused before it runs."""

@@ -20,6 +20,7 @@ from typing import Any
 from secure_fl.aggregators import NAMES as AGGREGATORS
 from secure_fl.data import PreprocessConfig
 from secure_fl.errors import ConfigError
+from secure_fl.privacy.config import PrivacyConfig
 from secure_fl.training.model import ModelConfig
 from secure_fl.training.strategies import STRATEGIES
 from secure_fl.training.trainer import TrainConfig
@@ -72,6 +73,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -94,6 +96,10 @@ class ExperimentConfig:
                     f"preprocess.patch[{i}]={p} must be a multiple of {self.model.downsampling} "
                     f"(model.channels has {len(self.model.channels)} levels) and <= grid[{i}]={d}"
                 )
+
+        from secure_fl.training.privacy_run import check_privacy_config
+
+        check_privacy_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain JSON-serialisable data."""

@@ -32,7 +32,9 @@ import numpy as np
 from secure_fl.data import Case, generate_federation, load_datalist, split_by_site
 from secure_fl.errors import ConfigError
 from secure_fl.training.config import ExperimentConfig
+from secure_fl.training.dp_fedavg import DPFedAvg, SiteDP
 from secure_fl.training.model import build_unet, derive_seed, get_state
+from secure_fl.training.privacy_run import PrivacyRound, privacy_summary_line
 from secure_fl.training.strategies import Federation, Strategy, StrategyState, make_strategy
 from secure_fl.training.trainer import SiteTrainer
 
@@ -192,14 +194,12 @@ def run_experiment(
     final_dice: dict[str, dict[str, float]] = {}
     final_pooled: dict[str, float] = {}
     for strategy_name in config.strategies:
-        strategy = make_strategy(
-            strategy_name,
-            rounds=config.rounds,
-            aggregator=config.aggregation.name,
-            aggregator_options=config.aggregation.options,
-            fedprox_mu=config.fedprox_mu,
-            dropouts={int(k): v for k, v in config.dropouts.items()},
-        )
+        strategy = _make_strategy(config, strategy_name)
+        privacy = None
+        if config.privacy.enabled:
+            privacy = PrivacyRound(config, run, fed, strategy)
+            privacy.open()
+            privacy.prepare()
         ckpt = run / "checkpoints" / f"{strategy_name}.pt"
         start, state = 0, strategy.init_state(fed)
         if ckpt.exists():
@@ -210,7 +210,10 @@ def run_experiment(
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         for round_id in range(start, config.rounds):
             t0 = time.perf_counter()
+            if privacy is not None:
+                privacy.before_round(round_id)  # refuses the round when over budget
             state, info = strategy.run_round(fed, state, round_id)
+            privacy_row = privacy.after_round(round_id) if privacy is not None else None
             dice, pooled = evaluate_strategy(strategy, fed, state)
             row = {
                 "strategy": strategy_name,
@@ -222,17 +225,22 @@ def run_experiment(
                 "seconds": time.perf_counter() - t0,
                 "aggregation": _summarise(info.aggregation),
             }
+            if privacy_row is not None:
+                row["privacy"] = privacy_row
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(_json_safe(row)) + "\n")
             rows.append(_json_safe(row))
             _save_checkpoint(ckpt, strategy_name, round_id, state)
             per_site = " ".join(f"{n}={d:.3f}" for n, d in dice.items())
+            eps = privacy_summary_line(privacy_row) if privacy_row is not None else ""
             log(
                 f"[{strategy_name}] round {round_id + 1}/{config.rounds}  loss {info.train_loss:.3f}  "
-                f"Dice pooled {pooled:.3f}  ({per_site})  {row['seconds']:.1f}s"
+                f"Dice pooled {pooled:.3f}  ({per_site}){eps}  {row['seconds']:.1f}s"
             )
             if stop_after == (strategy_name, round_id):
                 raise KeyboardInterrupt(f"stopped after {strategy_name} round {round_id}")
+        if privacy is not None:
+            privacy.close()
         _save_models(run / "models" / f"{strategy_name}.pt", strategy.final_models(state))
         last_row = next(r for r in reversed(rows) if r["strategy"] == strategy_name)
         final_dice[strategy_name] = last_row["dice"]
@@ -245,6 +253,31 @@ def run_experiment(
     return RunSummary(run, final_dice, final_pooled)
 
 
+def _make_strategy(config: ExperimentConfig, name: str) -> Strategy:
+    dropouts = {int(k): v for k, v in config.dropouts.items()}
+    if config.privacy.level == "site":
+        p = config.privacy
+        # The noise multiplier is resolved by PrivacyRound.prepare (calibration).
+        dp = SiteDP(
+            noise_multiplier=p.noise_multiplier or 1.0,
+            clip=p.clip,
+            sample_rate=p.site_sample_rate,
+            trust=p.trust,
+            mechanism=p.mechanism,
+            bits=p.bits,
+            seed=config.seed,
+        )
+        return DPFedAvg(dp, config.aggregation.name, config.aggregation.options, dropouts=dropouts)
+    return make_strategy(
+        name,
+        rounds=config.rounds,
+        aggregator=config.aggregation.name,
+        aggregator_options=config.aggregation.options,
+        fedprox_mu=config.fedprox_mu,
+        dropouts=dropouts,
+    )
+
+
 def evaluate_strategy(
     strategy: Strategy, fed: Federation, state: StrategyState
 ) -> tuple[dict[str, float], float]:
@@ -252,7 +285,12 @@ def evaluate_strategy(
     dice: dict[str, float] = {}
     everything: list[float] = []
     for name in fed.names:
-        scores = fed.sites[name].dice(strategy.eval_states(fed, state, name))
+        states = strategy.eval_states(fed, state, name)
+        if strategy.mean_over_models and len(states) > 1:
+            per_model = [fed.sites[name].dice([s]) for s in states]
+            scores = [float(np.mean(case)) for case in zip(*per_model, strict=True)]
+        else:
+            scores = fed.sites[name].dice(states)
         everything.extend(scores)
         dice[name] = float(np.mean(scores)) if scores else float("nan")
     pooled = float(np.mean(everything)) if everything else float("nan")

@@ -6,7 +6,8 @@
 * ``cwt`` — cyclical weight transfer: each round the model visits every site in turn (Chang et al. 2018).
 * ``swt`` — single weight transfer: the model trains at one site, then moves on, visiting each once.
 * ``ensemble`` — each site trains its own model; predictions are averaged over all site models.
-* ``local`` — each site trains and is evaluated alone (the "no collaboration" baseline).
+* ``local`` — each site trains alone (the "no collaboration" baseline); scored as single-institution
+  models are in Sheller et al. 2019: every site's model on every site's held-out cases, averaged.
 * ``centralized`` — one model trained on the pooled data (the upper baseline, not private).
 
 A strategy's state is a mapping of named model states (numpy), which is all a checkpoint needs.
@@ -55,9 +56,14 @@ class RoundInfo:
 
 
 class Strategy(ABC):
-    """One way of collaborating. Subclasses set ``name`` and implement the three methods."""
+    """One way of collaborating. Subclasses set ``name`` and implement the three methods.
+
+    ``mean_over_models``: when True, the models of :meth:`eval_states` are scored one by one and
+    their Dice averaged (instead of scoring their ensemble).
+    """
 
     name: str
+    mean_over_models: bool = False
 
     @abstractmethod
     def init_state(self, fed: Federation) -> StrategyState:
@@ -76,6 +82,10 @@ class Strategy(ABC):
     def final_models(self, state: StrategyState) -> StrategyState:
         """The models to save at the end of the run."""
         return state
+
+    def training_sites(self, fed: Federation, round_id: int) -> list[str]:
+        """The trainers that train in ``round_id`` (site names, or "pooled")."""
+        return fed.names
 
 
 def _train(site: SiteTrainer, weights: State, round_id: int, tag: str, **extra: Any) -> State:
@@ -186,6 +196,9 @@ class SingleWeightTransfer(Strategy):
         names = fed.names
         return names[min(len(names) - 1, round_id * len(names) // self.rounds)]
 
+    def training_sites(self, fed: Federation, round_id: int) -> list[str]:
+        return [self.site_for_round(fed, round_id)]
+
     def run_round(
         self, fed: Federation, state: StrategyState, round_id: int
     ) -> tuple[StrategyState, RoundInfo]:
@@ -198,9 +211,15 @@ class SingleWeightTransfer(Strategy):
 
 
 class LocalOnly(Strategy):
-    """Every site trains its own model on its own data; no collaboration."""
+    """Every site trains its own model on its own data; no collaboration.
+
+    Evaluated as Sheller et al. (2019) evaluate single-institution models: each site's held-out
+    cases are scored by every site's model in turn and the Dice averaged, so the number reflects how
+    a model trained at one institution does on the data of any institution.
+    """
 
     name = "local"
+    mean_over_models = True
 
     def init_state(self, fed: Federation) -> StrategyState:
         return {name: dict(fed.initial) for name in fed.names}
@@ -214,13 +233,14 @@ class LocalOnly(Strategy):
         return new, _info(list(fed.sites.values()))
 
     def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
-        return [state[site]]
+        return [state[name] for name in fed.names]
 
 
 class Ensemble(LocalOnly):
     """Single-site models trained independently; predictions averaged over all of them."""
 
     name = "ensemble"
+    mean_over_models = False
 
     def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
         return [state[name] for name in fed.names]
@@ -230,6 +250,9 @@ class Centralized(Strategy):
     """One model trained on the pooled training data of every site (the non-private baseline)."""
 
     name = "centralized"
+
+    def training_sites(self, fed: Federation, round_id: int) -> list[str]:
+        return ["pooled"]
 
     def init_state(self, fed: Federation) -> StrategyState:
         if fed.pooled is None:

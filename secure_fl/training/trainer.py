@@ -19,6 +19,7 @@ from monai.fl.utils.exchange_object import ExchangeObject
 
 from secure_fl.data import Case, PreprocessConfig, make_dataset, make_loader
 from secure_fl.errors import ConfigError
+from secure_fl.training.dp_sgd import SampleDP, train_dp_sgd
 from secure_fl.training.evaluation import dice_per_case
 from secure_fl.training.model import (
     ModelConfig,
@@ -128,6 +129,9 @@ class SiteTrainer(ClientAlgo):
         self.cache = cache
         self._initialized = False
         self.rounds = 1  # the run's number of rounds, for the learning-rate schedule
+        #: Sample-level DP-SGD settings (None: ordinary training). Set by the runner.
+        self.sample_dp: SampleDP | None = None
+        self.last_sample_rate = 1.0
         self.last_loss = float("nan")
         self.last_steps = 0
 
@@ -176,6 +180,26 @@ class SiteTrainer(ClientAlgo):
         transform = getattr(self.train_ds, "transform", None)
         if transform is not None and hasattr(transform, "set_random_state"):
             transform.set_random_state(seed=seed)
+        if self.sample_dp is not None:
+            if mu > 0:
+                raise ConfigError("FedProx's proximal term is not supported with DP-SGD")
+            result = train_dp_sgd(
+                self.network,
+                self.train_ds,
+                settings=self.sample_dp,
+                batch_size=cfg.batch_size,
+                epochs=cfg.local_epochs,
+                lr=lr,
+                optimizer=cfg.optimizer,
+                weight_decay=cfg.weight_decay,
+                loss_fn=self.loss_fn,
+                device=self.device,
+                seed=seed,
+            )
+            self.last_steps = result.steps
+            self.last_loss = result.mean_loss
+            self.last_sample_rate = result.sample_rate
+            return
         loader = make_loader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, seed=seed)
         params = list(self.network.parameters())
         anchor = [p.detach().clone() for p in params] if mu > 0 else None

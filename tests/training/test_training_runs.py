@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from training_helpers import tiny_config
 
 from secure_fl.training import STRATEGIES, AggregationConfig, run_experiment
 from secure_fl.training.model import state_digest
