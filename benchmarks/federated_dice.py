@@ -60,10 +60,21 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--out", default=None, help="output folder (default runs/bench-<profile>)")
     parser.add_argument("--rounds", type=int, default=None, help="override the profile's rounds")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="a subset of the strategies (must include centralized and fedavg)",
+    )
+    parser.add_argument(
+        "--secure", nargs="*", default=["secagg+", "secagg"], help="aggregators to compare"
+    )
     args = parser.parse_args()
     base = PROFILES[args.profile]
     if args.rounds:
         base = dataclasses.replace(base, rounds=args.rounds)
+    if args.strategies:
+        base = dataclasses.replace(base, strategies=tuple(args.strategies))
     out = Path(args.out or f"runs/bench-{args.profile}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -75,7 +86,7 @@ def main() -> None:
     timings["strategies"] = time.perf_counter() - start
     results.update(summary.pooled)
     per_site.update(summary.dice)
-    for agg in ("secagg+", "secagg"):
+    for agg in args.secure:
         config = dataclasses.replace(
             base,
             name=f"{base.name}-{agg}",

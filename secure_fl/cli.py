@@ -21,9 +21,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="train a small 3D-UNet across 4 synthetic sites with SecAgg+ and report Dice",
+        help="train a 3D-UNet across 4 synthetic sites with SecAgg+, then with DP-SGD; Dice, epsilon",
     )
-    demo.add_argument("--rounds", type=int, default=None, help="federated rounds (default 8)")
+    demo.add_argument("--rounds", type=int, default=None, help="federated rounds (default 12)")
     demo.add_argument("--run-dir", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument(
         "--data-dir",
@@ -31,6 +31,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="synthetic data folder (default data/synthetic)",
     )
     demo.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    demo.add_argument("--no-dp", action="store_true", help="train without differential privacy")
 
     simulate = commands.add_parser(
         "simulate", help="run all sites of a federation on this machine from a TOML/YAML config"
@@ -80,13 +81,31 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from secure_fl.training import run_experiment
-    from secure_fl.training.demo import demo_config
+    import dataclasses
 
-    config = demo_config(data_dir=args.data_dir, rounds=args.rounds)
-    summary = run_experiment(config, args.run_dir, resume=not args.no_resume)
+    from secure_fl.training import run_experiment
+    from secure_fl.training.demo import DEMO_EPSILON, demo_config
+
+    settings = [("secagg+", demo_config(data_dir=args.data_dir, rounds=args.rounds, dp=False))]
+    if not args.no_dp:
+        dp = demo_config(data_dir=args.data_dir, rounds=args.rounds, dp=True)
+        settings.append(("secagg+-dp", dataclasses.replace(dp, name="demo-dp")))
+    results = []
+    for label, config in settings:
+        print(f"\n== FedAvg through SecAgg+{' with DP-SGD' if 'dp' in label else ''} ==")
+        summary = run_experiment(config, Path(args.run_dir) / label, resume=not args.no_resume)
+        results.append((label, summary))
     print()
-    print((Path(summary.run_dir) / "report.md").read_text())
+    for _, summary in results:
+        print((Path(summary.run_dir) / "report.md").read_text())
+    if len(results) == 2:
+        plain, private = results[0][1].pooled["fedavg"], results[1][1].pooled["fedavg"]
+        print(
+            f"Privacy-utility: pooled Dice {plain:.3f} without DP, {private:.3f} with sample-level "
+            f"DP-SGD at epsilon {DEMO_EPSILON:g} per site (delta 1e-5). With 6-12 patients per "
+            "site, per-patient noise swamps the gradients of a 1.2 M-parameter network: "
+            "sample-level DP needs far larger cohorts (see README, privacy-utility benchmark)."
+        )
     return 0
 
 

@@ -33,6 +33,16 @@ def write_report(run: Path, config: ExperimentConfig, rows: Sequence[dict[str, A
         row = final[name]
         cells = [_fmt(row["dice"].get(s)) for s in sites] + [_fmt(row["pooled_dice"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    private = [r for r in rows if r.get("privacy")]
+    if private:
+        last_p = private[-1]["privacy"]
+        eps = ", ".join(f"{site} {value:.2f}" for site, value in sorted(last_p["epsilon"].items()))
+        lines += [
+            "",
+            f"Differential privacy ({last_p['level']} level, {last_p['accountant']} accountant): "
+            f"epsilon spent at delta={last_p['delta']:g}: {eps}. The ledger is "
+            "`privacy_ledger.sqlite`; verify it with `secure-fl audit RUN_DIR`.",
+        ]
     agg = [r for r in rows if r.get("aggregation")]
     if agg:
         last = agg[-1]["aggregation"]
