@@ -69,6 +69,11 @@ def check_privacy_config(config: ExperimentConfig) -> None:
                 "privacy.accountant must be 'rdp' with trust='distributed' (the discrete "
                 "mechanisms are bounded in RDP; PRV/PLD of the Gaussian would not bound them)"
             )
+        if p.bits not in (32, 64):
+            raise ConfigError(
+                f"privacy.bits must be 32 or 64 with trust='distributed' (the secure-aggregation "
+                f"ring), got {p.bits}"
+            )
         if config.aggregation.name not in ("secagg", "secagg+"):
             raise ConfigError(
                 "trust='distributed' adds noise under secure aggregation: aggregation.name must "

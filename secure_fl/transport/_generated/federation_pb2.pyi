@@ -47,7 +47,13 @@ class _PayloadKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayloadKi
     PLAIN_UPDATE: _PayloadKind.ValueType  # 3
     """A plain update in the tensors format, with its weight."""
     CKKS_CIPHERTEXT: _PayloadKind.ValueType  # 4
-    """Serialised CKKS ciphertexts (extension point)."""
+    """A site's CKKS frames (secure_fl/he/wire.py, kind 1), each preceded by its length (u64,
+    big-endian); `length` is the number of frames.
+    """
+    CKKS_SUM: _PayloadKind.ValueType  # 5
+    """The server's CKKS sum frames (kind 2), framed as CKKS_CIPHERTEXT."""
+    CKKS_MEAN: _PayloadKind.ValueType  # 6
+    """The decrypted weighted mean: `length` little-endian float64 values."""
 
 class PayloadKind(_PayloadKind, metaclass=_PayloadKindEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------
@@ -64,7 +70,13 @@ MASKED_INPUT: PayloadKind.ValueType  # 2
 PLAIN_UPDATE: PayloadKind.ValueType  # 3
 """A plain update in the tensors format, with its weight."""
 CKKS_CIPHERTEXT: PayloadKind.ValueType  # 4
-"""Serialised CKKS ciphertexts (extension point)."""
+"""A site's CKKS frames (secure_fl/he/wire.py, kind 1), each preceded by its length (u64,
+big-endian); `length` is the number of frames.
+"""
+CKKS_SUM: PayloadKind.ValueType  # 5
+"""The server's CKKS sum frames (kind 2), framed as CKKS_CIPHERTEXT."""
+CKKS_MEAN: PayloadKind.ValueType  # 6
+"""The decrypted weighted mean: `length` little-endian float64 values."""
 Global___PayloadKind: _TypeAlias = PayloadKind  # noqa: Y015
 
 @_typing.final
@@ -193,6 +205,7 @@ class Instruction(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     CKKS_SETUP_FIELD_NUMBER: _builtins.int
+    CKKS_DECRYPT_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     index: _builtins.int
     round_id: _builtins.int
@@ -216,6 +229,8 @@ class Instruction(_message.Message):
     def finished(self) -> Global___Finished: ...
     @_builtins.property
     def ckks_setup(self) -> Global___CkksSetup: ...
+    @_builtins.property
+    def ckks_decrypt(self) -> Global___CkksDecrypt: ...
     def __init__(
         self,
         *,
@@ -232,12 +247,13 @@ class Instruction(_message.Message):
         outcome: Global___RoundOutcome | None = ...,
         finished: Global___Finished | None = ...,
         ckks_setup: Global___CkksSetup | None = ...,
+        ckks_decrypt: Global___CkksDecrypt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ckks_setup", b"ckks_setup", "consistency_request", b"consistency_request", "finished", b"finished", "key_roster", b"key_roster", "kind", b"kind", "outcome", b"outcome", "round_start", b"round_start", "secagg_setup", b"secagg_setup", "share_delivery", b"share_delivery", "unmask_request", b"unmask_request", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ckks_decrypt", b"ckks_decrypt", "ckks_setup", b"ckks_setup", "consistency_request", b"consistency_request", "finished", b"finished", "key_roster", b"key_roster", "kind", b"kind", "outcome", b"outcome", "round_start", b"round_start", "secagg_setup", b"secagg_setup", "share_delivery", b"share_delivery", "unmask_request", b"unmask_request", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ckks_setup", b"ckks_setup", "consistency_request", b"consistency_request", "finished", b"finished", "index", b"index", "key_roster", b"key_roster", "kind", b"kind", "outcome", b"outcome", "round_id", b"round_id", "round_start", b"round_start", "secagg_setup", b"secagg_setup", "share_delivery", b"share_delivery", "unmask_request", b"unmask_request", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ckks_decrypt", b"ckks_decrypt", "ckks_setup", b"ckks_setup", "consistency_request", b"consistency_request", "finished", b"finished", "index", b"index", "key_roster", b"key_roster", "kind", b"kind", "outcome", b"outcome", "round_id", b"round_id", "round_start", b"round_start", "secagg_setup", b"secagg_setup", "share_delivery", b"share_delivery", "unmask_request", b"unmask_request", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["wait", "round_start", "secagg_setup", "key_roster", "share_delivery", "consistency_request", "unmask_request", "outcome", "finished", "ckks_setup"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["wait", "round_start", "secagg_setup", "key_roster", "share_delivery", "consistency_request", "unmask_request", "outcome", "finished", "ckks_setup", "ckks_decrypt"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -404,8 +420,8 @@ Global___VerifyKey: _TypeAlias = VerifyKey  # noqa: Y015
 
 @_typing.final
 class CkksSetup(_message.Message):
-    """CKKS round configuration. Extension point: reserved for the CKKS aggregation, which the v1
-    server does not run yet.
+    """CKKS round configuration, sent to every site that reported its weight: encrypt the update
+    scaled by `weight` and upload it (UploadCiphertext) within `phase_deadline_s`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -414,10 +430,20 @@ class CkksSetup(_message.Message):
     POLY_MODULUS_DEGREE_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
+    VECTOR_LENGTH_FIELD_NUMBER: _builtins.int
+    CHUNK_CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    PHASE_DEADLINE_S_FIELD_NUMBER: _builtins.int
     context_sha256: _builtins.bytes
+    """The federation's CKKS fingerprint (32 bytes; protocols/ckks.md)."""
     poly_modulus_degree: _builtins.int
     scale: _builtins.float
     weight: _builtins.float
+    """This site's normalised weight w_u / W (W: the total weight of the sites that reported)."""
+    vector_length: _builtins.int
+    """Values in the flattened update, and ciphertexts per frame (secure_fl.he.Layout)."""
+    chunk_ciphertexts: _builtins.int
+    phase_deadline_s: _builtins.float
+    """Seconds the upload stays open."""
     def __init__(
         self,
         *,
@@ -425,14 +451,93 @@ class CkksSetup(_message.Message):
         poly_modulus_degree: _builtins.int = ...,
         scale: _builtins.float = ...,
         weight: _builtins.float = ...,
+        vector_length: _builtins.int = ...,
+        chunk_ciphertexts: _builtins.int = ...,
+        phase_deadline_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_sha256", b"context_sha256", "poly_modulus_degree", b"poly_modulus_degree", "scale", b"scale", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ciphertexts", b"chunk_ciphertexts", "context_sha256", b"context_sha256", "phase_deadline_s", b"phase_deadline_s", "poly_modulus_degree", b"poly_modulus_degree", "scale", b"scale", "vector_length", b"vector_length", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CkksSetup: _TypeAlias = CkksSetup  # noqa: Y015
+
+@_typing.final
+class CkksDecrypt(_message.Message):
+    """CKKS aggregation, to the designated decryptor: download the encrypted sum of `contributors`
+    (DownloadCiphertextSum), decrypt it, divide by `share` and upload the mean
+    (UploadDecryptedMean) within `phase_deadline_s`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_SHA256_FIELD_NUMBER: _builtins.int
+    CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    SUM_SHA256_FIELD_NUMBER: _builtins.int
+    SUM_BYTES_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    VECTOR_LENGTH_FIELD_NUMBER: _builtins.int
+    CHUNK_CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    PHASE_DEADLINE_S_FIELD_NUMBER: _builtins.int
+    context_sha256: _builtins.bytes
+    share: _builtins.float
+    """The contributors' total normalised weight (sum of their CkksSetup weights)."""
+    sum_sha256: _builtins.bytes
+    """SHA-256 and size of the sum payload, and its frames."""
+    sum_bytes: _builtins.int
+    chunks: _builtins.int
+    vector_length: _builtins.int
+    chunk_ciphertexts: _builtins.int
+    phase_deadline_s: _builtins.float
+    @_builtins.property
+    def contributors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Site ids whose ciphertexts are in the sum, ascending."""
+
+    def __init__(
+        self,
+        *,
+        context_sha256: _builtins.bytes = ...,
+        contributors: _abc.Iterable[_builtins.int] | None = ...,
+        share: _builtins.float = ...,
+        sum_sha256: _builtins.bytes = ...,
+        sum_bytes: _builtins.int = ...,
+        chunks: _builtins.int = ...,
+        vector_length: _builtins.int = ...,
+        chunk_ciphertexts: _builtins.int = ...,
+        phase_deadline_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ciphertexts", b"chunk_ciphertexts", "chunks", b"chunks", "context_sha256", b"context_sha256", "contributors", b"contributors", "phase_deadline_s", b"phase_deadline_s", "share", b"share", "sum_bytes", b"sum_bytes", "sum_sha256", b"sum_sha256", "vector_length", b"vector_length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CkksDecrypt: _TypeAlias = CkksDecrypt  # noqa: Y015
+
+@_typing.final
+class CiphertextSumRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SUM_SHA256_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    sum_sha256: _builtins.bytes
+    """As named by CkksDecrypt."""
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        sum_sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "sum_sha256", b"sum_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CiphertextSumRequest: _TypeAlias = CiphertextSumRequest  # noqa: Y015
 
 @_typing.final
 class UpdateReady(_message.Message):
@@ -869,7 +974,7 @@ class PayloadHeader(_message.Message):
     round_id: _builtins.int
     total_bytes: _builtins.int
     length: _builtins.int
-    """Elements (MASKED_INPUT) or tensors (MODEL, PLAIN_UPDATE)."""
+    """Elements (MASKED_INPUT, CKKS_MEAN), tensors (MODEL, PLAIN_UPDATE) or frames (CKKS_*)."""
     bits: _builtins.int
     """MASKED_INPUT: 32 or 64."""
     weight: _builtins.float
@@ -905,8 +1010,11 @@ class CkksPayloadInfo(_message.Message):
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     context_sha256: _builtins.bytes
+    """The federation's CKKS fingerprint (32 bytes)."""
     ciphertexts: _builtins.int
+    """Ciphertexts in all frames together."""
     weight: _builtins.float
+    """CKKS_CIPHERTEXT: the normalised weight the update was scaled by (as in CkksSetup)."""
     def __init__(
         self,
         *,

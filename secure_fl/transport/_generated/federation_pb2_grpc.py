@@ -65,6 +65,16 @@ class FederationStub:
                 request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
                 response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
                 _registered_method=True)
+        self.DownloadCiphertextSum = channel.unary_stream(
+                '/secure_fl.federation.v1.Federation/DownloadCiphertextSum',
+                request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.CiphertextSumRequest.SerializeToString,
+                response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.UploadDecryptedMean = channel.stream_unary(
+                '/secure_fl.federation.v1.Federation/UploadDecryptedMean',
+                request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
+                response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
+                _registered_method=True)
         self.SendAdvertiseKeys = channel.unary_unary(
                 '/secure_fl.federation.v1.Federation/SendAdvertiseKeys',
                 request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.AdvertiseKeys.SerializeToString,
@@ -133,7 +143,22 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadCiphertext(self, request_iterator, context):
-        """CKKS aggregation: the site's encrypted update (kind CKKS_CIPHERTEXT). Extension point.
+        """CKKS aggregation: the site's encrypted, weight-scaled update (kind CKKS_CIPHERTEXT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadCiphertextSum(self, request, context):
+        """CKKS aggregation, designated decryptor only: the encrypted sum named by a CkksDecrypt
+        instruction, as a chunk stream (kind CKKS_SUM).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadDecryptedMean(self, request_iterator, context):
+        """CKKS aggregation, designated decryptor only: the decrypted mean (kind CKKS_MEAN).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +230,16 @@ def add_FederationServicer_to_server(servicer, server):
             ),
             'UploadCiphertext': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadCiphertext,
+                    request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.FromString,
+                    response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.SerializeToString,
+            ),
+            'DownloadCiphertextSum': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCiphertextSum,
+                    request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.CiphertextSumRequest.FromString,
+                    response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
+            ),
+            'UploadDecryptedMean': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDecryptedMean,
                     request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.FromString,
                     response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.SerializeToString,
             ),
@@ -395,6 +430,60 @@ class Federation:
             request_iterator,
             target,
             '/secure_fl.federation.v1.Federation/UploadCiphertext',
+            secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
+            secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCiphertextSum(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/secure_fl.federation.v1.Federation/DownloadCiphertextSum',
+            secure__fl_dot_transport_dot___generated_dot_federation__pb2.CiphertextSumRequest.SerializeToString,
+            secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDecryptedMean(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/secure_fl.federation.v1.Federation/UploadDecryptedMean',
             secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
             secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
             options,

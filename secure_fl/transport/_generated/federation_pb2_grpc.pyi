@@ -60,7 +60,13 @@ class FederationStub:
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
     """Plain (insecure baseline) aggregation: the update itself, in the clear (kind PLAIN_UPDATE)."""
     UploadCiphertext: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
-    """CKKS aggregation: the site's encrypted update (kind CKKS_CIPHERTEXT). Extension point."""
+    """CKKS aggregation: the site's encrypted, weight-scaled update (kind CKKS_CIPHERTEXT)."""
+    DownloadCiphertextSum: _grpc.UnaryStreamMultiCallable[_federation_pb2.CiphertextSumRequest, _federation_pb2.Chunk]
+    """CKKS aggregation, designated decryptor only: the encrypted sum named by a CkksDecrypt
+    instruction, as a chunk stream (kind CKKS_SUM).
+    """
+    UploadDecryptedMean: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
+    """CKKS aggregation, designated decryptor only: the decrypted mean (kind CKKS_MEAN)."""
     SendAdvertiseKeys: _grpc.UnaryUnaryMultiCallable[_federation_pb2.AdvertiseKeys, _federation_pb2.Ack]
     """---- SecAgg / SecAgg+ phases (protocols/secagg.md) ----
     Phase 0.
@@ -92,7 +98,13 @@ class FederationAsyncStub(FederationStub):
     UploadUpdate: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
     """Plain (insecure baseline) aggregation: the update itself, in the clear (kind PLAIN_UPDATE)."""
     UploadCiphertext: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
-    """CKKS aggregation: the site's encrypted update (kind CKKS_CIPHERTEXT). Extension point."""
+    """CKKS aggregation: the site's encrypted, weight-scaled update (kind CKKS_CIPHERTEXT)."""
+    DownloadCiphertextSum: _aio.UnaryStreamMultiCallable[_federation_pb2.CiphertextSumRequest, _federation_pb2.Chunk]  # type: ignore[assignment]
+    """CKKS aggregation, designated decryptor only: the encrypted sum named by a CkksDecrypt
+    instruction, as a chunk stream (kind CKKS_SUM).
+    """
+    UploadDecryptedMean: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
+    """CKKS aggregation, designated decryptor only: the decrypted mean (kind CKKS_MEAN)."""
     SendAdvertiseKeys: _aio.UnaryUnaryMultiCallable[_federation_pb2.AdvertiseKeys, _federation_pb2.Ack]  # type: ignore[assignment]
     """---- SecAgg / SecAgg+ phases (protocols/secagg.md) ----
     Phase 0.
@@ -157,7 +169,25 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_federation_pb2.Chunk],
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
-        """CKKS aggregation: the site's encrypted update (kind CKKS_CIPHERTEXT). Extension point."""
+        """CKKS aggregation: the site's encrypted, weight-scaled update (kind CKKS_CIPHERTEXT)."""
+
+    @_abc_1.abstractmethod
+    def DownloadCiphertextSum(
+        self,
+        request: _federation_pb2.CiphertextSumRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_federation_pb2.Chunk], _abc.AsyncIterator[_federation_pb2.Chunk]]:
+        """CKKS aggregation, designated decryptor only: the encrypted sum named by a CkksDecrypt
+        instruction, as a chunk stream (kind CKKS_SUM).
+        """
+
+    @_abc_1.abstractmethod
+    def UploadDecryptedMean(
+        self,
+        request_iterator: _MaybeAsyncIterator[_federation_pb2.Chunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
+        """CKKS aggregation, designated decryptor only: the decrypted mean (kind CKKS_MEAN)."""
 
     @_abc_1.abstractmethod
     def SendAdvertiseKeys(
