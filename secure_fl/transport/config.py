@@ -22,7 +22,15 @@ from secure_fl.errors import ConfigError
 
 FEDERATION_PROTOCOL = "secure_fl/federation/v1"
 AGGREGATIONS = ("secagg", "secagg+", "plain", "ckks")
-CRASH_POINTS = ("update", "advertise", "share_keys", "masked_input", "unmask")
+CRASH_POINTS = (
+    "update",
+    "advertise",
+    "share_keys",
+    "masked_input",
+    "unmask",
+    "ckks_upload",
+    "ckks_decrypt",
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,8 @@ class AggregationSettings:
     """How updates are combined. ``protocol`` is one of :data:`AGGREGATIONS`; the rest configure
     the fixed-point encoding (see :func:`secure_fl.encoding.plan_bit_width`) and SecAgg / SecAgg+
     (see :func:`secure_fl.secagg.make_config`). ``plain`` sends updates in the clear (a baseline,
-    never for patient data)."""
+    never for patient data). ``ckks`` (see :mod:`secure_fl.transport.ckks`) uses the ``ckks``
+    section of the config and ``chunk_ciphertexts`` ciphertexts per frame."""
 
     protocol: str = "secagg+"
     clip_range: float = 10.0
@@ -141,6 +150,7 @@ class AggregationSettings:
     dropout_rate: float = 0.1
     corrupt_fraction: float = 0.0
     active: bool = False
+    chunk_ciphertexts: int = 64
 
     def __post_init__(self) -> None:
         if self.protocol not in AGGREGATIONS:
@@ -151,6 +161,15 @@ class AggregationSettings:
         _positive("aggregation.precision", self.precision)
         if self.bits not in (None, 32, 64):
             raise ConfigError(f"aggregation.bits must be 32, 64 or null, got {self.bits!r}")
+        if (
+            isinstance(self.chunk_ciphertexts, bool)
+            or not isinstance(self.chunk_ciphertexts, int)
+            or not 1 <= self.chunk_ciphertexts <= 4096
+        ):
+            raise ConfigError(
+                "aggregation.chunk_ciphertexts must be an integer in [1, 4096], got "
+                f"{self.chunk_ciphertexts!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -460,6 +479,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         dropout_rate=agg.float_("dropout_rate", 0.1),
         corrupt_fraction=agg.float_("corrupt_fraction", 0.0),
         active=agg.bool_("active", False),
+        chunk_ciphertexts=agg.int_("chunk_ciphertexts", 64),
     )
     agg.done()
     mod = s.section("model")

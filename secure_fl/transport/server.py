@@ -10,6 +10,11 @@ Guarantees:
   then runs SecAgg / SecAgg+ (:class:`secure_fl.secagg.SecAggServer`) phase by phase. A phase
   closes when every expected site answered or at its deadline; a site that misses it is a dropout
   for the protocol, which recovers the sum of the others while at least the threshold remain.
+* **CKKS.** With ``ckks`` the server holds only the public context (it refuses to start with the
+  secret one): it collects each site's complete, checked ciphertext upload, adds the uploads of
+  the sites that completed theirs chunk by chunk (a partial upload is discarded, never added),
+  and has one surviving site (the first in roster order; the next one if it fails) decrypt the
+  sum and send back the mean.
 * **Bad messages do not disturb a round.** A malformed, oversized, out-of-phase, duplicate or
   wrongly addressed message is refused with a gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
   FAILED_PRECONDITION, PERMISSION_DENIED) and the round goes on.
@@ -44,7 +49,13 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from secure_fl import __version__
-from secure_fl.errors import ConfigError, InvalidUpdateError, ProtocolError, RemoteProtocolError
+from secure_fl.errors import (
+    ConfigError,
+    CryptoError,
+    InvalidUpdateError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from secure_fl.secagg import (
     ConsistencyRequest,
     KeyRoster,
@@ -55,6 +66,7 @@ from secure_fl.secagg import (
 )
 from secure_fl.secagg.messages import ClientMessage, ServerMessage
 from secure_fl.transport import checkpoint as ckpt
+from secure_fl.transport import ckks as ckks_wire
 from secure_fl.transport import convert, logs, rounds, tensors
 from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport.chunks import iter_chunk_bytes, receive_raw
@@ -78,6 +90,19 @@ class _Site:
 
 
 @dataclass
+class _CkksRound:
+    """The CKKS part of one attempt. Mutated only under the server's condition lock."""
+
+    layout: Any  # secure_fl.he.Layout
+    factors: dict[int, float]
+    frames: dict[int, list[bytes]] = field(default_factory=dict)
+    sum_chunks: list[bytes] = field(default_factory=list)
+    sum_digest: bytes = b""
+    decryptor: int | None = None
+    mean: np.ndarray | None = None
+
+
+@dataclass
 class _Attempt:
     """One attempt at a round. Mutated only under the server's condition lock."""
 
@@ -88,6 +113,7 @@ class _Attempt:
     weights: dict[int, float] = field(default_factory=dict)
     plain_updates: dict[int, tensors.Tensors] = field(default_factory=dict)
     secagg: SecAggServer | None = None
+    ckks: _CkksRound | None = None
     closing: bool = False
     excluded: set[int] = field(default_factory=set)
     bytes_in: dict[int, int] = field(default_factory=dict)
@@ -120,11 +146,10 @@ class FederationServer:
     """
 
     def __init__(self, config: ServerConfig, log: logs.EventLog | None = None) -> None:
+        self._ckks_public: Any = None  # secure_fl.he.PublicContext
         if config.aggregation.protocol == "ckks":
-            raise ConfigError(
-                "aggregation.protocol 'ckks' is not run by this server yet: its wire messages "
-                "(CkksSetup, UploadCiphertext) are reserved but not wired to secure_fl.he"
-            )
+            # Refuses a secret context in every form, and a fingerprint other than the config's.
+            self._ckks_public = ckks_wire.load_public(config.ckks)
         if config.aggregation.active and any(e.verify_key is None for e in config.roster):
             raise ConfigError("aggregation.active needs a verify_key for every roster entry")
         self.config = config
@@ -377,9 +402,17 @@ class FederationServer:
             if cfg.aggregation.protocol == "plain":
                 mean, survivors = self._aggregate_plain(rs, reported)
                 record.update(survivors=sorted(survivors), dropped=[])
+            elif cfg.aggregation.protocol == "ckks":
+                mean, survivors = self._aggregate_ckks(rs, reported, record)
             else:
                 mean, survivors = self._aggregate_secagg(rs, reported, record)
-        except (_RoundFailedError, ProtocolError, ConfigError, InvalidUpdateError) as exc:
+        except (
+            _RoundFailedError,
+            ProtocolError,
+            ConfigError,
+            InvalidUpdateError,
+            CryptoError,
+        ) as exc:
             return self._end_attempt(rs, record, start, completed=False, reason=str(exc))
         new_model = rounds.apply_mean(self._model, mean)
         with self._cond:
@@ -553,6 +586,137 @@ class FederationServer:
         mean = codec.decode(total) / sum(norm[s] for s in survivors)
         return mean, survivors
 
+    def _aggregate_ckks(
+        self, rs: _Attempt, reported: dict[int, float], record: dict[str, Any]
+    ) -> tuple[np.ndarray, frozenset[int]]:
+        """CKKS: setup -> uploads (phase_s) -> homomorphic sum -> a site decrypts (phase_s)."""
+        from secure_fl.he import CiphertextSummer, Layout
+
+        cfg = self.config
+        public = self._ckks_public
+        preset = public.preset
+        fp = ckks_wire.fingerprint_bytes(public.fingerprint)
+        ids = sorted(reported)
+        total = math.fsum(reported.values())
+        factors = {s: reported[s] / total for s in ids}
+        size = rounds.model_size(self._model)
+        layout = Layout(size, preset.slots, cfg.aggregation.chunk_ciphertexts)
+        phase_s = cfg.deadlines.phase_s
+        ck = _CkksRound(layout=layout, factors=factors)
+        record.update(ckks_fingerprint=public.fingerprint, ckks_preset=preset.name)
+        with self._cond:
+            rs.ckks = ck
+            rs.stage = "ckks_upload"
+            for site in ids:
+                if site in rs.excluded:
+                    continue
+                self._post(
+                    rs,
+                    site,
+                    "ckks_setup",
+                    pb.CkksSetup(
+                        context_sha256=fp,
+                        poly_modulus_degree=preset.poly_modulus_degree,
+                        scale=float(preset.scale),
+                        weight=factors[site],
+                        vector_length=size,
+                        chunk_ciphertexts=layout.chunk_ciphertexts,
+                        phase_deadline_s=phase_s,
+                    ),
+                )
+            self._cond.notify_all()
+        self._wait_for(lambda: set(ck.frames) | rs.excluded >= set(ids), phase_s)
+        with self._cond:
+            rs.stage = "ckks_sum"  # uploads still streaming are refused from now on
+            uploads = dict(ck.frames)
+        if self._stopping:
+            raise _RoundFailedError("server stopping")
+        contributors = sorted(uploads)
+        dropped = sorted(set(ids) - set(contributors))
+        record.update(survivors=contributors, dropped=dropped)
+        self.log.info("ckks-uploads-closed", round=rs.round_id, missing=dropped)
+        if len(contributors) < cfg.min_sites:
+            raise _RoundFailedError(
+                f"only {len(contributors)} sites uploaded ciphertexts, min_sites is {cfg.min_sites}"
+            )
+        t0 = time.perf_counter()
+        names = {s: rs.participants[s] for s in contributors}
+        summer = CiphertextSummer(
+            public, layout, round_id=rs.round_id, expected_fingerprint=public.fingerprint
+        )
+        sums = []
+        for chunk in range(layout.chunks):
+            for site in contributors:  # every upload was checked completely on arrival
+                summer.add(names[site], uploads[site][chunk])
+            sums.append(summer.pop(chunk, expected=list(names.values())))
+        del uploads
+        payload = ckks_wire.pack_frames(sums)
+        del sums
+        digest = rounds.sha256(payload)
+        header = pb.PayloadHeader(
+            kind=pb.CKKS_SUM,
+            round_id=rs.round_id,
+            length=layout.chunks,
+            ckks=pb.CkksPayloadInfo(context_sha256=fp, ciphertexts=layout.ciphertexts),
+        )
+        share = math.fsum(factors[s] for s in contributors)
+        with self._cond:
+            ck.frames.clear()
+            ck.sum_chunks = list(iter_chunk_bytes(header, payload, cfg.limits.chunk_bytes))
+            ck.sum_digest = digest
+        record.update(
+            sum_sha256=digest.hex(),
+            ckks_sum_bytes=len(payload),
+            ckks_share=share,
+            ckks_sum_seconds=round(time.perf_counter() - t0, 4),
+        )
+        roster_order = [e.site_id for e in cfg.roster if e.site_id in names]
+        mean: np.ndarray | None = None
+        for decryptor in roster_order:
+            with self._cond:
+                if decryptor in rs.excluded:
+                    continue
+                ck.decryptor = decryptor
+                rs.stage = "ckks_decrypt"
+                self._post(
+                    rs,
+                    decryptor,
+                    "ckks_decrypt",
+                    pb.CkksDecrypt(
+                        context_sha256=fp,
+                        contributors=contributors,
+                        share=share,
+                        sum_sha256=digest,
+                        sum_bytes=len(payload),
+                        chunks=layout.chunks,
+                        vector_length=size,
+                        chunk_ciphertexts=layout.chunk_ciphertexts,
+                        phase_deadline_s=phase_s,
+                    ),
+                )
+                self._cond.notify_all()
+            self.log.info("ckks-decrypt", round=rs.round_id, decryptor=names[decryptor])
+
+            def answered(d: int = decryptor) -> bool:
+                return ck.mean is not None or d in rs.excluded
+
+            self._wait_for(answered, phase_s)
+            with self._cond:
+                mean = ck.mean
+                ck.decryptor = None
+                rs.stage = "ckks_sum"
+            if self._stopping:
+                raise _RoundFailedError("server stopping")
+            if mean is not None:
+                record["ckks_decryptor"] = decryptor
+                break
+            self.log.warning("ckks-decryptor-missed", round=rs.round_id, site=names[decryptor])
+        with self._cond:
+            ck.sum_chunks = []
+        if mean is None:
+            raise _RoundFailedError("no site returned the decrypted mean")
+        return mean, frozenset(contributors)
+
     @staticmethod
     def _instruction(message: ServerMessage) -> tuple[str, Message]:
         if isinstance(message, KeyRoster):
@@ -610,6 +774,7 @@ class FederationServer:
             "UploadMaskedInput": self._upload_masked,
             "UploadUpdate": self._upload_update,
             "UploadCiphertext": self._upload_ciphertext,
+            "UploadDecryptedMean": self._upload_mean,
         }
         methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for name, fn in unary.items():
@@ -623,6 +788,9 @@ class FederationServer:
         # Model chunks are serialised by iter_chunk_bytes (one copy of the data).
         methods["DownloadModel"] = grpc.unary_stream_rpc_method_handler(
             self._download, request_deserializer=None, response_serializer=None
+        )
+        methods["DownloadCiphertextSum"] = grpc.unary_stream_rpc_method_handler(
+            self._download_sum, request_deserializer=None, response_serializer=None
         )
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
@@ -815,7 +983,7 @@ class FederationServer:
             )
         with self._cond:
             self._touch(entry)
-            if self.config.aggregation.protocol not in ("secagg", "secagg+"):
+            if self.config.aggregation.protocol not in ("secagg", "secagg+", "ckks"):
                 raise RejectedError(
                     "FAILED_PRECONDITION",
                     f"this federation aggregates with {self.config.aggregation.protocol}",
@@ -869,12 +1037,170 @@ class FederationServer:
         self._count(entry.site_id, nbytes, 0)
         return pb.Ack(round_id=header.round_id, phase="update")
 
+    # -- CKKS ---------------------------------------------------------------------------------
+
+    def _ckks_stage(self, entry: RosterEntry, stage: str, round_id: int, what: str) -> _Attempt:
+        """The current attempt, if its CKKS ``stage`` accepts ``what`` from ``entry`` (lock held)."""
+        if self.config.aggregation.protocol != "ckks":
+            raise RejectedError("UNIMPLEMENTED", "this federation does not aggregate with CKKS")
+        self._touch(entry)
+        rs = self._current
+        if rs is None or rs.ckks is None or rs.stage != stage:
+            raise RejectedError(
+                "FAILED_PRECONDITION", f"{what} refused: no CKKS round is at that step now"
+            )
+        if round_id != rs.round_id:
+            raise RejectedError(
+                "FAILED_PRECONDITION",
+                f"{what} for round {round_id} refused: the current round is {rs.round_id}",
+            )
+        if entry.site_id in rs.excluded or entry.site_id not in rs.ckks.factors:
+            raise RejectedError(
+                "FAILED_PRECONDITION", f"{what} refused: site {entry.name} is not expected"
+            )
+        return rs
+
     def _upload_ciphertext(
         self, entry: RosterEntry, stream: Iterator[bytes], context: grpc.ServicerContext
     ) -> Message:
-        raise RejectedError(
-            "UNIMPLEMENTED", "CKKS aggregation is not available in this server (secure_fl.he)"
-        )
+        from secure_fl.he import CiphertextSummer
+
+        public = self._ckks_public
+        fp = ckks_wire.fingerprint_bytes(public.fingerprint) if public is not None else b""
+        found: dict[str, Any] = {}
+
+        def check(header: pb.PayloadHeader) -> None:
+            if header.kind != pb.CKKS_CIPHERTEXT:
+                raise RejectedError(
+                    "INVALID_ARGUMENT", "UploadCiphertext carries CKKS_CIPHERTEXT payloads"
+                )
+            with self._cond:
+                rs = self._ckks_stage(entry, "ckks_upload", header.round_id, "UploadCiphertext")
+                assert rs.ckks is not None
+                if entry.site_id in rs.ckks.frames:
+                    raise RejectedError("FAILED_PRECONDITION", "ciphertexts already uploaded")
+                layout, factor = rs.ckks.layout, rs.ckks.factors[entry.site_id]
+            if header.ckks.context_sha256 != fp:
+                raise RejectedError(
+                    "INVALID_ARGUMENT",
+                    "the ciphertexts are not under the federation's CKKS context (fingerprint "
+                    f"{header.ckks.context_sha256.hex()[:16]}..., expected {fp.hex()[:16]}...)",
+                )
+            if header.length != layout.chunks or header.ckks.ciphertexts != layout.ciphertexts:
+                raise RejectedError(
+                    "INVALID_ARGUMENT",
+                    f"expected {layout.ciphertexts} ciphertexts in {layout.chunks} frames, got "
+                    f"{header.ckks.ciphertexts} in {header.length}",
+                )
+            if header.ckks.weight != factor:
+                raise RejectedError(
+                    "INVALID_ARGUMENT",
+                    f"the update must be scaled by {factor!r}, got {header.ckks.weight!r}",
+                )
+            bound = ckks_wire.max_payload_bytes(
+                layout,
+                public.preset.poly_modulus_degree,
+                len(public.preset.coeff_mod_bit_sizes) - 1,
+            )
+            if header.total_bytes > bound:
+                raise RejectedError(
+                    "RESOURCE_EXHAUSTED",
+                    f"{header.total_bytes} bytes of ciphertexts, at most {bound} expected",
+                )
+            found["layout"] = layout
+
+        header, data, nbytes = self._receive(stream, check)
+        layout = found["layout"]
+        # Check every frame and ciphertext now, completely (digest, fingerprint, round, chunk,
+        # sizes, scale, level), so that adding the upload later cannot fail half-way.
+        scratch = CiphertextSummer(public, layout, round_id=header.round_id)
+        try:
+            frames = ckks_wire.unpack_frames(data, layout.chunks)
+            del data
+            for chunk, frame in enumerate(frames):
+                scratch.add(entry.name, frame)
+                if scratch.contributors(chunk) != (entry.name,):
+                    raise RemoteProtocolError(f"frame {chunk} is not the frame of chunk {chunk}")
+        except RemoteProtocolError as exc:
+            raise RejectedError("INVALID_ARGUMENT", str(exc)) from exc
+        del scratch
+        with self._cond:
+            rs = self._ckks_stage(entry, "ckks_upload", header.round_id, "UploadCiphertext")
+            assert rs.ckks is not None
+            if entry.site_id in rs.ckks.frames:
+                raise RejectedError("FAILED_PRECONDITION", "ciphertexts already uploaded")
+            rs.ckks.frames[entry.site_id] = frames
+            self._cond.notify_all()
+        self._count(entry.site_id, nbytes, 0)
+        return pb.Ack(round_id=header.round_id, phase="ckks_upload")
+
+    def _download_sum(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        who = "?"
+        try:
+            entry = self._auth.identify(context)
+            who = entry.name
+            request = _parse(pb.CiphertextSumRequest, raw)
+            with self._cond:
+                rs = self._ckks_stage(
+                    entry, "ckks_decrypt", request.round_id, "DownloadCiphertextSum"
+                )
+                assert rs.ckks is not None
+                if rs.ckks.decryptor != entry.site_id:
+                    raise RejectedError(
+                        "FAILED_PRECONDITION", "this site is not the designated decryptor"
+                    )
+                if request.sum_sha256 != rs.ckks.sum_digest:
+                    raise RejectedError(
+                        "FAILED_PRECONDITION", "the requested sum is not this round's"
+                    )
+                chunks = rs.ckks.sum_chunks
+            with self._limiter.admit(entry.name):
+                for chunk in chunks:
+                    self._count(entry.site_id, 0, len(chunk))
+                    yield chunk
+        except RejectedError as r:
+            self._reject(context, "DownloadCiphertextSum", who, r)
+
+    def _upload_mean(
+        self, entry: RosterEntry, stream: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Message:
+        size = rounds.model_size(self._model)
+
+        def check(header: pb.PayloadHeader) -> None:
+            if header.kind != pb.CKKS_MEAN:
+                raise RejectedError(
+                    "INVALID_ARGUMENT", "UploadDecryptedMean carries CKKS_MEAN payloads"
+                )
+            with self._cond:
+                rs = self._ckks_stage(entry, "ckks_decrypt", header.round_id, "DecryptedMean")
+                assert rs.ckks is not None
+                if rs.ckks.decryptor != entry.site_id or rs.ckks.mean is not None:
+                    raise RejectedError(
+                        "FAILED_PRECONDITION", "this site is not the designated decryptor"
+                    )
+            if header.length != size or header.total_bytes != 8 * size:
+                raise RejectedError(
+                    "INVALID_ARGUMENT",
+                    f"the mean must be {size} float64 values ({8 * size} bytes), got "
+                    f"{header.length} in {header.total_bytes} bytes",
+                )
+
+        header, data, nbytes = self._receive(stream, check)
+        try:
+            mean = ckks_wire.mean_from_bytes(data, size)
+        except RemoteProtocolError as exc:
+            raise RejectedError("INVALID_ARGUMENT", str(exc)) from exc
+        with self._cond:
+            rs = self._ckks_stage(entry, "ckks_decrypt", header.round_id, "DecryptedMean")
+            assert rs.ckks is not None
+            if rs.ckks.decryptor != entry.site_id or rs.ckks.mean is not None:
+                raise RejectedError(
+                    "FAILED_PRECONDITION", "this site is not the designated decryptor"
+                )
+            rs.ckks.mean = mean
+            self._cond.notify_all()
+        self._count(entry.site_id, nbytes, 0)
+        return pb.Ack(round_id=header.round_id, phase="ckks_decrypt")
 
     def _receive(
         self, stream: Iterable[bytes], check: Callable[[pb.PayloadHeader], None]

@@ -13,6 +13,10 @@ Guarantees:
   same (recorded in ``state_dir/unmasked.json`` before answering, so it holds across restarts): a
   server that re-ran a round after a crash cannot obtain two sums over different survivor sets of
   the same inputs, which would reveal the difference.
+* CKKS: the site checks that the server's round uses the federation's fingerprint, encrypts its
+  update scaled by its normalised weight under the secret context, and uploads the ciphertexts
+  only. As the designated decryptor it decrypts only a sum of at least two sites, and at most one
+  contributor set per round number (``state_dir/decrypted.json``, the same guard as unmasking).
 * A protocol violation by the server ends this site's part in the round (the client erases its
   secrets); the site keeps polling and joins the next round. When the server is unreachable the
   site reconnects with back-off until ``reconnect_timeout_s`` passes.
@@ -32,16 +36,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
 from secure_fl import __version__
 from secure_fl.crypto import SigningKey
 from secure_fl.errors import (
     ConfigError,
+    CryptoError,
     InvalidUpdateError,
     ProtocolError,
     RemoteProtocolError,
 )
 from secure_fl.secagg import SecAggClient
+from secure_fl.transport import ckks as ckks_wire
 from secure_fl.transport import convert, logs, rounds, tensors
 from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport._generated.federation_pb2_grpc import FederationStub
@@ -94,6 +101,23 @@ class _RawCalls:
         self.upload_update: grpc.StreamUnaryMultiCallable[bytes, pb.Ack] = channel.stream_unary(
             path + "UploadUpdate", request_serializer=None, response_deserializer=pb.Ack.FromString
         )
+        self.upload_ciphertext: grpc.StreamUnaryMultiCallable[bytes, pb.Ack] = channel.stream_unary(
+            path + "UploadCiphertext",
+            request_serializer=None,
+            response_deserializer=pb.Ack.FromString,
+        )
+        self.download_sum: grpc.UnaryStreamMultiCallable[pb.CiphertextSumRequest, bytes] = (
+            channel.unary_stream(
+                path + "DownloadCiphertextSum",
+                request_serializer=pb.CiphertextSumRequest.SerializeToString,
+                response_deserializer=None,
+            )
+        )
+        self.upload_mean: grpc.StreamUnaryMultiCallable[bytes, pb.Ack] = channel.stream_unary(
+            path + "UploadDecryptedMean",
+            request_serializer=None,
+            response_deserializer=pb.Ack.FromString,
+        )
 
 
 def channel_options(config: SiteConfig) -> list[tuple[str, Any]]:
@@ -131,6 +155,8 @@ class SiteRunner:
         self._model_digest = b""
         self._round: _Round | None = None
         self._guard_path = config.state_dir / "unmasked.json"
+        self._decrypt_guard_path = config.state_dir / "decrypted.json"
+        self._ckks_secret: Any = None  # secure_fl.he.SecretContext, loaded on first use
         self._last_ok = time.monotonic()
         self._channel: grpc.Channel | None = None
         self._stub: FederationStub | None = None
@@ -262,6 +288,10 @@ class SiteRunner:
                 self._on_setup(rs, inst.secagg_setup)
             elif kind in ("key_roster", "share_delivery", "consistency_request", "unmask_request"):
                 self._on_secagg(rs, kind, inst)
+            elif kind == "ckks_setup":
+                self._on_ckks_setup(rs, inst.ckks_setup)
+            elif kind == "ckks_decrypt":
+                self._on_ckks_decrypt(rs, inst.ckks_decrypt)
             else:
                 self.log.warning("unsupported-instruction", instruction=kind)
                 rs.failed = True
@@ -269,7 +299,7 @@ class SiteRunner:
             rs.failed = True
             rs.client = None
             self.log.error("protocol-error", round=rs.round_id, instruction=kind, reason=str(exc))
-        except (InvalidUpdateError, ConfigError, RejectedError) as exc:
+        except (InvalidUpdateError, ConfigError, RejectedError, CryptoError) as exc:
             rs.failed = True
             rs.client = None
             self.log.error("round-error", round=rs.round_id, instruction=kind, reason=str(exc))
@@ -329,6 +359,8 @@ class SiteRunner:
             "round-start", round=rs.round_id, attempt=rs.attempt, aggregation=start.aggregation
         )
         self._crash_point("update", rs.round_id)
+        if start.aggregation == "ckks":
+            self._secret()  # no context, or the wrong one: do not report a weight at all
         model = self._ensure_model(start.model_sha256)
         t0 = time.perf_counter()
         try:
@@ -345,7 +377,7 @@ class SiteRunner:
             **{f"metric_{k}": v for k, v in result.metrics.items()},
         )
         stub = self._connect()
-        if start.aggregation in ("secagg", "secagg+"):
+        if start.aggregation in ("secagg", "secagg+", "ckks"):
             stub.ReportUpdateReady(
                 pb.UpdateReady(round_id=rs.round_id, weight=float(result.weight)),
                 timeout=_CALL_TIMEOUT_S,
@@ -455,25 +487,176 @@ class SiteRunner:
         self._ok()
         self.log.info("answered", round=rs.round_id, instruction=kind)
 
-    def _guard_unmask(self, round_id: int, survivors: frozenset[int]) -> None:
-        """Refuse a second unmasking of ``round_id`` with another survivor set (module doc)."""
+    def _guard_unmask(
+        self, round_id: int, survivors: frozenset[int], *, decrypt: bool = False
+    ) -> None:
+        """Refuse a second unmasking (or CKKS decryption) of ``round_id`` with another survivor
+        set (module doc)."""
+        path = self._decrypt_guard_path if decrypt else self._guard_path
+        what = "decrypt" if decrypt else "unmask"
         record: dict[str, Any] = {}
-        if self._guard_path.exists():
+        if path.exists():
             try:
-                record = json.loads(self._guard_path.read_text())
+                record = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"{self._guard_path} is unreadable: {exc}") from exc
+                raise ConfigError(f"{path} is unreadable: {exc}") from exc
         fed = record.setdefault(self.config.federation, {})
         previous = fed.get(str(round_id))
         if previous is not None and sorted(previous) != sorted(survivors):
             raise RemoteProtocolError(
-                f"the server asks to unmask round {round_id} again with another survivor set; "
+                f"the server asks to {what} round {round_id} again with another survivor set; "
                 "answering would reveal the difference of two sums"
             )
         fed[str(round_id)] = sorted(survivors)
-        tmp = self._guard_path.with_name(self._guard_path.name + ".tmp")
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(record))
-        os.replace(tmp, self._guard_path)
+        os.replace(tmp, path)
+
+    # -- CKKS ---------------------------------------------------------------------------------
+
+    def _secret(self) -> Any:
+        """The federation's secret context (loaded once; fingerprint checked). ConfigError."""
+        if self._ckks_secret is None:
+            self._ckks_secret = ckks_wire.load_secret(self.config.ckks)
+        return self._ckks_secret
+
+    def _check_ckks_round(self, context_sha256: bytes, vector_length: int, what: str) -> Any:
+        secret = self._secret()
+        if context_sha256 != ckks_wire.fingerprint_bytes(secret.fingerprint):
+            raise RemoteProtocolError(
+                f"{what}: the server's CKKS context {context_sha256.hex()[:16]}... is not the "
+                f"federation's {secret.fingerprint[:16]}..."
+            )
+        if self._model is None or vector_length != rounds.model_size(self._model):
+            raise RemoteProtocolError(f"{what}: the vector length is not the model's size")
+        return secret
+
+    def _on_ckks_setup(self, rs: _Round, setup: pb.CkksSetup) -> None:
+        from secure_fl.encoding import flatten
+        from secure_fl.he import Layout, SiteEncryptor
+
+        if rs.result is None or self._model is None:
+            raise RemoteProtocolError("CKKS setup before this site's update")
+        secret = self._check_ckks_round(setup.context_sha256, setup.vector_length, "CkksSetup")
+        preset = secret.preset
+        if setup.poly_modulus_degree != preset.poly_modulus_degree or setup.scale != preset.scale:
+            raise RemoteProtocolError("CkksSetup: the parameters are not the federation's")
+        if not 0 < setup.weight <= 1:
+            raise RemoteProtocolError(f"CkksSetup: weight {setup.weight!r} is not in (0, 1]")
+        if not 1 <= setup.chunk_ciphertexts <= 4096:
+            raise RemoteProtocolError("CkksSetup: chunk_ciphertexts out of range")
+        vector, _ = flatten(dict(rs.result.update))
+        rs.result = None  # the plain update is not kept past encryption
+        layout = Layout(int(vector.shape[0]), preset.slots, int(setup.chunk_ciphertexts))
+        encryptor = SiteEncryptor(secret, layout, expected_fingerprint=secret.fingerprint)
+        t0 = time.perf_counter()
+        payload = ckks_wire.pack_frames(
+            encryptor.stream(
+                vector, factor=float(setup.weight), round_id=rs.round_id, site=self.config.name
+            )
+        )
+        del vector
+        self.log.info(
+            "ckks-encrypted",
+            round=rs.round_id,
+            ciphertexts=layout.ciphertexts,
+            frames=layout.chunks,
+            bytes=len(payload),
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+        self._crash_point("ckks_upload", rs.round_id)
+        header = pb.PayloadHeader(
+            kind=pb.CKKS_CIPHERTEXT,
+            round_id=rs.round_id,
+            length=layout.chunks,
+            ckks=pb.CkksPayloadInfo(
+                context_sha256=setup.context_sha256,
+                ciphertexts=layout.ciphertexts,
+                weight=setup.weight,
+            ),
+        )
+        self._connect()
+        assert self._raw is not None
+        self._raw.upload_ciphertext(
+            iter_chunk_bytes(header, payload, self._max_chunk), timeout=_CALL_TIMEOUT_S * 10
+        )
+        self._ok()
+        self.log.info("answered", round=rs.round_id, instruction="ckks_setup")
+
+    def _on_ckks_decrypt(self, rs: _Round, request: pb.CkksDecrypt) -> None:
+        from secure_fl.he import Layout, SumDecryptor
+
+        secret = self._check_ckks_round(
+            request.context_sha256, request.vector_length, "CkksDecrypt"
+        )
+        contributors = list(request.contributors)
+        if len(set(contributors)) != len(contributors) or any(
+            c not in self._roster for c in contributors
+        ):
+            raise RemoteProtocolError("CkksDecrypt: contributors not distinct roster sites")
+        if len(contributors) < 2:
+            # A "sum" of one site is that site's update: never decrypt it for the server.
+            raise RemoteProtocolError(
+                "CkksDecrypt: refusing to decrypt a sum of fewer than 2 sites"
+            )
+        if not (0 < request.share <= 1 + 1e-9):
+            raise RemoteProtocolError(f"CkksDecrypt: share {request.share!r} is not in (0, 1]")
+        if not 1 <= request.chunk_ciphertexts <= 4096:
+            raise RemoteProtocolError("CkksDecrypt: chunk_ciphertexts out of range")
+        layout = Layout(
+            int(request.vector_length), secret.preset.slots, int(request.chunk_ciphertexts)
+        )
+        if request.chunks != layout.chunks:
+            raise RemoteProtocolError("CkksDecrypt: the number of frames does not match")
+        self._guard_unmask(rs.round_id, frozenset(contributors), decrypt=True)
+        self._crash_point("ckks_decrypt", rs.round_id)
+        lim = self.config.limits
+        fp = request.context_sha256
+
+        def check(header: pb.PayloadHeader) -> None:
+            if (
+                header.kind != pb.CKKS_SUM
+                or header.round_id != rs.round_id
+                or header.length != layout.chunks
+                or header.ckks.context_sha256 != fp
+                or header.total_bytes != request.sum_bytes
+            ):
+                raise RemoteProtocolError("the sum download is not the announced CKKS_SUM payload")
+
+        self._connect()
+        assert self._raw is not None
+        stream = self._raw.download_sum(
+            pb.CiphertextSumRequest(round_id=rs.round_id, sum_sha256=request.sum_sha256),
+            timeout=_CALL_TIMEOUT_S * 10,
+        )
+        receiver = PayloadReceiver(
+            max_chunk=lim.max_message_bytes, max_total=lim.max_payload_bytes, check_header=check
+        )
+        try:
+            for raw in stream:
+                receiver.feed_raw(raw)
+            _, data = receiver.result()
+        except RejectedError as exc:
+            raise RemoteProtocolError(f"sum download rejected: {exc}") from exc
+        if receiver.digest != request.sum_sha256:
+            raise RemoteProtocolError("the downloaded sum does not match its SHA-256")
+        frames = ckks_wire.unpack_frames(data, layout.chunks)
+        del data
+        decryptor = SumDecryptor(
+            secret, layout, round_id=rs.round_id, expected_fingerprint=secret.fingerprint
+        )
+        mean = np.empty(layout.size, dtype=np.float64)
+        for chunk, frame in enumerate(frames):
+            start, stop = layout.chunk_range(chunk)
+            mean[start:stop] = decryptor.decrypt(frame, chunk=chunk, contributors=len(contributors))
+        mean /= request.share
+        header = pb.PayloadHeader(kind=pb.CKKS_MEAN, round_id=rs.round_id, length=layout.size)
+        self._raw.upload_mean(
+            iter_chunk_bytes(header, ckks_wire.mean_to_bytes(mean), self._max_chunk),
+            timeout=_CALL_TIMEOUT_S * 10,
+        )
+        self._ok()
+        self.log.info("answered", round=rs.round_id, instruction="ckks_decrypt")
 
     def _on_outcome(self, inst: pb.Instruction) -> None:
         out = inst.outcome

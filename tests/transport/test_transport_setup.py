@@ -115,12 +115,15 @@ def test_site_config_crash_hook_needs_test_mode(tmp_path: Path) -> None:
         load_site_config(tmp_path / "missing.json")
 
 
-def test_ckks_aggregation_is_refused_until_available(tmp_path: Path) -> None:
+def test_ckks_aggregation_needs_the_public_context(tmp_path: Path) -> None:
+    # CKKS rounds are wired (tests/transport/test_transport_ckks.py); without the provisioned
+    # public context (the "ckks" section) the server refuses to start.
     from secure_fl.transport.server import FederationServer
 
     path = _server_json(tmp_path)
     config = json.loads(path.read_text())
     config["aggregation"]["protocol"] = "ckks"
+    config.pop("ckks", None)
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="ckks"):
         FederationServer(load_server_config(path))

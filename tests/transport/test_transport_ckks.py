@@ -1,0 +1,321 @@
+"""CKKS rounds over gRPC, as real processes on loopback: the sites encrypt their weighted updates,
+the server (public context only) adds them and a site decrypts the mean; the global model equals
+the in-process reference within the CKKS tolerance of ``protocols/ckks.md``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transport_helpers import REPO, Federation, wait_until
+
+from secure_fl.encoding import flatten
+from secure_fl.errors import ConfigError
+from secure_fl.transport import tensors
+from secure_fl.transport.config import load_server_config
+from secure_fl.transport.rounds import apply_mean, initial_model, weighted_mean
+
+pytest.importorskip("tenseal")
+
+from secure_fl.he import PublicContext, SecretContext, encrypted_mean
+from secure_fl.he import provision as he_provision
+
+# protocols/ckks.md: the relative error (max abs error / largest magnitude of the mean) stays
+# below 1e-6 for updates whose mean exceeds about 1e-4.
+REL_TOL = 1e-6
+
+
+def add_ckks(fed: Federation, *, foreign: Sequence[str] = ()) -> Path:
+    """Provision CKKS keys for ``fed``: the public context for the server, the secret one for each
+    site (sites in ``foreign`` get a secret context of another provisioning, with its own
+    fingerprint). Returns the directory of the federation's artefacts."""
+    made = he_provision(fed.root / "ckks-keys")
+    server_ctx = fed.server_config.parent / "ckks-public.ctx"
+    shutil.copyfile(made.public_path, server_ctx)
+    fed.patch_server(ckks={"context": str(server_ctx), "fingerprint": made.fingerprint})
+    other = he_provision(fed.root / "ckks-other") if foreign else None
+    for name in fed.names:
+        src, fp = made.secret_path, made.fingerprint
+        if name in foreign:
+            assert other is not None
+            src, fp = other.secret_path, other.fingerprint
+        target = fed.site_dir(name) / "ckks-secret.ctx"
+        shutil.copyfile(src, target)
+        target.chmod(0o600)
+        fed.patch_site(name, ckks={"context": str(target), "fingerprint": fp})
+    return fed.root / "ckks-keys"
+
+
+def ckks_federation(
+    make: Callable[..., Federation], names: list[str], **kwargs: object
+) -> Federation:
+    options: dict[str, object] = {
+        "protocol": "ckks",
+        "shapes": [[100, 90], [50]],  # 9050 values: 3 ciphertexts, 2 frames of at most 2
+        "aggregation": {"chunk_ciphertexts": 2},
+        "limits": {"max_message_bytes": 256 * 1024, "chunk_bytes": 64 * 1024},
+        **kwargs,
+    }
+    return make(names, **options)
+
+
+def reference(
+    fed: Federation, rounds: int, survivors: Sequence[Sequence[str]], keys: Path
+) -> tuple[tensors.Tensors, float]:
+    """The in-process reference model after ``rounds`` rounds (plain float64 weighted mean of the
+    survivors' updates) and the largest mean magnitude; checks that the in-process CKKS round
+    (:func:`encrypted_mean`) agrees with it within ``REL_TOL``."""
+    secret = SecretContext.load(keys / "ckks-secret.ctx")
+    public = PublicContext.load(keys / "ckks-public.ctx")
+    model = initial_model(load_server_config(fed.server_config).model)
+    tasks = fed.tasks()
+    peak = 0.0
+    for r in range(rounds):
+        results = {s: t.compute_update(model, r) for s, t in tasks.items()}
+        # Weights: every site that reported (all of them); the mean: the survivors.
+        included = [fed.ids[n] for n in survivors[r]]
+        mean = weighted_mean(
+            {s: results[s].update for s in included}, {s: results[s].weight for s in included}
+        )
+        vectors = {str(s): flatten(dict(res.update))[0] for s, res in results.items()}
+        ckks_mean, stats = encrypted_mean(
+            secret,
+            public,
+            vectors,
+            {str(s): res.weight for s, res in results.items()},
+            [str(s) for s in included],
+            round_id=r,
+        )
+        assert stats.max_rel_error < REL_TOL, stats
+        assert np.max(np.abs(ckks_mean - mean)) <= REL_TOL * np.max(np.abs(mean))
+        peak = max(peak, float(np.max(np.abs(mean))))
+        model = apply_mean(model, mean)
+    return model, peak
+
+
+def assert_close(got: tensors.Tensors, want: tensors.Tensors, peak: float, rounds: int) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        g, w = got[name].astype(np.float64), want[name].astype(np.float64)
+        # CKKS error per round, plus float32 rounding of the model (one ulp per round).
+        atol = rounds * (REL_TOL * peak + 2 * np.finfo(np.float32).eps * float(np.max(np.abs(w))))
+        err = float(np.max(np.abs(g - w)))
+        assert err <= atol, f"{name}: max error {err:.3g} above {atol:.3g}"
+
+
+def final_model(fed: Federation, name: str) -> tensors.Tensors:
+    return tensors.loads((fed.site_dir(name) / "final_model.tensors").read_bytes())
+
+
+def test_ckks_rounds_match_the_in_process_mean(federation: Callable[..., Federation]) -> None:
+    names = ["a", "b", "c"]
+    fed = ckks_federation(federation, names, rounds=2)
+    keys = add_ckks(fed)
+    fed.start_all()
+    codes = fed.wait_all(timeout=90)
+    assert codes == dict.fromkeys(["server", *names], 0), fed.all_logs()
+
+    expected, peak = reference(fed, 2, [names, names], keys)
+    assert peak > 1e-4  # the relative tolerance applies
+    for r in range(2):
+        record = fed.round_record(r)
+        assert record["completed"] and record["aggregation"] == "ckks", record
+        assert record["survivors"] == [1, 2, 3] and record["dropped"] == []
+        assert record["ckks_decryptor"] == 1  # the first survivor in roster order
+        assert record["ckks_share"] == pytest.approx(1.0)
+        # Three uploads of 3 ciphertexts each, at about 7.6 bytes per value (ckks.md).
+        assert record["bytes_in"] > 3 * 3 * 8192 * 7
+    for name in names:
+        assert_close(final_model(fed, name), expected, peak, 2)
+    for key in ["server", *names]:
+        text = fed.log_text(key)
+        assert '"level":"error"' not in text, text
+    # The server never held the secret key.
+    assert not list(fed.server_config.parent.glob("*secret*"))
+
+
+def test_site_killed_before_its_upload_is_a_dropout(
+    federation: Callable[..., Federation],
+) -> None:
+    """Site a (the first in roster order, which would decrypt) reports its weight, then kills
+    itself before uploading its ciphertexts: the upload step closes at its deadline, the sum of b
+    and c is decrypted by b, and the mean is renormalised over b and c."""
+    names = ["a", "b", "c"]
+    fed = ckks_federation(federation, names, rounds=1, deadlines={"phase_s": 3.0})
+    keys = add_ckks(fed)
+    fed.patch_site("a", test_crash_before="ckks_upload", test_crash_round=0)
+    fed.start_all()
+    crashed = fed.procs["a"]
+    wait_until(lambda: crashed.poll() is not None, 60, "site a to kill itself")
+    assert crashed.returncode == -9, fed.log_text("a")
+    codes = fed.wait_all(timeout=60, sites=["b", "c"])
+    assert codes == dict.fromkeys(["server", "b", "c"], 0), fed.all_logs()
+
+    record = fed.round_record(0)
+    assert record["completed"], record
+    assert record["survivors"] == [2, 3] and record["dropped"] == [1]
+    assert record["ckks_decryptor"] == 2
+    weights = {s: t.weight for s, t in fed.tasks().items()}
+    assert record["ckks_share"] == pytest.approx((weights[2] + weights[3]) / sum(weights.values()))
+    expected, peak = reference(fed, 1, [["b", "c"]], keys)
+    assert_close(final_model(fed, "b"), expected, peak, 1)
+
+
+def test_site_with_another_ckks_key_is_left_out(federation: Callable[..., Federation]) -> None:
+    """Site c holds a secret context of another provisioning (its config names that context's
+    fingerprint): it refuses the server's round (another fingerprint) and uploads nothing; the
+    round completes with a and b."""
+    names = ["a", "b", "c"]
+    fed = ckks_federation(federation, names, rounds=1, deadlines={"phase_s": 3.0})
+    keys = add_ckks(fed, foreign=["c"])
+    fed.start_all()
+    codes = fed.wait_all(timeout=60)
+    assert codes == dict.fromkeys(["server", *names], 0), fed.all_logs()
+    record = fed.round_record(0)
+    assert record["completed"] and record["survivors"] == [1, 2] and record["dropped"] == [3]
+    assert "is not the federation's" in fed.log_text("c")
+    expected, peak = reference(fed, 1, [["a", "b"]], keys)
+    assert_close(final_model(fed, "a"), expected, peak, 1)
+
+
+def _server_with_ckks(fed: Federation, context: Path, fingerprint: str) -> None:
+    fed.patch_server(ckks={"context": str(context), "fingerprint": fingerprint})
+
+
+def test_server_refuses_a_secret_context_and_a_wrong_fingerprint(
+    federation: Callable[..., Federation],
+) -> None:
+    from secure_fl.transport.server import FederationServer
+
+    fed = ckks_federation(federation, ["a", "b"], rounds=1)
+    keys = add_ckks(fed)
+    fingerprint = json.loads(fed.server_config.read_text())["ckks"]["fingerprint"]
+
+    # The secret artefact, with the right fingerprint: refused, naming the danger.
+    _server_with_ckks(fed, keys / "ckks-secret.ctx", fingerprint)
+    with pytest.raises(ConfigError, match="SECRET"):
+        FederationServer(load_server_config(fed.server_config))
+    # The same through the command line: the process exits non-zero with the reason.
+    proc = subprocess.run(
+        [sys.executable, "-m", "secure_fl.transport.cli", "server", str(fed.server_config)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert b"SECRET" in proc.stdout + proc.stderr
+    assert not (fed.state_dir / "endpoint.json").exists()
+
+    # The public artefact with another fingerprint: refused.
+    _server_with_ckks(fed, keys / "ckks-public.ctx", "ab" * 32)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        FederationServer(load_server_config(fed.server_config))
+    # No ckks section at all.
+    config = json.loads(fed.server_config.read_text())
+    config.pop("ckks")
+    fed.server_config.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="'ckks' section"):
+        FederationServer(load_server_config(fed.server_config))
+    # The right one: accepted.
+    _server_with_ckks(fed, keys / "ckks-public.ctx", fingerprint)
+    FederationServer(load_server_config(fed.server_config))
+
+
+def test_server_checks_uploads_and_falls_back_to_the_next_decryptor(
+    federation: Callable[..., Federation],
+) -> None:
+    """Site a is driven by hand: uploads under another fingerprint, scaled by another weight, or
+    of garbage frames are refused (INVALID_ARGUMENT) and change nothing; its honest upload is then
+    accepted. It ignores the decryption request, so b decrypts after the deadline."""
+    import grpc
+    from transport_helpers import site_channel
+
+    from secure_fl.he import Layout, SiteEncryptor
+    from secure_fl.transport import ckks as ckks_wire
+    from secure_fl.transport._generated import federation_pb2 as pb
+    from secure_fl.transport._generated.federation_pb2_grpc import FederationStub
+    from secure_fl.transport.chunks import iter_chunks
+    from secure_fl.transport.config import FEDERATION_PROTOCOL
+
+    fed = ckks_federation(federation, ["a", "b"], rounds=1, deadlines={"phase_s": 3.0})
+    keys = add_ckks(fed)
+    fed.start_server()
+    fed.start_site("b")
+    with site_channel(fed, "a") as channel:
+        stub = FederationStub(channel)
+        session = stub.Join(
+            pb.JoinRequest(protocol_version=FEDERATION_PROTOCOL), timeout=10
+        ).session
+
+        def poll(index: int, kind: str) -> pb.Instruction:
+            for _ in range(100):
+                inst = stub.Poll(
+                    pb.PollRequest(session=session, attempt=1, next_index=index, wait_ms=1000),
+                    timeout=10,
+                )
+                if inst.WhichOneof("kind") == kind:
+                    return inst
+            raise AssertionError(f"no {kind} instruction")
+
+        poll(0, "round_start")
+        stub.ReportUpdateReady(pb.UpdateReady(round_id=0, weight=10.0), timeout=10)
+        setup = poll(1, "ckks_setup").ckks_setup
+        secret = SecretContext.load(keys / "ckks-secret.ctx")
+        layout = Layout(int(setup.vector_length), secret.preset.slots, setup.chunk_ciphertexts)
+        vector = np.full(layout.size, 0.25)
+        frames = list(SiteEncryptor(secret, layout).stream(vector, factor=setup.weight, round_id=0))
+
+        def upload(data: bytes, **info: object) -> None:
+            fields: dict[str, object] = {
+                "context_sha256": setup.context_sha256,
+                "ciphertexts": layout.ciphertexts,
+                "weight": setup.weight,
+                **info,
+            }
+            header = pb.PayloadHeader(
+                kind=pb.CKKS_CIPHERTEXT,
+                round_id=0,
+                length=layout.chunks,
+                ckks=pb.CkksPayloadInfo(**fields),  # type: ignore[arg-type]
+            )
+            stub.UploadCiphertext(iter_chunks(header, data, 60 * 1024), timeout=30)
+
+        good = ckks_wire.pack_frames(frames)
+        for data, info in [
+            (good, {"context_sha256": b"\x01" * 32}),
+            (good, {"weight": setup.weight / 2}),
+            (ckks_wire.pack_frames(f[:-1] + b"\x00" for f in frames), {}),
+            (ckks_wire.pack_frames(reversed(frames)), {}),
+        ]:
+            with pytest.raises(grpc.RpcError) as refused:
+                upload(data, **info)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        upload(good)
+        with pytest.raises(grpc.RpcError) as again:
+            upload(good)
+        assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert poll(2, "ckks_decrypt").ckks_decrypt.contributors == [1, 2]
+        # a never answers: b decrypts once a's turn has passed.
+        codes = {"server": fed.wait("server", 60), "b": fed.wait("b", 30)}
+    assert codes == {"server": 0, "b": 0}, fed.all_logs()
+    record = fed.round_record(0)
+    assert record["completed"] and record["survivors"] == [1, 2], record
+    assert record["ckks_decryptor"] == 2
+    assert record["rejected_calls"] >= 5
+    # The mean: a's constant 0.25 and b's update, weighted 10 : b's weight.
+    model = initial_model(load_server_config(fed.server_config).model)
+    b = fed.tasks()[2].compute_update(model, 0)
+    want = weighted_mean(
+        {1: {k: np.full(v.shape, 0.25, v.dtype) for k, v in model.items()}, 2: b.update},
+        {1: 10.0, 2: b.weight},
+    )
+    expected = apply_mean(model, want)
+    got = tensors.loads((fed.site_dir("b") / "final_model.tensors").read_bytes())
+    assert_close(got, expected, float(np.max(np.abs(want))), 1)
