@@ -41,7 +41,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--rounds", type=int, default=3, help="rounds to run (default: %(default)s)")
     p.add_argument(
         "--protocol",
-        choices=["secagg", "secagg+", "plain"],
+        choices=["secagg", "secagg+", "plain", "ckks"],
         default="secagg+",
         help="aggregation (default: %(default)s)",
     )
