@@ -67,3 +67,11 @@ def test_unparsable_and_missing_files(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="must end in"):
         load_config(_write(tmp_path, "c.ini", "x"))
+
+
+def test_shipped_configs_load() -> None:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    demo = load_config(configs / "demo.toml")
+    assert demo.aggregation.name == "secagg+" and demo.rounds == 12
+    compare = load_config(configs / "compare_quick.yaml")
+    assert "centralized" in compare.strategies
