@@ -111,7 +111,7 @@ def train_dp_sgd(
     else:
         optim = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     # The loader only tells Opacus the expected batch size; batches are drawn below.
-    placeholder: Any = torch.utils.data.DataLoader(
+    size_hint: Any = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.arange(n)), batch_size=expected
     )
     with warnings.catch_warnings():
@@ -121,7 +121,7 @@ def train_dp_sgd(
         module, dp_optim, _ = engine.make_private(
             module=network,
             optimizer=optim,
-            data_loader=placeholder,
+            data_loader=size_hint,
             noise_multiplier=settings.noise_multiplier,
             max_grad_norm=settings.clip,
             poisson_sampling=False,
