@@ -118,6 +118,23 @@ def prepare(
     return PreparedRound(tuple(names), vectors, spec, resolved, gone)
 
 
+def check_l2_clip(value: object) -> float | None:
+    """Validate an aggregator's optional ``l2_clip`` option (finite and > 0, or None).
+
+    Errors: ConfigError naming the option.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"l2_clip must be a positive number or None, got {value!r}")
+    return float(value)
+
+
 class Aggregator(ABC):
     """Computes the weighted mean of the surviving sites' float updates.
 

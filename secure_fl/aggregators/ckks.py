@@ -13,13 +13,18 @@ weakness. See ``protocols/ckks.md``.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
-from secure_fl.aggregators.base import AggregationResult, Aggregator, Updates, prepare
+from secure_fl.aggregators.base import (
+    AggregationResult,
+    Aggregator,
+    Updates,
+    check_l2_clip,
+    prepare,
+)
 from secure_fl.encoding import l2_clip, unflatten
 from secure_fl.errors import ConfigError
 from secure_fl.he.aggregate import encrypted_mean
@@ -76,13 +81,6 @@ class CKKSAggregator(Aggregator):
         measure_error: bool = True,
         workers: int = 1,
     ) -> None:
-        if l2_clip is not None and not (
-            isinstance(l2_clip, int | float)
-            and not isinstance(l2_clip, bool)
-            and math.isfinite(l2_clip)
-            and l2_clip > 0
-        ):
-            raise ConfigError(f"l2_clip must be a positive number or None, got {l2_clip!r}")
         if (
             isinstance(chunk_ciphertexts, bool)
             or not isinstance(chunk_ciphertexts, int)
@@ -138,7 +136,7 @@ class CKKSAggregator(Aggregator):
         self.preset = site_ctx.preset
         self.fingerprint = site_ctx.fingerprint
         self.chunk_ciphertexts = chunk_ciphertexts
-        self.l2_clip = l2_clip
+        self.l2_clip = check_l2_clip(l2_clip)
         self.measure_error = measure_error
         self.workers = workers
         self._pool: EncryptionPool | None = None

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from secure_fl.aggregators.base import AggregationResult, Aggregator, Updates, prepare
+from secure_fl.aggregators.base import (
+    AggregationResult,
+    Aggregator,
+    Updates,
+    check_l2_clip,
+    prepare,
+)
 from secure_fl.crypto import DeterministicRandom
 from secure_fl.encoding import l2_clip, plan_bit_width, unflatten
 from secure_fl.errors import ConfigError
@@ -59,14 +65,12 @@ class MaskedAggregator(Aggregator):
     ) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ConfigError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
-        if l2_clip is not None and not (isinstance(l2_clip, int | float) and l2_clip > 0):
-            raise ConfigError(f"l2_clip must be a positive number or None, got {l2_clip!r}")
         self.name = protocol
         self.protocol = protocol
         self.clip_range = clip_range
         self.precision = precision
         self.bits = bits
-        self.l2_clip = l2_clip
+        self.l2_clip = check_l2_clip(l2_clip)
         self.threshold = threshold
         self.k = k
         self.dropout_rate = dropout_rate

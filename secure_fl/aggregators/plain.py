@@ -7,9 +7,14 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from secure_fl.aggregators.base import AggregationResult, Aggregator, Updates, prepare
+from secure_fl.aggregators.base import (
+    AggregationResult,
+    Aggregator,
+    Updates,
+    check_l2_clip,
+    prepare,
+)
 from secure_fl.encoding import l2_clip, unflatten
-from secure_fl.errors import ConfigError
 
 
 class PlainAggregator(Aggregator):
@@ -22,9 +27,7 @@ class PlainAggregator(Aggregator):
     name = "plain"
 
     def __init__(self, *, l2_clip: float | None = None) -> None:
-        if l2_clip is not None and not (isinstance(l2_clip, int | float) and l2_clip > 0):
-            raise ConfigError(f"l2_clip must be a positive number or None, got {l2_clip!r}")
-        self.l2_clip = l2_clip
+        self.l2_clip = check_l2_clip(l2_clip)
 
     def aggregate(
         self,

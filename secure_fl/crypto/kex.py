@@ -8,10 +8,10 @@ share-encryption channel); :func:`agree_key` turns a Diffie-Hellman shared secre
 from __future__ import annotations
 
 import hmac
-from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from secure_fl.crypto.hygiene import NoPickle
 from secure_fl.crypto.kdf import hkdf_sha256
 from secure_fl.crypto.random import RandomBytes
 from secure_fl.errors import ConfigError, InvalidKeyError
@@ -36,7 +36,7 @@ def _key_bytes(name: str, value: object) -> bytes:
     return data
 
 
-class X25519KeyPair:
+class X25519KeyPair(NoPickle):
     """An X25519 private key together with its public key.
 
     Secrets hygiene: the private key never appears in ``repr``/``str`` (only a short prefix of
@@ -46,6 +46,7 @@ class X25519KeyPair:
     """
 
     __slots__ = ("_private", "_public")
+    _no_pickle_message = _NO_PICKLE
 
     _private: X25519PrivateKey
     _public: bytes
@@ -126,21 +127,6 @@ class X25519KeyPair:
         return f"X25519KeyPair(public={self._public[:4].hex()}...)"
 
     __str__ = __repr__
-
-    def __reduce_ex__(self, protocol: Any) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
-
-    def __getstate__(self) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
-
-    def __copy__(self) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
-
-    def __deepcopy__(self, memo: Any) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
 
 
 def agree_key(own: X25519KeyPair, peer_public: bytes, *, context: bytes) -> bytes:

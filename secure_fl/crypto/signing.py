@@ -6,11 +6,10 @@ returns a boolean, so a forgotten check cannot silently accept a forged message.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
-
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from secure_fl.crypto.hygiene import NoPickle
 from secure_fl.crypto.random import RandomBytes
 from secure_fl.errors import ConfigError, InvalidKeyError, SignatureError
 
@@ -24,7 +23,7 @@ ED25519_SIGNATURE_SIZE = 64
 _NO_PICKLE = "SigningKey holds a private key and cannot be pickled or copied"
 
 
-class SigningKey:
+class SigningKey(NoPickle):
     """An Ed25519 private signing key.
 
     Secrets hygiene: ``repr``/``str`` show only a short prefix of the public key; pickling and
@@ -32,6 +31,7 @@ class SigningKey:
     """
 
     __slots__ = ("_private", "_public")
+    _no_pickle_message = _NO_PICKLE
 
     _private: Ed25519PrivateKey
     _public: bytes
@@ -96,21 +96,6 @@ class SigningKey:
         return f"SigningKey(public={self._public[:4].hex()}...)"
 
     __str__ = __repr__
-
-    def __reduce_ex__(self, protocol: Any) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
-
-    def __getstate__(self) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
-
-    def __copy__(self) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
-
-    def __deepcopy__(self, memo: Any) -> NoReturn:
-        raise TypeError(_NO_PICKLE)
 
 
 def verify(public_key: bytes, signature: bytes, message: bytes) -> None:

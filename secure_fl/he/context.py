@@ -37,8 +37,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
+from secure_fl.crypto.hygiene import NoPickle
 from secure_fl.errors import ConfigError, CryptoError
 from secure_fl.he.params import CKKSPreset, get_preset
 
@@ -236,7 +237,7 @@ def _read(path: PathLike) -> bytes:
         raise ConfigError(f"cannot read CKKS context artefact {os.fspath(path)!r}: {exc}") from exc
 
 
-class SecretContext:
+class SecretContext(NoPickle):
     """A site's CKKS context: the preset's parameters and the federation's secret key.
 
     Build one with :meth:`generate` (simulation, or the provisioner), :meth:`load` or
@@ -245,6 +246,11 @@ class SecretContext:
     Errors: ConfigError for invalid presets, artefacts or fingerprint mismatches; CryptoError if
     TenSEAL fails to generate keys.
     """
+
+    _no_pickle_message = (
+        "SecretContext holds the CKKS secret key and cannot be pickled or copied; "
+        "use save() (mode 0600) or to_bytes() deliberately"
+    )
 
     __slots__ = ("_ctx", "_fingerprint", "_key_id", "_preset")
 
@@ -365,27 +371,6 @@ class SecretContext:
 
     def __repr__(self) -> str:
         return f"SecretContext(preset={self._preset.name!r}, fingerprint={self._fingerprint[:16]})"
-
-    def _refuse_pickle(self) -> NoReturn:
-        raise TypeError(
-            "SecretContext holds the CKKS secret key and cannot be pickled or copied; "
-            "use save() (mode 0600) or to_bytes() deliberately"
-        )
-
-    def __reduce__(self) -> NoReturn:
-        self._refuse_pickle()
-
-    def __reduce_ex__(self, protocol: Any) -> NoReturn:
-        self._refuse_pickle()
-
-    def __getstate__(self) -> NoReturn:
-        self._refuse_pickle()
-
-    def __copy__(self) -> NoReturn:
-        self._refuse_pickle()
-
-    def __deepcopy__(self, memo: Any) -> NoReturn:
-        self._refuse_pickle()
 
 
 class PublicContext:

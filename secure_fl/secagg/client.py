@@ -31,6 +31,7 @@ from secure_fl.crypto import (
     split,
     verify,
 )
+from secure_fl.crypto.hygiene import NoPickle
 from secure_fl.errors import (
     DecryptionError,
     InconsistentSharesError,
@@ -102,7 +103,7 @@ def share_ad(config: SecAggConfig, sender: int, receiver: int) -> ShareAD:
     )
 
 
-class SecAggClient:
+class SecAggClient(NoPickle):
     """One site in one round.
 
     ``input_vector`` is the site's encoded input (unsigned integers of ``config.bits`` bits, length
@@ -113,6 +114,8 @@ class SecAggClient:
     Errors: every handler raises a :class:`ProtocolError` subclass on a violation and leaves the
     client in :attr:`ClientPhase.ERROR`, where it refuses everything.
     """
+
+    _no_pickle_message = "SecAggClient holds secret keys and cannot be pickled or copied"
 
     def __init__(
         self,
@@ -149,9 +152,6 @@ class SecAggClient:
 
     def __repr__(self) -> str:
         return f"SecAggClient(site_id={self.site_id}, phase={self.phase.value})"
-
-    def __reduce__(self) -> Any:
-        raise TypeError("SecAggClient holds secret keys and cannot be pickled")
 
     # -- public API ---------------------------------------------------------------------------
 
