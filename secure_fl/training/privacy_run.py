@@ -15,6 +15,7 @@ under-counts; a round re-run after a crash is counted again (over-counting, neve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from secure_fl.privacy import (
     check_budget,
 )
 from secure_fl.training.config import ExperimentConfig
-from secure_fl.training.dp_fedavg import DPFedAvg, SiteDP
+from secure_fl.training.dp_fedavg import DPFedAvg
 from secure_fl.training.dp_sgd import SampleDP, sample_rate, steps_per_epoch
 from secure_fl.training.strategies import Federation, Strategy
 
@@ -92,6 +93,7 @@ class PrivacyRound:
     sample_noise: dict[str, float] = field(default_factory=dict)
     site_noise: float = 0.0
     calibrated_site_noise: float = 0.0
+    planned_site_noise: float = 0.0
     ledger: PrivacyLedger | None = None
     _intents: list[tuple[int, LedgerEntry]] = field(default_factory=list)
 
@@ -135,39 +137,38 @@ class PrivacyRound:
             target = self._calibrate(p.site_sample_rate, cfg.rounds)
             assert isinstance(self.strategy, DPFedAvg)
             self.calibrated_site_noise = target  # the Gaussian(-equivalent) multiplier needed
+            self.planned_site_noise = target
             if p.trust == "distributed":
                 target = self._distributed_nominal(target)
+                # Planned at the threshold: the fewest survivors the round accepts, the least noise.
+                self.planned_site_noise = self._effective_at_threshold(target)
             self.site_noise = target
-            self.strategy.dp = SiteDP(
-                noise_multiplier=target,
-                clip=p.clip,
-                sample_rate=p.site_sample_rate,
-                trust=p.trust,
-                mechanism=p.mechanism,
-                bits=p.bits,
-                seed=cfg.seed,
-            )
+            self.strategy.dp = dataclasses.replace(self.strategy.dp, noise_multiplier=target)
 
-    def _distributed_nominal(self, target: float) -> float:
-        """The nominal multiplier whose Gaussian-equivalent value at the threshold meets ``target``."""
+    def _effective_at_threshold(self, nominal: float) -> float:
+        """The Gaussian-equivalent multiplier of distributed noise of nominal multiplier
+        ``nominal`` when exactly the protocol's threshold of sites survive."""
         from secure_fl.privacy.distributed import DistributedDPConfig, effective_noise_multiplier
 
         assert isinstance(self.strategy, DPFedAvg)
         n = len(self.fed.names)
         t = self.strategy.threshold(n)
-        dim = sum(int(v.size) for v in self.fed.initial.values())
+        cfg = DistributedDPConfig(
+            mechanism=self.privacy.mechanism,
+            clip=self.privacy.clip,
+            noise_multiplier=nominal,
+            threshold=t,
+            num_sites=n,
+            bits=self.privacy.bits,
+            dimension=sum(int(v.size) for v in self.fed.initial.values()),
+        )
+        return effective_noise_multiplier(cfg, t)
+
+    def _distributed_nominal(self, target: float) -> float:
+        """The nominal multiplier whose Gaussian-equivalent value at the threshold meets ``target``."""
         nominal = target
         for _ in range(30):
-            cfg = DistributedDPConfig(
-                mechanism=self.privacy.mechanism,
-                clip=self.privacy.clip,
-                noise_multiplier=nominal,
-                threshold=t,
-                num_sites=n,
-                bits=self.privacy.bits,
-                dimension=dim,
-            )
-            eff = effective_noise_multiplier(cfg, t)
+            eff = self._effective_at_threshold(nominal)
             if eff >= target:
                 return nominal
             nominal *= (target / eff) * (1 + 1e-6)
@@ -215,11 +216,9 @@ class PrivacyRound:
             assert isinstance(self.strategy, DPFedAvg)
             n = len(self.fed.names)
             params = self._params()
-            noise = self.site_noise
             if p.trust == "distributed":
                 params["threshold"] = self.strategy.threshold(n)
                 params["nominal_noise_multiplier"] = self.site_noise
-                noise = self._planned_effective(params["threshold"])
             for site in self.fed.names:
                 entries.append(
                     LedgerEntry(
@@ -227,7 +226,7 @@ class PrivacyRound:
                         round=round_id,
                         level="site",
                         mechanism=p.mechanism,
-                        noise_multiplier=noise,
+                        noise_multiplier=self.planned_site_noise,
                         clip=p.clip,
                         sample_rate=p.site_sample_rate,
                         steps=1,
@@ -238,22 +237,6 @@ class PrivacyRound:
                     )
                 )
         return entries
-
-    def _planned_effective(self, threshold: int) -> float:
-        from secure_fl.privacy.distributed import DistributedDPConfig, effective_noise_multiplier
-
-        dim = sum(int(v.size) for v in self.fed.initial.values())
-        cfg = DistributedDPConfig(
-            mechanism=self.privacy.mechanism,
-            clip=self.privacy.clip,
-            noise_multiplier=self.site_noise,
-            threshold=threshold,
-            num_sites=len(self.fed.names),
-            bits=self.privacy.bits,
-            dimension=dim,
-        )
-        # Planned at the threshold: the fewest survivors the round accepts, the least noise.
-        return effective_noise_multiplier(cfg, threshold)
 
     def _params(self) -> dict[str, Any]:
         p = self.privacy

@@ -134,3 +134,23 @@ def test_centralised_dp_sgd_charges_every_sites_patients(
     eps = _rows(tmp_path / "run")[0]["privacy"]["epsilon"]
     assert len(set(round(v, 9) for v in eps.values())) == 1  # one pooled mechanism, same for all
     assert audit_run(tmp_path / "run").findings == []
+
+
+def test_distributed_skellam_meets_a_target_epsilon(tiny_datalist: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        tiny_datalist,
+        aggregation=AggregationConfig(name="secagg", options={"dropout_rate": 0.3}),
+        privacy=PrivacyConfig(
+            level="site",
+            trust="distributed",
+            mechanism="skellam",
+            target_epsilon=10.0,
+            clip=0.5,
+            delta=1e-3,
+        ),
+    )
+    run_experiment(config, tmp_path / "run", log=lambda _: None)
+    final = _rows(tmp_path / "run")[-1]["privacy"]
+    assert 9.0 < final["max_epsilon"] <= 10.0 + 1e-6
+    # the ledger holds the calibrated Gaussian-equivalent multiplier, not the larger nominal one
+    assert audit_run(tmp_path / "run").findings == []
