@@ -195,7 +195,6 @@ class DPFedAvg(Strategy):
         from secure_fl.privacy.distributed import (
             DistributedDPConfig,
             decode_sum,
-            effective_noise_multiplier,
             encode_site,
         )
         from secure_fl.secagg import Phase, make_config, run_round
@@ -233,14 +232,6 @@ class DPFedAvg(Strategy):
         decoded = decode_sum(
             result.total, cfg, rotation_seed=rotation_seed, survivors=len(result.survivors)
         )
-        self.effective_noise = effective_noise_multiplier(cfg, len(result.survivors))
-        self.noise_params = {
-            "threshold": threshold,
-            "gamma": cfg.plan.gamma,
-            "sigma_site": cfg.plan.sigma_site,
-            "bits": cfg.bits,
-            "nominal_noise_multiplier": self.dp.noise_multiplier,
-        }
         report = {
             "aggregator": f"{config.protocol}+{self.dp.mechanism}",
             "included": [n for n in names if ids[n] in result.survivors],
