@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_fl.errors import ConfigError
+from secure_fl.jsonl import read_jsonl
 from secure_fl.privacy.accounting import (
     ACCOUNTANTS,
     PRV_EPS_ERROR,
@@ -258,22 +259,6 @@ class _EpsilonCache:
         return self._values[key]
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _num(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -326,7 +311,7 @@ def audit_run(
         findings.append(Finding("CONFIG_INVALID", ERROR, f"config.json privacy section: {exc}"))
     delta = pcfg.delta if pcfg else (_num((raw_privacy or {}).get("delta")) or 1e-5)
     dp_enabled = pcfg.enabled if pcfg else True
-    rows = _read_metrics(run / "metrics.jsonl")
+    rows = read_jsonl(run / "metrics.jsonl")
     privacy_dict = (
         pcfg.to_dict() if pcfg else (raw_privacy if isinstance(raw_privacy, dict) else None)
     )

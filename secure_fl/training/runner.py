@@ -31,6 +31,7 @@ import numpy as np
 
 from secure_fl.data import Case, generate_federation, load_datalist, split_by_site
 from secure_fl.errors import ConfigError
+from secure_fl.jsonl import read_jsonl
 from secure_fl.training.config import ExperimentConfig
 from secure_fl.training.dp_fedavg import DPFedAvg, SiteDP
 from secure_fl.training.model import build_unet, derive_seed, get_state
@@ -126,19 +127,6 @@ def _load_checkpoint(path: Path) -> tuple[int, StrategyState]:
     return int(data["round"]), state
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a crash: everything after it is dropped
-    return rows
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
@@ -190,7 +178,7 @@ def run_experiment(
     log(f"{len(fed.sites)} sites (train+held-out cases) {sizes}")
 
     metrics_path = run / "metrics.jsonl"
-    rows = _read_metrics(metrics_path)
+    rows = read_jsonl(metrics_path)
     final_dice: dict[str, dict[str, float]] = {}
     final_pooled: dict[str, float] = {}
     for strategy_name in config.strategies:
