@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from secure_fl.atomic import atomic_write
 from secure_fl.errors import ConfigError
 
 __all__ = [
@@ -244,18 +244,6 @@ def load_datalist(path: str | os.PathLike[str], *, section: str = "training") ->
     return cases
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_datalist(
     cases: Sequence[Case],
     path: str | os.PathLike[str],
@@ -311,7 +299,7 @@ def write_datalist(
             entry["brainmask"] = render(case.brainmask)
         entries.append(entry)
     document[section] = entries
-    _atomic_write_text(out, json.dumps(document, indent=2) + "\n")
+    atomic_write(out, json.dumps(document, indent=2) + "\n")
     return out
 
 

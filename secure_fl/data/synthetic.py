@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
+from secure_fl.atomic import atomic_write
 from secure_fl.data.datalist import Case, site_name, write_datalist
 from secure_fl.errors import ConfigError
 
@@ -316,18 +316,6 @@ def _nifti_bytes(array: npt.NDArray[Any]) -> bytes:
     return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -461,7 +449,7 @@ def generate_federation(
         "profiles": [asdict(p) for p in profiles],
     }
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(
+    atomic_write(
         manifest_path,
         (json.dumps({**base_manifest, "status": "incomplete"}, indent=2) + "\n").encode(),
     )
@@ -483,7 +471,7 @@ def generate_federation(
             ):
                 relative = f"{profile.name}/{case_id}/{key}.nii.gz"
                 payload = _nifti_bytes(array)
-                _atomic_write_bytes(root / relative, payload)
+                atomic_write(root / relative, payload)
                 files[relative] = hashlib.sha256(payload).hexdigest()
                 paths[key] = root / relative
             cases.append(
@@ -514,5 +502,5 @@ def generate_federation(
         "files": files,
         "content_hash": _content_hash(files),
     }
-    _atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     return datalist

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
+from secure_fl.atomic import atomic_write
 from secure_fl.crypto.hygiene import NoPickle
 from secure_fl.errors import ConfigError, CryptoError
 from secure_fl.he.params import CKKSPreset, get_preset
@@ -213,21 +214,10 @@ def _decode_artefact(data: bytes, kind: int) -> tuple[dict[str, Any], bytes]:
 
 
 def _write(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write atomically: a temporary file created with ``mode`` in the same folder, then rename."""
+    """Write atomically with ``mode`` (never wider, from creation on); refuse to overwrite."""
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; pass overwrite=True to replace it")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed it; never widened
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode=mode)
 
 
 def _read(path: PathLike) -> bytes:

@@ -53,6 +53,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from secure_fl.atomic import atomic_write
 from secure_fl.errors import ConfigError
 from secure_fl.errors import LedgerIntegrityError as LedgerIntegrityError
 from secure_fl.privacy.accounting import PrivacyEvent, _check_int, _check_real, epsilon_of_events
@@ -532,20 +533,7 @@ class PrivacyLedger:
             **head.to_dict(),
             "pending": pending.to_dict() if pending else None,
         }
-        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(canonical_json(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.head_path)
-        try:
-            dir_fd = os.open(self.head_path.parent, os.O_RDONLY)
-        except OSError:  # pragma: no cover - platforms without directory fds
-            return
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.head_path, canonical_json(data))
 
     def _read_head(self) -> tuple[LedgerHead, LedgerHead | None] | None:
         if not self.head_path.exists():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from secure_fl.atomic import atomic_write
 from secure_fl.data import Case, generate_federation, load_datalist, split_by_site
 from secure_fl.errors import ConfigError
 from secure_fl.jsonl import read_jsonl
@@ -90,15 +90,6 @@ def build_federation(config: ExperimentConfig, cases: list[Case], *, pooled: boo
     return Federation(sites=sites, pooled=pool, initial=initial)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(path: Path, strategy: str, round_id: int, state: StrategyState) -> None:
     import io
 
@@ -116,7 +107,7 @@ def _save_checkpoint(path: Path, strategy: str, round_id: int, state: StrategySt
         },
         buf,
     )
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _load_checkpoint(path: Path) -> tuple[int, StrategyState]:
@@ -168,7 +159,7 @@ def run_experiment(
     elif cfg_path.exists():
         for old in [*(run / "checkpoints").glob("*.pt"), run / "metrics.jsonl"]:
             old.unlink(missing_ok=True)
-    _atomic_write_bytes(cfg_path, json.dumps(resolved, indent=2).encode())
+    atomic_write(cfg_path, json.dumps(resolved, indent=2).encode())
 
     cases = resolve_cases(config, log)
     fed = build_federation(config, cases, pooled="centralized" in config.strategies)
@@ -318,4 +309,4 @@ def _save_models(path: Path, state: StrategyState) -> None:
         },
         buf,
     )
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())

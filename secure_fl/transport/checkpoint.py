@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from secure_fl.atomic import atomic_write
 from secure_fl.errors import ConfigError
 from secure_fl.transport.tensors import Tensors, dumps, loads
 
@@ -42,21 +42,6 @@ class Checkpoint:
     ledger: Mapping[str, Any] | None = None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def model_blob(model: Mapping[str, np.ndarray]) -> tuple[bytes, str]:
     """The serialised model and its SHA-256 (hex)."""
     blob = dumps(model)
@@ -71,7 +56,7 @@ def save(state_dir: Path, checkpoint: Checkpoint, blob: bytes | None = None) -> 
     if hashlib.sha256(data).hexdigest() != checkpoint.model_sha256:
         raise ConfigError("checkpoint model does not match its SHA-256")
     model_name = f"model-{checkpoint.completed_rounds:06d}.tensors"
-    _atomic_write(state_dir / model_name, data)
+    atomic_write(state_dir / model_name, data, mode=0o600)
     meta = {
         "federation": checkpoint.federation,
         "completed_rounds": checkpoint.completed_rounds,
@@ -80,7 +65,7 @@ def save(state_dir: Path, checkpoint: Checkpoint, blob: bytes | None = None) -> 
         "history": list(checkpoint.history),
         "ledger": checkpoint.ledger,
     }
-    _atomic_write(state_dir / CHECKPOINT, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(state_dir / CHECKPOINT, (json.dumps(meta, indent=1) + "\n").encode(), mode=0o600)
     for old in state_dir.glob("model-*.tensors"):
         if old.name != model_name:
             old.unlink(missing_ok=True)
@@ -92,7 +77,7 @@ def save_round_record(state_dir: Path, name: str, record: Mapping[str, Any]) -> 
     rounds = state_dir / "rounds"
     rounds.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(record, indent=1) + "\n").encode()
-    _atomic_write(rounds / f"{name}.json", data)
+    atomic_write(rounds / f"{name}.json", data, mode=0o600)
 
 
 def load(state_dir: Path, federation: str) -> Checkpoint | None:

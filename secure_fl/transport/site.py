@@ -39,6 +39,7 @@ import grpc
 import numpy as np
 
 from secure_fl import __version__
+from secure_fl.atomic import atomic_write
 from secure_fl.crypto import SigningKey
 from secure_fl.errors import (
     ConfigError,
@@ -508,9 +509,7 @@ class SiteRunner:
                 "answering would reveal the difference of two sums"
             )
         fed[str(round_id)] = sorted(survivors)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(record))
 
     # -- CKKS ---------------------------------------------------------------------------------
 
@@ -679,10 +678,7 @@ class SiteRunner:
             except (grpc.RpcError, RemoteProtocolError) as exc:
                 self.log.warning("final-model-unavailable", reason=str(exc))
             else:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(out.name + ".tmp")
-                tmp.write_bytes(tensors.dumps(model))
-                os.replace(tmp, out)
+                atomic_write(out, tensors.dumps(model))
                 self.log.info("final-model-written", path=str(out))
         return EXIT_FINISHED
 
