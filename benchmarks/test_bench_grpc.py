@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 
+from secure_fl.crypto import SigningKey
 from secure_fl.transport.config import load_server_config
 from secure_fl.transport.provision import provision
 from secure_fl.transport.rounds import initial_model, vector_sha256
@@ -86,12 +87,17 @@ class _Federation:
     def __init__(self, root: Path, shapes: list[list[int]], rounds: int) -> None:
         names = [f"site{i:02d}" for i in range(1, SITES + 1)]
         done = provision(
-            root, names, rounds=rounds, protocol="secagg+", listen="127.0.0.1:0", ckks=False
+            root,
+            names,
+            rounds=rounds,
+            protocol="secagg+",
+            listen="127.0.0.1:0",
+            ckks=False,
+            model_shapes=shapes,  # the sites' policies pin the model's vector length
         )
         server = json.loads(done.server_config.read_text())
         server.update(
             insecure_test_seed=SEED,
-            model={"shapes": shapes},
             deadlines={"update_s": 600.0, "phase_s": 600.0, "linger_s": 5.0, "poll_wait_s": 5.0},
         )
         server["aggregation"].update(dropout_rate=0.1, corrupt_fraction=0.0)
@@ -168,6 +174,7 @@ def test_inprocess_round_baseline(benchmark: Any, size_name: str, workdir: Path)
     model = initial_model(config.model)
     tasks = {i: SyntheticTask(n, seed=SEED) for i, n in enumerate(fed.names, start=1)}
     compute_results(tasks, model, 0)  # warm-up: the sites' targets are drawn once, as over gRPC
+    keys = {i: SigningKey.generate() for i in tasks}  # active variant; keys do not enter the sum
     benchmark.group = f"SecAgg+ round, {SITES} sites, {size_name}"
     benchmark.name = "in-process simulation (baseline)"
     cpu: list[float] = []
@@ -176,7 +183,9 @@ def test_inprocess_round_baseline(benchmark: Any, size_name: str, workdir: Path)
     def one_round() -> Any:
         c0 = time.process_time()
         results = compute_results(tasks, model, 0)
-        sim = simulate_round(model, results, config.aggregation, 0, test_seed=SEED)
+        sim = simulate_round(
+            model, results, config.aggregation, 0, test_seed=SEED, signing_keys=keys
+        )
         cpu.append(time.process_time() - c0)
         protocol.append(sim.seconds)
         return sim
@@ -187,7 +196,7 @@ def test_inprocess_round_baseline(benchmark: Any, size_name: str, workdir: Path)
         inproc_MB=round(inproc / 1e6, 2),
         inproc_cpu_s=round(min(cpu), 2),
         protocol_s=round(min(protocol), 2),
-        k=min(len(v) for v in sim.config.graph.values()),
+        k=sim.config.degree,
         threshold=sim.config.threshold,
         sum_sha256=vector_sha256(sim.total)[:16],
     )
@@ -221,8 +230,14 @@ def test_grpc_round(benchmark: Any, size_name: str, workdir: Path) -> None:
         config = load_server_config(fed.config_path)
         model = initial_model(config.model)
         tasks = {i: SyntheticTask(n, seed=SEED) for i, n in enumerate(fed.names, start=1)}
+        keys = {i: SigningKey.generate() for i in tasks}
         sim = simulate_round(
-            model, compute_results(tasks, model, 0), config.aggregation, 0, test_seed=SEED
+            model,
+            compute_results(tasks, model, 0),
+            config.aggregation,
+            0,
+            test_seed=SEED,
+            signing_keys=keys,
         )
         assert fed.record(0)["sum_sha256"] == vector_sha256(sim.total)
 

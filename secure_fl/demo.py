@@ -74,7 +74,7 @@ def run_demo(
         if n != gone:
             expected += inputs[i + 1]
     exact = bool(np.array_equal(result.total, expected))
-    k = min(len(v) for v in config.graph.values())
+    k = config.degree
     echo(
         f"protocol: threshold {config.threshold} of {k + 1} share holders, k={k} neighbours, "
         f"{plan.bits}-bit ring, scale 2^{plan.frac_bits}"

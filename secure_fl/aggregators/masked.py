@@ -27,7 +27,7 @@ from secure_fl.aggregators.base import (
 from secure_fl.crypto import DeterministicRandom
 from secure_fl.encoding import l2_clip, plan_bit_width, unflatten
 from secure_fl.errors import ConfigError
-from secure_fl.secagg import Phase, make_config, run_round
+from secure_fl.secagg import Phase, SitePolicy, make_config, run_round
 
 
 class MaskedAggregator(Aggregator):
@@ -41,7 +41,9 @@ class MaskedAggregator(Aggregator):
     * ``l2_clip`` — optional L2 bound on each whole update; clipped updates are counted.
     * ``threshold``, ``k`` — protocol parameters; by default chosen from the number of sites,
       ``dropout_rate`` and ``corrupt_fraction`` (see :mod:`secure_fl.secagg.graph`).
-    * ``active`` — run the active-adversary variant (signed keys, consistency check).
+    * ``active`` — the active-adversary variant (signed keys, graph commitments, consistency
+      check), on by default; ``active=False`` runs the semi-honest variant, which protects only
+      against a server that follows the protocol. In process each site gets a fresh Ed25519 key.
     * ``seed`` — makes every random choice reproducible. For tests and simulation only: with a seed,
       the masks are predictable to whoever knows it.
 
@@ -60,11 +62,13 @@ class MaskedAggregator(Aggregator):
         k: int | None = None,
         dropout_rate: float = 0.1,
         corrupt_fraction: float = 0.0,
-        active: bool = False,
+        active: bool = True,
         seed: int | None = None,
     ) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ConfigError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
+        if not isinstance(active, bool):
+            raise ConfigError(f"active must be True or False, got {active!r}")
         self.name = protocol
         self.protocol = protocol
         self.clip_range = clip_range
@@ -128,7 +132,6 @@ class MaskedAggregator(Aggregator):
             corrupt_fraction=self.corrupt_fraction,
             active=self.active,
             verify_keys=verify_keys,
-            randbytes=randbytes,
         )
         self._round += 1
 
@@ -154,6 +157,7 @@ class MaskedAggregator(Aggregator):
             dropouts={ids[s]: Phase.MASKED_INPUT for s in prepared.dropped},
             signing_keys=signing_keys,
             randbytes=randbytes,
+            policy=SitePolicy(corrupt_fraction=self.corrupt_fraction, require_active=self.active),
         )
         names = {i: s for s, i in ids.items()}
         survivors = [names[i] for i in sorted(result.survivors)]
@@ -176,7 +180,9 @@ class MaskedAggregator(Aggregator):
             "server_seconds": result.server.seconds + decode_seconds,
             "seconds": time.perf_counter() - start,
             "threshold": config.threshold,
-            "k": min(len(v) for v in config.graph.values()),
+            "k": config.degree,
+            "active": config.active,
+            "excluded": sorted(names[i] for i in result.excluded),
             "bits": plan.bits,
             "frac_bits": plan.frac_bits,
             "clip_range": plan.clip_range,

@@ -7,7 +7,9 @@ from secure_fl.secagg.client import ClientPhase, SecAggClient
 from secure_fl.secagg.config import PROTOCOLS, SecAggConfig, make_config
 from secure_fl.secagg.graph import (
     MaskingParameters,
+    derive_graph,
     harary_graph,
+    minimum_threshold,
     secagg_parameters,
     secagg_plus_parameters,
 )
@@ -18,11 +20,14 @@ from secure_fl.secagg.messages import (
     KeyRoster,
     MaskedInput,
     Phase,
+    RevealNonce,
+    RevealSet,
     ShareDelivery,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
 )
+from secure_fl.secagg.policy import SitePolicy
 from secure_fl.secagg.server import SecAggServer, ServerPhase
 from secure_fl.secagg.simulation import PartyStats, RoundResult, run_round
 
@@ -37,6 +42,8 @@ __all__ = [
     "MaskingParameters",
     "PartyStats",
     "Phase",
+    "RevealNonce",
+    "RevealSet",
     "RoundResult",
     "SecAggClient",
     "SecAggConfig",
@@ -44,10 +51,13 @@ __all__ = [
     "ServerPhase",
     "ShareDelivery",
     "ShareKeys",
+    "SitePolicy",
     "UnmaskRequest",
     "UnmaskResponse",
+    "derive_graph",
     "harary_graph",
     "make_config",
+    "minimum_threshold",
     "run_round",
     "secagg_parameters",
     "secagg_plus_parameters",

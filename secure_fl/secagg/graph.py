@@ -13,13 +13,19 @@ the event the parameter choice below bounds.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from secure_fl.errors import ConfigError
 
 RandomBytes = Callable[[int], bytes]
+
+_log = logging.getLogger("secure_fl.secagg")
+_warned: set[str] = set()
 
 #: Statistical security parameter: failure events that would leak are bounded by 2**-SIGMA.
 DEFAULT_SIGMA = 40
@@ -90,6 +96,112 @@ def validate_graph(ids: tuple[int, ...], graph: Mapping[int, frozenset[int]]) ->
         for other in neighbours:
             if node not in graph[other]:
                 raise ConfigError(f"graph: edge {node}-{other} is not symmetric")
+
+
+class _SeedStream:
+    """Public, deterministic bytes from a 32-byte seed: SHA-256(label || seed || counter) blocks.
+
+    Used only to expand the *public* graph seed into a permutation that every party recomputes; it
+    protects nothing secret, so a hash-counter stream is enough (and needs no key handling)."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._seed = seed
+        self._counter = 0
+        self._buffer = b""
+
+    def __call__(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            block = hashlib.sha256(
+                b"secure_fl/secagg/graph-stream\x00" + self._seed + struct.pack(">Q", self._counter)
+            ).digest()
+            self._counter += 1
+            self._buffer += block
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+
+def derive_graph(
+    ids: list[int] | tuple[int, ...], k: int, seed: bytes
+) -> dict[int, frozenset[int]]:
+    """The masking graph every party recomputes from the public graph ``seed``.
+
+    ``k == len(ids) - 1`` gives the complete graph (no seed needed; ``seed`` is ignored). Otherwise
+    the ``k``-regular Harary graph whose ring positions are the Fisher-Yates permutation of the
+    sorted ids driven by the seed's expansion. Guarantee: the graph is a deterministic function of
+    ``(ids, k, seed)``, so a server that cannot choose the seed cannot choose the graph.
+
+    Errors: ConfigError when ``k`` is not ``len(ids) - 1`` or an even integer in ``[2, len(ids) - 2]``,
+    or the seed is not 32 bytes for a sparse graph.
+    """
+    ordered = sorted(ids)
+    if k == len(ordered) - 1:
+        return complete_graph(ordered)
+    if len(seed) != 32:
+        raise ConfigError(f"graph seed must be 32 bytes, got {len(seed)}")
+    return harary_graph(ordered, k, _SeedStream(seed))
+
+
+def minimum_threshold(
+    num_sites: int,
+    k: int,
+    corrupt_fraction: float,
+    *,
+    active: bool = True,
+    sigma: int = DEFAULT_SIGMA,
+) -> int:
+    """The smallest Shamir threshold a site may accept (its own policy, not the server's word).
+
+    Each site's secrets are shared among its ``k + 1`` holders (its ``k`` neighbours and itself), of
+    which ``c`` may be corrupt and collude with the server. Bonawitz et al. (2017, Thm. 6.3/A.2):
+
+    * active (malicious server): secure iff ``2t > (k + 1) + c`` — the server cannot collect ``t``
+      shares of both secrets of one honest site even when it equivocates;
+    * semi-honest server: secure iff ``t > c`` — the corrupt holders alone cannot reconstruct.
+
+    Complete graph (``k == num_sites - 1``): ``c = min(ceil(corrupt_fraction * n), n - 1)`` exactly.
+    Sparse graph (SecAgg+): ``c`` is a random variable ``Binomial(k, corrupt_fraction)`` over the
+    random graph; ``t`` is the smallest with ``n * P[c >= 2t - k - 1] <= 2**-sigma`` (active) or
+    ``n * P[c >= t] <= 2**-sigma`` (semi-honest), the security event of :func:`secagg_plus_parameters`.
+    The result is never below 2.
+
+    Errors: ConfigError on arguments out of range, naming them, or when even ``t = k + 1`` is not
+    secure (too many corrupt sites for this neighbourhood size).
+    """
+    if not isinstance(num_sites, int) or num_sites < 2:
+        raise ConfigError(f"num_sites must be an integer >= 2, got {num_sites!r}")
+    n = num_sites
+    if not isinstance(k, int) or not 1 <= k <= n - 1:
+        raise ConfigError(f"k must be an integer in [1, {n - 1}], got {k!r}")
+    if not 0.0 <= corrupt_fraction < 1.0:
+        raise ConfigError(f"corrupt_fraction must be in [0, 1), got {corrupt_fraction!r}")
+    if not isinstance(sigma, int) or sigma < 1:
+        raise ConfigError(f"sigma must be an integer >= 1, got {sigma!r}")
+    holders = k + 1
+    if k == n - 1:
+        corrupt = min(math.ceil(corrupt_fraction * n), n - 1)
+        t = (holders + corrupt) // 2 + 1 if active else corrupt + 1
+    else:
+        target = 2.0**-sigma
+        for t in range(1, holders + 1):
+            low = 2 * t - holders if active else t
+            if n * binom_sf(k, low, corrupt_fraction) <= target:
+                break
+        else:
+            t = holders + 1
+    t = max(t, 2)
+    if t > holders:
+        raise ConfigError(
+            f"no secure threshold: with k={k} neighbours ({holders} share holders) and "
+            f"corrupt_fraction={corrupt_fraction} the {'active' if active else 'semi-honest'} "
+            f"variant needs t > {holders}"
+        )
+    return t
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning(message)
 
 
 def _log_binom_pmf(n: int, k: int, p: float) -> float:
@@ -170,18 +282,40 @@ def secagg_parameters(
 ) -> MaskingParameters:
     """Threshold for classic SecAgg (complete graph).
 
-    The threshold is the smallest ``t`` with ``2t > n + c`` where ``c = ceil(corrupt_fraction * n)``:
-    the condition under which, in the active variant, a server colluding with ``c`` sites cannot
-    obtain both kinds of shares of one honest site (Bonawitz et al. 2017, section 6). It is at least a
-    strict majority. It must not exceed the number of sites expected to survive.
+    The threshold is the smallest ``t`` with ``2t > n + c`` where
+    ``c = min(ceil(corrupt_fraction * n), n - 1)``: the condition under which, in the active variant,
+    a server colluding with ``c`` sites cannot obtain both kinds of shares of one honest site
+    (Bonawitz et al. 2017, section 6); it equals :func:`minimum_threshold` for the complete graph.
+    It is at least a strict majority. It must not exceed the number of sites expected to survive.
+
+    Small federations: when fewer than one dropout is expected (``dropout_rate * n < 1``) but the
+    secure ``t`` exceeds the expected survivors, ``t = n`` is returned (secure; no dropout
+    tolerance: any dropout aborts the round) and a WARNING is logged once on the
+    ``secure_fl.secagg`` logger. With two sites this is always the case, and the warning also says
+    that each site can derive the other's update from the mean.
 
     Errors: ConfigError when no threshold satisfies both conditions.
     """
     _check_rates(num_sites, dropout_rate, corrupt_fraction)
     n = num_sites
-    corrupt = math.ceil(corrupt_fraction * n)
+    corrupt = min(math.ceil(corrupt_fraction * n), n - 1)
     t = (n + corrupt) // 2 + 1
     survivors = math.floor((1.0 - dropout_rate) * n + 1e-9)
+    if n == 2:
+        _warn_once(
+            "two-sites",
+            "secagg with 2 sites: threshold 2, no dropout tolerance; with two parties each site "
+            "can derive the other's update from the mean (secure aggregation hides nothing "
+            "between them)",
+        )
+        return MaskingParameters(n, n - 1, n, dropout_rate, corrupt_fraction, 0.0, 0.0, 0.0)
+    if t > survivors and dropout_rate * n < 1.0:
+        _warn_once(
+            f"small-{n}",
+            f"secagg with {n} sites: threshold {n} (all sites), no dropout tolerance: any dropout "
+            "aborts the round",
+        )
+        return MaskingParameters(n, n - 1, n, dropout_rate, corrupt_fraction, 0.0, 0.0, 0.0)
     if t > survivors:
         raise ConfigError(
             f"no safe threshold for num_sites={n}: security needs t >= {t} "

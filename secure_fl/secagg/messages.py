@@ -23,10 +23,11 @@ class Phase(Enum):
     from that phase on."""
 
     ADVERTISE_KEYS = 0
-    SHARE_KEYS = 1
-    MASKED_INPUT = 2
-    CONSISTENCY_CHECK = 3
-    UNMASKING = 4
+    REVEAL_NONCE = 1
+    SHARE_KEYS = 2
+    MASKED_INPUT = 3
+    CONSISTENCY_CHECK = 4
+    UNMASKING = 5
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class AdvertiseKeys:
     """Site -> server (phase 0): two fresh X25519 public keys, optionally signed.
 
     ``enc_public`` keys the encryption of secret shares; ``mask_public`` keys the pairwise masks.
+    ``graph_commitment`` (32 bytes for a sparse SecAgg+ graph, empty otherwise) commits the site to
+    the nonce it reveals in the reveal phase. In the active variant ``signature`` covers all three.
     """
 
     round_id: int
@@ -41,6 +44,7 @@ class AdvertiseKeys:
     enc_public: bytes
     mask_public: bytes
     signature: bytes | None = None
+    graph_commitment: bytes = b""
 
     def wire_size(self) -> int:
         return (
@@ -50,12 +54,18 @@ class AdvertiseKeys:
             + len(self.mask_public)
             + _LEN
             + len(self.signature or b"")
+            + _LEN
+            + len(self.graph_commitment)
         )
 
 
 @dataclass(frozen=True)
 class KeyRoster:
-    """Server -> site (start of phase 1): the advertisements of the site's neighbours that arrived."""
+    """Server -> site (after phase 0): every advertisement that arrived (U1).
+
+    All of U1, not only the site's neighbours: a sparse graph is derived only after the reveal
+    phase, and every site must see every commitment.
+    """
 
     round_id: int
     adverts: tuple[AdvertiseKeys, ...]
@@ -65,37 +75,81 @@ class KeyRoster:
 
 
 @dataclass(frozen=True)
+class RevealNonce:
+    """Site -> server (reveal phase, sparse graphs only): the nonce behind the site's commitment."""
+
+    round_id: int
+    sender: int
+    nonce: bytes
+
+    def wire_size(self) -> int:
+        return _ROUND + _ID + _LEN + len(self.nonce)
+
+
+@dataclass(frozen=True)
+class RevealSet:
+    """Server -> site (reveal phase, sparse graphs only): every ``(site, nonce)`` revealed.
+
+    It must name exactly the senders of the :class:`KeyRoster`; each site recomputes the graph
+    seed from it.
+    """
+
+    round_id: int
+    reveals: tuple[tuple[int, bytes], ...]
+
+    def wire_size(self) -> int:
+        return _ROUND + _LEN + sum(_ID + _LEN + len(n) for _, n in self.reveals)
+
+
+@dataclass(frozen=True)
 class ShareKeys:
-    """Site -> server (phase 1): for each neighbour, the AEAD-encrypted shares addressed to it.
+    """Site -> server (share phase): for each neighbour, the AEAD-encrypted shares addressed to it.
 
     ``ciphertexts`` pairs a receiver id with the sealed (nonce || ciphertext || tag) bytes.
+    ``commitments`` holds, for every holder (each neighbour and the sender itself), the
+    ``(holder, mask_key_commitment, seed_commitment)`` of the two shares it holds.
     """
 
     round_id: int
     sender: int
     ciphertexts: tuple[tuple[int, bytes], ...]
+    commitments: tuple[tuple[int, bytes, bytes], ...] = ()
 
     def wire_size(self) -> int:
-        return _ROUND + _ID + _LEN + sum(_ID + _LEN + len(c) for _, c in self.ciphertexts)
+        return (
+            _ROUND
+            + _ID
+            + 2 * _LEN
+            + sum(_ID + _LEN + len(c) for _, c in self.ciphertexts)
+            + sum(_ID + len(a) + len(b) for _, a, b in self.commitments)
+        )
 
 
 @dataclass(frozen=True)
 class ShareDelivery:
-    """Server -> site (start of phase 2): the encrypted shares addressed to this site.
+    """Server -> site (start of the masked-input phase): the encrypted shares addressed to it.
 
-    The senders listed are the site's view of U2, the neighbours that completed phase 1.
+    The senders listed are the site's view of U2, the neighbours that completed key sharing.
+    ``commitments`` forwards, per sender, ``(owner, mask_key_commitment, seed_commitment)`` the
+    owner published for this site's shares.
     """
 
     round_id: int
     ciphertexts: tuple[tuple[int, bytes], ...]
+    commitments: tuple[tuple[int, bytes, bytes], ...] = ()
 
     def wire_size(self) -> int:
-        return _ROUND + _LEN + sum(_ID + _LEN + len(c) for _, c in self.ciphertexts)
+        return (
+            _ROUND
+            + 2 * _LEN
+            + sum(_ID + _LEN + len(c) for _, c in self.ciphertexts)
+            + sum(_ID + len(a) + len(b) for _, a, b in self.commitments)
+        )
 
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """Site -> server (phase 2): the input plus self mask plus pairwise masks, modulo 2^bits.
+    """Site -> server (masked-input phase): the input plus self mask plus pairwise masks, modulo 2^bits.
 
     The vector is made read-only so that no party can alter a message after sending it.
     """
@@ -113,7 +167,7 @@ class MaskedInput:
 
 @dataclass(frozen=True)
 class ConsistencyRequest:
-    """Server -> site (phase 3, active variant): the set U3 of sites whose masked input arrived."""
+    """Server -> site (consistency phase, active variant): the set U3 of sites whose masked input arrived."""
 
     round_id: int
     survivors: frozenset[int]
@@ -124,7 +178,7 @@ class ConsistencyRequest:
 
 @dataclass(frozen=True)
 class ConsistencySignature:
-    """Site -> server (phase 3, active variant): the site's Ed25519 signature over (round, U3)."""
+    """Site -> server (consistency phase, active variant): the site's Ed25519 signature over (round, U3)."""
 
     round_id: int
     sender: int
@@ -136,7 +190,7 @@ class ConsistencySignature:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Server -> site (phase 4): which neighbours survived and which dropped.
+    """Server -> site (unmasking): which neighbours survived and which dropped.
 
     For a surviving peer the site reveals its share of the peer's self-mask seed; for a dropped peer
     its share of the peer's mask key. A peer named in both sets is refused: answering would reveal
@@ -159,20 +213,31 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Site -> server (phase 4): shares of survivors' self-mask seeds and dropped peers' mask keys.
+    """Site -> server (unmasking): shares of survivors' self-mask seeds and dropped peers' mask keys.
 
-    Each entry pairs the owner of the secret with one serialised Shamir share.
+    Each entry is ``(owner, serialised Shamir share, salt)``; the server checks it against the
+    owner's share commitment. ``rejected`` names owners whose share failed its commitment when this
+    site received it: the site withholds those shares.
     """
 
     round_id: int
     sender: int
-    self_mask_shares: tuple[tuple[int, bytes], ...]
-    mask_key_shares: tuple[tuple[int, bytes], ...]
+    self_mask_shares: tuple[tuple[int, bytes, bytes], ...]
+    mask_key_shares: tuple[tuple[int, bytes, bytes], ...]
+    rejected: tuple[int, ...] = ()
 
     def wire_size(self) -> int:
         entries = self.self_mask_shares + self.mask_key_shares
-        return _ROUND + _ID + 2 * _LEN + sum(_ID + len(s) for _, s in entries)
+        return (
+            _ROUND
+            + _ID
+            + 3 * _LEN
+            + sum(_ID + len(s) + len(salt) for _, s, salt in entries)
+            + _ID * len(self.rejected)
+        )
 
 
-ClientMessage = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
-ServerMessage = KeyRoster | ShareDelivery | ConsistencyRequest | UnmaskRequest
+ClientMessage = (
+    AdvertiseKeys | RevealNonce | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
+)
+ServerMessage = KeyRoster | RevealSet | ShareDelivery | ConsistencyRequest | UnmaskRequest

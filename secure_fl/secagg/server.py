@@ -5,9 +5,12 @@ removes the masks: it reconstructs each survivor's self-mask seed and each dropp
 from ``threshold`` Shamir shares and regenerates the corresponding PRG outputs.
 
 Guarantee: :meth:`SecAggServer.result` is the exact sum modulo ``2**bits`` of the inputs of the sites
-whose masked input arrived (U3), provided at least ``threshold`` parties complete every phase.
-Otherwise the round aborts with :class:`ThresholdError` and the server holds only masked vectors and
-fewer than ``threshold`` shares of any secret, which reveal nothing about any single input.
+whose masked input arrived (U3), provided at least ``threshold`` holders of every needed secret
+reveal a share that matches its owner's commitment. A holder that reveals a wrong share is caught,
+its shares are ignored and it is listed in :attr:`SecAggServer.excluded`; one malicious site can
+therefore neither abort nor silently corrupt the sum through its shares. Otherwise the round aborts
+with :class:`ThresholdError` and the server holds only masked vectors and fewer than ``threshold``
+shares of any secret, which reveal nothing about any single input.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from secure_fl.crypto import MaskPRG, Share, X25519KeyPair, agree_key, combine, verify
 from secure_fl.errors import (
+    CryptoError,
     InconsistentSharesError,
     InsufficientSharesError,
     LocalProtocolError,
@@ -29,8 +33,10 @@ from secure_fl.errors import (
     SignatureError,
     ThresholdError,
 )
-from secure_fl.secagg.client import consistency_payload
+from secure_fl.secagg import commit
+from secure_fl.secagg.client import advert_payload, consistency_payload
 from secure_fl.secagg.config import SecAggConfig
+from secure_fl.secagg.graph import derive_graph
 from secure_fl.secagg.messages import (
     AdvertiseKeys,
     ClientMessage,
@@ -38,6 +44,8 @@ from secure_fl.secagg.messages import (
     ConsistencySignature,
     KeyRoster,
     MaskedInput,
+    RevealNonce,
+    RevealSet,
     ServerMessage,
     ShareDelivery,
     ShareKeys,
@@ -48,6 +56,7 @@ from secure_fl.secagg.messages import (
 
 class ServerPhase(Enum):
     COLLECT_KEYS = "collect-keys"
+    COLLECT_REVEALS = "collect-reveals"
     COLLECT_SHARES = "collect-shares"
     COLLECT_MASKED = "collect-masked"
     COLLECT_SIGNATURES = "collect-signatures"
@@ -57,10 +66,12 @@ class ServerPhase(Enum):
 
 
 # The one table of phases: phase -> (message type accepted, arrival check, closing handler).
-# Each closing handler sets the next phase: after COLLECT_MASKED it is COLLECT_SIGNATURES in the
-# active variant and COLLECT_UNMASK otherwise.
+# Each closing handler sets the next phase: after COLLECT_KEYS it is COLLECT_REVEALS for a sparse
+# graph and COLLECT_SHARES otherwise; after COLLECT_MASKED it is COLLECT_SIGNATURES in the active
+# variant and COLLECT_UNMASK otherwise.
 _PHASES: dict[ServerPhase, tuple[type, str, str]] = {
     ServerPhase.COLLECT_KEYS: (AdvertiseKeys, "_check_advert", "_close_keys"),
+    ServerPhase.COLLECT_REVEALS: (RevealNonce, "_check_reveal", "_close_reveals"),
     ServerPhase.COLLECT_SHARES: (ShareKeys, "_check_shares", "_close_shares"),
     ServerPhase.COLLECT_MASKED: (MaskedInput, "_check_masked", "_close_masked"),
     ServerPhase.COLLECT_SIGNATURES: (
@@ -82,7 +93,9 @@ class SecAggServer:
     Errors: :meth:`receive` raises RemoteProtocolError for a message that is out of phase, of another
     round, from an unexpected or duplicate sender, or malformed; the message is dropped and the round
     goes on. :meth:`close_phase` raises ThresholdError (and the server aborts for good) when fewer than
-    ``threshold`` sites answered, or a secret cannot be reconstructed.
+    ``threshold`` sites answered, or a secret cannot be reconstructed from verified shares; and
+    RemoteProtocolError when a site of U1 did not reveal its graph nonce (the reveal set is not the
+    server's to choose, so the round aborts).
     """
 
     def __init__(self, config: SecAggConfig, *, prg: MaskPRG | None = None) -> None:
@@ -105,6 +118,16 @@ class SecAggServer:
         )
         self._signatures: dict[int, bytes] = {}
         self._result: np.ndarray | None = None
+        self.graph_seed = b""
+        self.graph: dict[int, frozenset[int]] | None = None
+        # owner -> holder -> (mask-key commitment, self-seed commitment), from the owner's ShareKeys.
+        self._commitments: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+        # routes[receiver] = senders whose shares it was given (its view of U2, minus itself).
+        self._delivered: dict[int, frozenset[int]] = {}
+        #: Holders whose revealed share did not match its owner's commitment; their shares are ignored.
+        self.excluded: frozenset[int] = frozenset()
+        #: Holder -> owners whose share it reported as failing the owner's commitment on receipt.
+        self.rejections: dict[int, tuple[int, ...]] = {}
 
     @property
     def dropped(self) -> frozenset[int]:
@@ -164,22 +187,69 @@ class SecAggServer:
     # -- checks on arrival --------------------------------------------------------------------
 
     def _check_advert(self, m: AdvertiseKeys) -> None:
+        cfg = self.config
         if len(m.enc_public) != 32 or len(m.mask_public) != 32:
             raise RemoteProtocolError(f"site {m.sender}: public keys must be 32 bytes")
-        if self.config.active and m.signature is None:
+        if m.enc_public == m.mask_public:
+            raise RemoteProtocolError(f"site {m.sender}: the two public keys must differ")
+        probe = X25519KeyPair.generate()
+        for name, key in (("enc_public", m.enc_public), ("mask_public", m.mask_public)):
+            try:
+                probe.exchange(key)  # refuses low-order points (all-zero shared secret)
+            except CryptoError as exc:
+                raise RemoteProtocolError(
+                    f"site {m.sender}: {name} is not a valid X25519 public key: {exc}"
+                ) from exc
+        expected = commit.COMMITMENT_SIZE if cfg.sparse else 0
+        if len(m.graph_commitment) != expected:
             raise RemoteProtocolError(
-                f"site {m.sender}: advert must be signed in the active variant"
+                f"site {m.sender}: graph_commitment must be {expected} bytes, got "
+                f"{len(m.graph_commitment)}"
             )
+        if cfg.active:
+            if m.signature is None or cfg.verify_keys is None:
+                raise RemoteProtocolError(
+                    f"site {m.sender}: advert must be signed in the active variant"
+                )
+            payload = advert_payload(cfg, m.sender, m.enc_public, m.mask_public, m.graph_commitment)
+            try:
+                verify(cfg.verify_keys[m.sender], m.signature, payload)
+            except SignatureError as exc:
+                raise RemoteProtocolError(f"site {m.sender}: bad advert signature") from exc
+
+    def _check_reveal(self, m: RevealNonce) -> None:
+        expected = self._adverts[m.sender].graph_commitment
+        computed = commit.graph_commitment(self.config.context("graph-commit"), m.sender, m.nonce)
+        if len(m.nonce) != commit.NONCE_SIZE or not commit.matches(expected, computed):
+            raise RemoteProtocolError(
+                f"site {m.sender}: revealed nonce does not match its graph commitment"
+            )
+
+    def _neighbours(self, site: int) -> frozenset[int]:
+        if self.graph is None:
+            raise LocalProtocolError("the masking graph is not known yet")
+        return self.graph[site]
 
     def _check_shares(self, m: ShareKeys) -> None:
         # Exactly one ciphertext for every neighbour in U1: a site that skipped a neighbour would
         # mask with it while the neighbour does not mask back, and the sum would be garbage.
-        required = self.u1 & self.config.neighbours(m.sender)
+        required = self.u1 & self._neighbours(m.sender)
         receivers = [r for r, _ in m.ciphertexts]
         if len(set(receivers)) != len(receivers) or set(receivers) != required:
             raise RemoteProtocolError(
                 f"site {m.sender}: share ciphertexts must go once to each neighbour in U1"
             )
+        holders = [h for h, _, _ in m.commitments]
+        if len(set(holders)) != len(holders) or set(holders) != required | {m.sender}:
+            raise RemoteProtocolError(
+                f"site {m.sender}: share commitments must name each holder (the neighbours in U1 "
+                "and the site itself) once"
+            )
+        for holder, mcommit, scommit in m.commitments:
+            if len(mcommit) != commit.COMMITMENT_SIZE or len(scommit) != commit.COMMITMENT_SIZE:
+                raise RemoteProtocolError(
+                    f"site {m.sender}: share commitment for {holder} must be 2 x 32 bytes"
+                )
 
     def _check_masked(self, m: MaskedInput) -> None:
         v = m.vector
@@ -190,20 +260,21 @@ class SecAggServer:
             )
 
     def _check_signature(self, m: ConsistencySignature) -> None:
-        assert self.config.verify_keys is not None
+        if self.config.verify_keys is None:
+            raise LocalProtocolError("verify_keys missing in the active variant")
         try:
             verify(
                 self.config.verify_keys[m.sender],
                 m.signature,
-                consistency_payload(self.config, self.u3),
+                consistency_payload(self.config, self.u3, self.graph_seed),
             )
         except SignatureError as exc:
             raise RemoteProtocolError(f"site {m.sender}: bad consistency signature") from exc
 
     def _check_unmask(self, m: UnmaskResponse) -> None:
-        holders_of = self.config.holders(m.sender)
-        owners_s = [o for o, _ in m.self_mask_shares]
-        owners_m = [o for o, _ in m.mask_key_shares]
+        holders_of = self._neighbours(m.sender) | {m.sender}
+        owners_s = [o for o, _, _ in m.self_mask_shares]
+        owners_m = [o for o, _, _ in m.mask_key_shares]
         if set(owners_s) & set(owners_m):
             raise RemoteProtocolError(f"site {m.sender}: both shares sent for one owner")
         if len(set(owners_s)) != len(owners_s) or not set(owners_s) <= self.u3 & holders_of:
@@ -221,27 +292,51 @@ class SecAggServer:
         raise exc
 
     def _close_keys(self, arrived: frozenset[int]) -> dict[int, ServerMessage]:
+        cfg = self.config
         self.u1 = arrived
         self._adverts = {s: m for s, m in self._got.items() if isinstance(m, AdvertiseKeys)}
-        out: dict[int, ServerMessage] = {}
-        for site in arrived:
-            visible = sorted(self.config.holders(site) & arrived)
-            out[site] = KeyRoster(self.config.round_id, tuple(self._adverts[v] for v in visible))
+        roster = KeyRoster(cfg.round_id, tuple(self._adverts[v] for v in sorted(arrived)))
+        self._expected = arrived
+        if cfg.sparse:
+            self.phase = ServerPhase.COLLECT_REVEALS
+        else:
+            self.graph = derive_graph(cfg.site_ids, cfg.degree, b"")
+            self.phase = ServerPhase.COLLECT_SHARES
+        return dict.fromkeys(arrived, roster)
+
+    def _close_reveals(self, arrived: frozenset[int]) -> dict[int, ServerMessage]:
+        cfg = self.config
+        missing = self.u1 - arrived
+        if missing:
+            raise RemoteProtocolError(
+                f"sites {sorted(missing)} committed to a graph nonce but did not reveal it; the "
+                "round aborts (the reveal set may not be chosen by the server)"
+            )
+        reveals = {s: m.nonce for s, m in self._got.items() if isinstance(m, RevealNonce)}
+        self.graph_seed = commit.graph_seed(cfg.context("graph-seed"), reveals)
+        self.graph = derive_graph(cfg.site_ids, cfg.degree, self.graph_seed)
+        message = RevealSet(cfg.round_id, tuple(sorted(reveals.items())))
         self._expected = arrived
         self.phase = ServerPhase.COLLECT_SHARES
-        return out
+        return dict.fromkeys(arrived, message)
 
     def _close_shares(self, arrived: frozenset[int]) -> dict[int, ServerMessage]:
         self.u2 = arrived
         routes: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+        forwarded: dict[int, list[tuple[int, bytes, bytes]]] = defaultdict(list)
         for sender in sorted(arrived):
             message = self._got[sender]
-            assert isinstance(message, ShareKeys)
+            if not isinstance(message, ShareKeys):
+                raise LocalProtocolError("internal: a non-ShareKeys message was collected")
+            self._commitments[sender] = {h: (m, s) for h, m, s in message.commitments}
             for receiver, sealed in message.ciphertexts:
                 if receiver in arrived:
                     routes[receiver].append((sender, sealed))
+                    forwarded[receiver].append((sender, *self._commitments[sender][receiver]))
+        self._delivered = {site: frozenset(s for s, _ in routes[site]) for site in arrived}
         out: dict[int, ServerMessage] = {
-            site: ShareDelivery(self.config.round_id, tuple(routes[site])) for site in arrived
+            site: ShareDelivery(self.config.round_id, tuple(routes[site]), tuple(forwarded[site]))
+            for site in arrived
         }
         self._expected = arrived
         self.phase = ServerPhase.COLLECT_MASKED
@@ -251,7 +346,8 @@ class SecAggServer:
         self.u3 = arrived
         for site in sorted(arrived):
             message = self._got[site]
-            assert isinstance(message, MaskedInput)
+            if not isinstance(message, MaskedInput):
+                raise LocalProtocolError("internal: a non-MaskedInput message was collected")
             np.add(self._sum, message.vector, out=self._sum)
         self._expected = arrived
         rid = self.config.round_id
@@ -275,15 +371,36 @@ class SecAggServer:
     def _close_unmask(self, arrived: frozenset[int]) -> dict[int, ServerMessage]:
         self.u5 = arrived
         cfg = self.config
-        seed_shares: dict[int, list[Share]] = defaultdict(list)
-        key_shares: dict[int, list[Share]] = defaultdict(list)
+        commit_context = cfg.context("share-commit")
+        collected: list[tuple[int, int, bytes, Share, bytes, bytes]] = []
+        excluded: set[int] = set()
         for site in sorted(arrived):
             message = self._got[site]
-            assert isinstance(message, UnmaskResponse)
-            for owner, raw in message.self_mask_shares:
-                seed_shares[owner].append(self._parse_share(raw, site, owner))
-            for owner, raw in message.mask_key_shares:
-                key_shares[owner].append(self._parse_share(raw, site, owner))
+            if not isinstance(message, UnmaskResponse):
+                raise LocalProtocolError("internal: a non-UnmaskResponse message was collected")
+            if message.rejected:
+                self.rejections[site] = tuple(message.rejected)
+            for kind, entries in (
+                (commit.SELF_SEED, message.self_mask_shares),
+                (commit.MASK_KEY, message.mask_key_shares),
+            ):
+                for owner, raw, salt in entries:
+                    mcommit, scommit = self._commitments[owner][site]
+                    expected = scommit if kind == commit.SELF_SEED else mcommit
+                    computed = commit.share_commitment(commit_context, kind, owner, site, salt, raw)
+                    if len(salt) != commit.SALT_SIZE or not commit.matches(expected, computed):
+                        excluded.add(site)
+                        continue
+                    share = self._parse_share(raw, site, owner)
+                    collected.append((site, owner, kind, share, raw, salt))
+        # A holder caught revealing one wrong share is not trusted for any other.
+        self.excluded = frozenset(excluded)
+        seed_shares: dict[int, list[Share]] = defaultdict(list)
+        key_shares: dict[int, list[Share]] = defaultdict(list)
+        for site, owner, kind, share, _, _ in collected:
+            if site in excluded:
+                continue
+            (seed_shares if kind == commit.SELF_SEED else key_shares)[owner].append(share)
         # Check every count before reconstructing anything, so that an abort reconstructs nothing.
         for owners, shares, what in (
             (self.u3, seed_shares, "self-mask seed"),
@@ -292,8 +409,10 @@ class SecAggServer:
             for owner in sorted(owners):
                 if len({s.x for s in shares[owner]}) < cfg.threshold:
                     raise ThresholdError(
-                        f"only {len(shares[owner])} shares of the {what} of site {owner} arrived, "
-                        f"threshold is {cfg.threshold}; round aborted, nothing reconstructed"
+                        f"only {len(shares[owner])} verified shares of the {what} of site {owner} "
+                        f"arrived, threshold is {cfg.threshold}; round aborted, nothing "
+                        "reconstructed"
+                        + (f" (excluded holders: {sorted(excluded)})" if excluded else "")
                     )
         total = self._sum
         for owner in sorted(self.u3):
@@ -307,7 +426,9 @@ class SecAggServer:
                 raise RemoteProtocolError(
                     f"reconstructed mask key of site {owner} does not match its advertised key"
                 )
-            for peer in sorted(self.u3 & cfg.neighbours(owner)):
+            for peer in sorted(self.u3 & self._neighbours(owner)):
+                if owner not in self._delivered.get(peer, frozenset()):
+                    continue  # the peer never got the owner's shares, so it did not mask with it
                 seed = agree_key(key, self._adverts[peer].mask_public, context=mask_context)
                 # The survivor added sign(peer > owner) * PRG(seed); remove it.
                 self._prg.add_into(total, seed, -1 if peer > owner else 1)

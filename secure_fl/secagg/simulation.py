@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from secure_fl.crypto import MaskPRG, SigningKey
-from secure_fl.errors import ConfigError, ProtocolError
+from secure_fl.errors import ConfigError, ProtocolError, RemoteProtocolError
 from secure_fl.secagg.client import SecAggClient
 from secure_fl.secagg.config import SecAggConfig
-from secure_fl.secagg.messages import Phase, ServerMessage
+from secure_fl.secagg.messages import ClientMessage, Phase, ServerMessage
+from secure_fl.secagg.policy import SitePolicy
 from secure_fl.secagg.server import SecAggServer
 
 RandomBytes = Callable[[int], bytes]
 #: A hook that sees (and may replace) every server-to-site message: for adversarial tests.
 Interceptor = Callable[[Phase, int, ServerMessage], ServerMessage]
+#: A hook that sees (and may replace) every site-to-server message: for malicious-site tests.
+ReplyInterceptor = Callable[[Phase, int, ClientMessage], ClientMessage]
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class RoundResult:
 
     ``total`` is the modular sum of the inputs of ``survivors`` (the sites whose masked input
     arrived). ``dropped`` are the sites that vanished after key sharing, whose masks were recovered.
+    ``excluded`` are holders caught revealing a share that does not match its owner's commitment
+    (their shares were ignored). ``graph`` is the masking graph the round derived.
     """
 
     total: np.ndarray = field(repr=False)
@@ -48,6 +53,8 @@ class RoundResult:
     clients: Mapping[int, PartyStats]
     server: PartyStats
     client_errors: Mapping[int, ProtocolError] = field(default_factory=dict)
+    excluded: frozenset[int] = frozenset()
+    graph: Mapping[int, frozenset[int]] = field(default_factory=dict, repr=False)
 
 
 def run_round(
@@ -58,6 +65,8 @@ def run_round(
     signing_keys: Mapping[int, SigningKey] | None = None,
     randbytes: RandomBytes | None = None,
     intercept: Interceptor | None = None,
+    intercept_reply: ReplyInterceptor | None = None,
+    policy: SitePolicy | None = None,
 ) -> RoundResult:
     """Run one round among ``config.site_ids`` and return the securely computed sum.
 
@@ -65,11 +74,16 @@ def run_round(
     which it vanishes: it sends nothing in that phase or later. ``signing_keys`` are needed in the
     active variant. ``randbytes`` (a callable returning n random bytes) derives every party's
     randomness; it defaults to the OS CSPRNG. ``intercept`` may replace any server-to-site message
-    (tests use it to play a malicious server). A site whose handler raises a protocol error stops
-    there, as a real site would; its error is returned in ``client_errors``.
+    (tests use it to play a malicious server); ``intercept_reply`` may replace any site-to-server
+    message (tests use it to play a malicious site). A site whose handler raises a protocol error stops
+    there, as a real site would; its error is returned in ``client_errors``. ``policy`` is every
+    site's :class:`SitePolicy`; in process (server and sites are one program) it defaults to
+    accepting the configuration's own variant, ``SitePolicy(require_active=config.active)``.
 
     Errors: ThresholdError when too few sites remain (the round aborts, the server reveals nothing);
-    ConfigError when ``inputs`` does not match the roster.
+    RemoteProtocolError when a site of a sparse round vanishes in the reveal phase (the round
+    aborts); PolicyError when ``policy`` refuses the configuration; ConfigError when ``inputs``
+    does not match the roster.
     """
     if set(inputs) != set(config.site_ids):
         raise ConfigError("inputs must hold exactly one vector per site id in the config")
@@ -78,6 +92,7 @@ def run_round(
     if unknown:
         raise ConfigError(f"dropouts names sites off the roster: {sorted(unknown)}")
     rand = randbytes if randbytes is not None else os.urandom
+    site_policy = policy if policy is not None else SitePolicy(require_active=config.active)
     prg = MaskPRG(config.vector_length, config.bits)  # one scratch buffer shared in-process
     seconds = dict.fromkeys(config.site_ids, 0.0)
     sent = dict.fromkeys(config.site_ids, 0)
@@ -90,6 +105,7 @@ def run_round(
         clients[site] = SecAggClient(
             site,
             config,
+            policy=site_policy,
             input_vector=inputs[site],
             signing_key=(signing_keys or {}).get(site),
             randbytes=rand,
@@ -101,17 +117,24 @@ def run_round(
     server_seconds += time.perf_counter() - start
 
     errors: dict[int, ProtocolError] = {}
+    refused: dict[int, RemoteProtocolError] = {}
 
     def alive(site: int, phase: Phase) -> bool:
         gone = dropouts.get(site)
         return site not in errors and (gone is None or phase.value < gone.value)
 
-    def deliver(reply: object, site: int) -> None:
+    def deliver(reply: ClientMessage, site: int, phase: Phase) -> None:
         nonlocal server_seconds
-        sent[site] += reply.wire_size()  # type: ignore[attr-defined]
+        if intercept_reply is not None:
+            reply = intercept_reply(phase, site, reply)
+        sent[site] += reply.wire_size()
         t0 = time.perf_counter()
-        server.receive(reply)  # type: ignore[arg-type]
-        server_seconds += time.perf_counter() - t0
+        try:
+            server.receive(reply)
+        except RemoteProtocolError as exc:
+            refused[site] = exc  # the server drops a bad message; the round goes on
+        finally:
+            server_seconds += time.perf_counter() - t0
 
     # Phase 0: advertise keys.
     for site, client in clients.items():
@@ -119,8 +142,9 @@ def run_round(
             t0 = time.perf_counter()
             advert = client.start()
             seconds[site] += time.perf_counter() - t0
-            deliver(advert, site)
-    phase_order = [Phase.SHARE_KEYS, Phase.MASKED_INPUT]
+            deliver(advert, site, Phase.ADVERTISE_KEYS)
+    phase_order = [Phase.REVEAL_NONCE] if config.sparse else []
+    phase_order += [Phase.SHARE_KEYS, Phase.MASKED_INPUT]
     if config.active:
         phase_order.append(Phase.CONSISTENCY_CHECK)
     phase_order.append(Phase.UNMASKING)
@@ -143,7 +167,7 @@ def run_round(
                 continue
             finally:
                 seconds[site] += time.perf_counter() - t0
-            deliver(reply, site)
+            deliver(reply, site, phase)
     t0 = time.perf_counter()
     server.close_phase()
     server_seconds += time.perf_counter() - t0
@@ -154,4 +178,6 @@ def run_round(
         clients={s: PartyStats(seconds[s], sent[s]) for s in config.site_ids},
         server=PartyStats(server_seconds, server_sent),
         client_errors=errors,
+        excluded=server.excluded,
+        graph=dict(server.graph or {}),
     )

@@ -163,3 +163,24 @@ def test_create_refuses_unknown_names_and_options() -> None:
     with pytest.raises(ConfigError, match="precision"):
         aggregators.create("secagg", precision=1e-30).aggregate(_updates(3))
     assert issubclass(ConfigError, SecureFLError)
+
+
+@pytest.mark.parametrize("name", ["secagg", "secagg+"])
+def test_masked_aggregators_run_the_active_variant_by_default(name: str) -> None:
+    updates = _updates(4, seed=5)
+    active = aggregators.create(name, seed=1).aggregate(updates)
+    assert active.report["active"] is True
+    semi = aggregators.create(name, seed=1, active=False).aggregate(updates)
+    assert semi.report["active"] is False
+    for a, b in zip(active.mean, semi.mean, strict=True):
+        np.testing.assert_allclose(a, b, atol=2 * active.report["max_error"] + 1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["secagg", "secagg+"])
+def test_two_site_federation_aggregates(name: str) -> None:
+    updates = _updates(2, seed=6)
+    result = aggregators.create(name, seed=2).aggregate(updates)
+    assert result.report["threshold"] == 2
+    expected = _plain_mean(updates, dict.fromkeys(updates, 1.0), list(updates))
+    for got, want in zip(result.mean, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=result.report["max_error"] + 1e-7, rtol=0)

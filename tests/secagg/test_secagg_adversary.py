@@ -19,21 +19,23 @@ from secure_fl.secagg import (
     SecAggClient,
     SecAggServer,
     ShareDelivery,
+    SitePolicy,
     UnmaskRequest,
     make_config,
     run_round,
 )
 
+SEMI = SitePolicy(require_active=False)  # these tests exercise the semi-honest variant by name
+
 
 def _drive_to_unmask(n: int = 5, seed: str = "adv", length: int = 8):
     """Run phases 0-2 by hand; return config, inputs, clients, server and the unmask requests."""
     rand = DeterministicRandom(seed.encode())
-    config = make_config(
-        list(range(1, n + 1)), vector_length=length, bits=32, threshold=3, randbytes=rand
-    )
+    config = make_config(list(range(1, n + 1)), vector_length=length, bits=32, threshold=3)
     inputs = random_inputs(config, 11)
     clients = {
-        i: SecAggClient(i, config, input_vector=inputs[i], randbytes=rand) for i in config.site_ids
+        i: SecAggClient(i, config, policy=SEMI, input_vector=inputs[i], randbytes=rand)
+        for i in config.site_ids
     }
     server = SecAggServer(config)
     for c in clients.values():
@@ -76,7 +78,7 @@ def test_tampered_share_is_rejected() -> None:
         return message
 
     rand = DeterministicRandom(b"tamper")
-    config = make_config(list(range(1, 7)), vector_length=8, bits=32, threshold=3, randbytes=rand)
+    config = make_config(list(range(1, 7)), vector_length=8, bits=32, threshold=3)
     inputs = random_inputs(config, 5)
     result = run_round(config, inputs, randbytes=rand, intercept=tamper)
     assert isinstance(result.client_errors[2], RemoteProtocolError)
@@ -100,7 +102,7 @@ def test_share_redirected_to_another_site_is_rejected() -> None:
         return message
 
     rand = DeterministicRandom(b"redirect")
-    config = make_config(list(range(1, 6)), vector_length=8, bits=32, threshold=3, randbytes=rand)
+    config = make_config(list(range(1, 6)), vector_length=8, bits=32, threshold=3)
     result = run_round(config, random_inputs(config, 6), randbytes=rand, intercept=redirect)
     assert "failed authentication" in str(result.client_errors[3])
 
@@ -120,24 +122,24 @@ def test_share_replayed_from_another_round_is_rejected() -> None:
         return message
 
     ids = list(range(1, 6))
-    first = make_config(ids, vector_length=8, bits=32, threshold=3, round_id=0, randbytes=rand)
+    first = make_config(ids, vector_length=8, bits=32, threshold=3, round_id=0)
     run_round(first, random_inputs(first, 1), randbytes=rand, intercept=record)
-    second = make_config(ids, vector_length=8, bits=32, threshold=3, round_id=1, randbytes=rand)
+    second = make_config(ids, vector_length=8, bits=32, threshold=3, round_id=1)
     result = run_round(second, random_inputs(second, 2), randbytes=rand, intercept=replay)
     assert "failed authentication" in str(result.client_errors[1])
 
 
 def test_wrong_round_and_wrong_phase_are_refused() -> None:
     rand = DeterministicRandom(b"phase")
-    config = make_config(list(range(1, 4)), vector_length=4, bits=32, threshold=2, randbytes=rand)
+    config = make_config(list(range(1, 4)), vector_length=4, bits=32, threshold=2)
     inputs = random_inputs(config, 0)
-    client = SecAggClient(1, config, input_vector=inputs[1], randbytes=rand)
+    client = SecAggClient(1, config, policy=SEMI, input_vector=inputs[1], randbytes=rand)
     advert = client.start()
     with pytest.raises(RemoteProtocolError, match="round"):
         client.handle(KeyRoster(round_id=config.round_id + 1, adverts=(advert,)))
     assert client.phase is ClientPhase.ERROR
 
-    other = SecAggClient(2, config, input_vector=inputs[2], randbytes=rand)
+    other = SecAggClient(2, config, policy=SEMI, input_vector=inputs[2], randbytes=rand)
     other.start()
     request = UnmaskRequest(config.round_id, frozenset({1, 2}), frozenset())
     with pytest.raises(RemoteProtocolError, match="not allowed in phase"):
@@ -147,10 +149,11 @@ def test_wrong_round_and_wrong_phase_are_refused() -> None:
 
 def test_server_rejects_bad_messages_without_disturbing_the_round() -> None:
     rand = DeterministicRandom(b"server")
-    config = make_config(list(range(1, 5)), vector_length=6, bits=32, threshold=3, randbytes=rand)
+    config = make_config(list(range(1, 5)), vector_length=6, bits=32, threshold=3)
     inputs = random_inputs(config, 4)
     clients = {
-        i: SecAggClient(i, config, input_vector=inputs[i], randbytes=rand) for i in range(1, 5)
+        i: SecAggClient(i, config, policy=SEMI, input_vector=inputs[i], randbytes=rand)
+        for i in range(1, 5)
     }
     server = SecAggServer(config)
     adverts = {i: c.start() for i, c in clients.items()}
@@ -178,9 +181,9 @@ def test_server_rejects_bad_messages_without_disturbing_the_round() -> None:
 
 def test_server_below_threshold_has_no_result() -> None:
     rand = DeterministicRandom(b"abort")
-    config = make_config(list(range(1, 5)), vector_length=4, bits=32, threshold=3, randbytes=rand)
+    config = make_config(list(range(1, 5)), vector_length=4, bits=32, threshold=3)
     server = SecAggServer(config)
-    clients = [SecAggClient(i, config, randbytes=rand) for i in (1, 2)]
+    clients = [SecAggClient(i, config, policy=SEMI, randbytes=rand) for i in (1, 2)]
     for c in clients:
         server.receive(c.start())
     with pytest.raises(ThresholdError):
@@ -188,7 +191,7 @@ def test_server_below_threshold_has_no_result() -> None:
     with pytest.raises(LocalProtocolError):
         server.result()
     with pytest.raises(RemoteProtocolError):
-        server.receive(SecAggClient(3, config, randbytes=rand).start())
+        server.receive(SecAggClient(3, config, policy=SEMI, randbytes=rand).start())
 
 
 def test_active_variant_detects_equivocating_server() -> None:
@@ -201,7 +204,6 @@ def test_active_variant_detects_equivocating_server() -> None:
         threshold=3,
         active=True,
         verify_keys={i: k.public_bytes for i, k in keys.items()},
-        randbytes=rand,
     )
     inputs = random_inputs(config, 9)
 
@@ -228,7 +230,6 @@ def test_active_variant_rejects_forged_advert() -> None:
         threshold=3,
         active=True,
         verify_keys={i: k.public_bytes for i, k in keys.items()},
-        randbytes=rand,
     )
     mallory = SigningKey.generate(rand)
 
@@ -251,13 +252,12 @@ def _masked_view(value: int, seed: str, length: int = 20000) -> tuple[np.ndarray
     """The server's view of site 1's message, for an input of constant ``value``."""
     captured: dict[int, np.ndarray] = {}
     rand = DeterministicRandom(seed.encode())
-    config = make_config(
-        list(range(1, 5)), vector_length=length, bits=32, threshold=3, randbytes=rand
-    )
+    config = make_config(list(range(1, 5)), vector_length=length, bits=32, threshold=3)
     inputs = random_inputs(config, 0)
     inputs[1] = np.full(length, value, dtype=np.uint32)
     clients = {
-        i: SecAggClient(i, config, input_vector=inputs[i], randbytes=rand) for i in range(1, 5)
+        i: SecAggClient(i, config, policy=SEMI, input_vector=inputs[i], randbytes=rand)
+        for i in range(1, 5)
     }
     server = SecAggServer(config)
     for c in clients.values():
@@ -300,8 +300,8 @@ def test_server_view_does_not_depend_on_the_input() -> None:
 
 def test_server_rejects_share_keys_that_skip_a_neighbour() -> None:
     rand = DeterministicRandom(b"skip")
-    config = make_config(list(range(1, 5)), vector_length=4, bits=32, threshold=3, randbytes=rand)
-    clients = {i: SecAggClient(i, config, randbytes=rand) for i in range(1, 5)}
+    config = make_config(list(range(1, 5)), vector_length=4, bits=32, threshold=3)
+    clients = {i: SecAggClient(i, config, policy=SEMI, randbytes=rand) for i in range(1, 5)}
     server = SecAggServer(config)
     for c in clients.values():
         server.receive(c.start())
