@@ -2,9 +2,11 @@
 
 Each surviving site scales its flat update by its normalised weight, encrypts it into full
 ciphertexts and streams them chunk by chunk; the server adds ciphertexts under the public context
-only; a site decrypts the sum and divides by the survivors' share of the weight. In this in-process
-aggregator one object plays every role, but each role runs through its own class with only the
-context it is entitled to (:mod:`secure_fl.he.aggregate`).
+only and never sees a decryption; the sites decrypt the sum themselves and divide by the
+survivors' share of the weight. The returned mean is the site role's result (what every site
+computes locally). In this in-process aggregator one object plays every role, but each role runs
+through its own class with only the context it is entitled to (:mod:`secure_fl.he.aggregate`).
+At least two sites must contribute (ThresholdError otherwise), as over the network.
 
 Threat model in one line: every site holds the same secret key, so a server colluding with any one
 site can decrypt every update; pairwise-masking SecAgg (``secagg`` / ``secagg+``) does not have this
@@ -63,7 +65,8 @@ class CKKSAggregator(Aggregator):
       (default True; possible only in simulation, where the plaintext is at hand).
 
     Errors: ConfigError for invalid options, a secret context offered to the server, or contexts
-    whose fingerprints differ; at ``aggregate``: InvalidUpdateError (see :func:`prepare`, plus
+    whose fingerprints differ; at ``aggregate``: ThresholdError for fewer than two surviving
+    sites, InvalidUpdateError (see :func:`prepare`, plus
     values beyond ``max_abs``), and the errors of :func:`secure_fl.he.aggregate.encrypted_mean`.
     """
 

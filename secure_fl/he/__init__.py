@@ -7,7 +7,8 @@ Roles and artefacts (see ``protocols/ckks.md``):
   :meth:`SecretContext.generate` does the same in process for a simulation.
 * :class:`SiteEncryptor` checks and encrypts one site's weighted update into chunk frames;
   :class:`CiphertextSummer` (server, public context only) adds the frames;
-  :class:`SumDecryptor` decrypts the summed chunks; :class:`EncryptionPool` encrypts on several
+  :class:`SumDecryptor` decrypts the summed chunks at a site, for that site only (no decryption
+  ever goes to the server: see ``protocols/ckks.md``); :class:`EncryptionPool` encrypts on several
   cores. :func:`encrypted_mean` plays all three for an in-process round;
   :class:`secure_fl.aggregators.ckks.CKKSAggregator` puts it behind the common aggregator
   interface.

@@ -1,5 +1,11 @@
 """Encrypted weighted sum with CKKS: the three roles, and a streaming round that plays them all.
 
+The one rule (``protocols/ckks.md``): **no CKKS decryption ever leaves a site.** The server holds
+ciphertexts only; every site decrypts the encrypted aggregate itself and keeps the result. A raw
+decryption of a ciphertext the server knows (``c0 + c1 * s`` rounded) would let the server solve
+for the secret key ``s`` (Li and Micciancio, EUROCRYPT 2021), so no message, no API of the server
+role and no report returns one to it.
+
 Roles, kept apart so that each holds only what it needs:
 
 * :class:`SiteEncryptor` (a site; holds the secret context) checks its update (finite, every value
@@ -8,8 +14,9 @@ Roles, kept apart so that each holds only what it needs:
 * :class:`CiphertextSummer` (the server; holds only the public context and refuses a secret one)
   checks every frame (digest, fingerprint, round, chunk, sizes, scale, level) before it adds
   anything, and adds the sites' ciphertexts chunk by chunk.
-* :class:`SumDecryptor` (a site again) decrypts the summed chunk, refuses values outside the bound
-  (corruption or a foreign key), and the caller divides by the survivors' share of the weight.
+* :class:`SumDecryptor` (a site again, locally) decrypts the summed chunk, refuses values outside
+  the bound (corruption or a foreign key), and the caller divides by the survivors' share of the
+  weight. Its output is for the site itself: nothing decrypted is ever sent to the server.
 
 Dropouts: a site that never sends is simply absent from the sum; the decryptor divides by the
 survivors' total normalised weight ``S = sum(weight_i for survivors) / total_weight``, which
@@ -48,6 +55,7 @@ from secure_fl.errors import (
     DecryptionError,
     InvalidUpdateError,
     RemoteProtocolError,
+    ThresholdError,
 )
 from secure_fl.he.context import PublicContext, SecretContext, check_fingerprint, tenseal
 from secure_fl.he.packing import DEFAULT_CHUNK_CIPHERTEXTS, Layout, split_chunk
@@ -432,7 +440,11 @@ class CiphertextSummer:
 
 
 class SumDecryptor:
-    """A site's view of the result: decrypts a summed chunk frame.
+    """A site's view of the result: decrypts a summed chunk frame, at the site, for the site.
+
+    Guarantee and rule: the values it returns must never leave the site (the server holding a
+    ciphertext and its raw decryption could solve for the secret key). Over the network the site
+    decrypts only the encrypted global model, and no protocol message carries decrypted values.
 
     Errors: ConfigError if ``secret`` is not a SecretContext, the layout does not match, or the
     fingerprint is not ``expected_fingerprint``.
@@ -566,8 +578,12 @@ def encrypted_mean(
     encrypted in its worker processes (at most ``2 * workers`` chunks in flight) while this process
     adds and decrypts.
 
-    Errors: ConfigError for mismatched contexts, empty ``included`` or sites without a weight or a
-    vector, or vectors of different lengths; InvalidUpdateError for an update beyond the preset's
+    Fewer than two included sites are refused (ThresholdError): the decrypted mean of one site is
+    that site's update, which every other site would learn (the network path refuses the same).
+
+    Errors: ThresholdError for fewer than two included sites; ConfigError for mismatched
+    contexts, sites without a weight or a vector, or vectors of different lengths;
+    InvalidUpdateError for an update beyond the preset's
     bound or non-finite (checked for every included site before anything is encrypted); the
     errors of the three roles.
     """
@@ -581,10 +597,13 @@ def encrypted_mean(
     check_fingerprint(public.fingerprint, secret.fingerprint, "the server's public context")
     if pool is not None:
         check_fingerprint(pool.fingerprint, secret.fingerprint, "the encryption pool")
-    if not included:
-        raise ConfigError("included must name at least one site")
     if len(set(included)) != len(included):
         raise ConfigError("included names a site twice")
+    if len(included) < 2:
+        raise ThresholdError(
+            f"CKKS aggregation needs at least 2 contributing sites, got {len(included)}: the "
+            "decrypted mean of one site is that site's update, which every other site would learn"
+        )
     missing = sorted(s for s in included if s not in vectors or s not in weights)
     if missing:
         raise ConfigError(f"included sites without a vector or a weight: {missing}")

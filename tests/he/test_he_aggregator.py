@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from secure_fl import aggregators
 from secure_fl.aggregators.ckks import CKKSAggregator
-from secure_fl.errors import ConfigError, InvalidUpdateError
+from secure_fl.errors import ConfigError, InvalidUpdateError, ThresholdError
 from secure_fl.he import SecretContext, provision
 
 REPORT_KEYS = {
@@ -262,7 +262,7 @@ def test_create_returns_the_ckks_aggregator() -> None:
 
 @settings(max_examples=10, deadline=None)
 @given(
-    n=st.integers(min_value=1, max_value=6),
+    n=st.integers(min_value=2, max_value=6),
     size=st.integers(min_value=1, max_value=9000),
     seed=st.integers(min_value=0, max_value=2**32 - 1),
     drops=st.integers(min_value=0, max_value=2),
@@ -273,7 +273,7 @@ def test_encrypted_mean_property(
     rng = np.random.default_rng(seed)
     updates = _updates(n, (size,), seed=seed, scale=float(10 ** rng.uniform(-3, 1.5)))
     weights = {s: float(rng.integers(1, 10_000)) for s in updates}
-    dropped = list(updates)[: min(drops, n - 1)]
+    dropped = list(updates)[: min(drops, n - 2)]
     result = agg.aggregate(updates, weights, dropped=dropped)
     survivors = [s for s in updates if s not in dropped]
     want = _plain_mean(updates, weights, survivors)
@@ -290,3 +290,18 @@ def test_empty_update_needs_no_ciphertext(agg: CKKSAggregator) -> None:
     assert result.mean[0].shape == (0, 3)
     assert result.report["ciphertexts"] == 0 and result.report["bytes_sent"] == {"a": 0, "b": 0}
     assert result.report["expansion"] == 0.0 and result.report["max_error"] == 0.0
+
+
+def test_one_contributor_is_refused_and_two_sites_work(agg: CKKSAggregator) -> None:
+    """The mean of one site is its update, which every site would decrypt: refused with a clear
+    error, as the gRPC path refuses a round of fewer than two uploads. Two sites work."""
+    updates = _updates(3, (500,), seed=3)
+    with pytest.raises(ThresholdError, match="at least 2 contributing sites"):
+        agg.aggregate({"site-0": updates["site-0"]})
+    with pytest.raises(ThresholdError, match="at least 2"):
+        agg.aggregate(updates, dropped=["site-0", "site-1"])
+    weights = {"site-0": 3.0, "site-1": 1.0, "site-2": 5.0}
+    result = agg.aggregate(updates, weights, dropped=["site-2"])
+    want = _plain_mean(updates, weights, ["site-0", "site-1"])
+    assert result.report["included"] == ["site-0", "site-1"]
+    assert np.max(np.abs(result.mean[0].astype(np.float64) - want)) < 1e-6 * np.max(np.abs(want))
