@@ -17,7 +17,10 @@ Accountants (``accountant=``):
   over events and converted to (epsilon, delta) with the conversion of Canonne, Kamath & Steinke
   2020 (arXiv:2004.00010, Prop. 12; also Balle et al. 2020), minimised over a fixed grid of orders.
   Implemented here (numpy/scipy, no torch). Every order gives a valid bound, so the result is an
-  *upper bound* on the tight epsilon; it is typically 5-20 % above it.
+  *upper bound* on the tight epsilon (never the exact value); it is typically 5-20 % above it.
+  Events whose RDP bound is only established at integer orders (``integer_orders=True``: the
+  distributed Skellam mechanism) are evaluated at ``ceil(alpha)`` for a fractional order ``alpha``,
+  which is valid because Renyi divergence is non-decreasing in the order.
 * ``"prv"`` - numerical composition of privacy-loss random variables (Gopi, Lee & Wutschitz 2021)
   through Opacus' ``PRVAccountant``. We report its **upper** estimate (``eps_upper``: the estimate
   at ``delta - delta_error`` plus ``eps_error``), never the point estimate, so the value is not
@@ -67,6 +70,9 @@ DEFAULT_ORDERS: tuple[float, ...] = (
 )
 """RDP orders searched by the ``"rdp"`` accountant (any order yields a valid bound)."""
 
+INTEGER_ORDERS: tuple[float, ...] = tuple(a for a in DEFAULT_ORDERS if a == math.floor(a))
+"""The integer orders of :data:`DEFAULT_ORDERS` (for mechanisms bounded at integer orders only)."""
+
 Conversion = Literal["improved", "classic"]
 
 
@@ -76,12 +82,17 @@ class PrivacyEvent:
 
     ``noise_multiplier`` is the noise standard deviation divided by the L2 sensitivity (0 means no
     noise: infinite epsilon); ``sample_rate`` is the Poisson inclusion probability in [0, 1] (1: no
-    subsampling); ``steps`` is a non-negative integer. Invalid values raise :class:`ConfigError`.
+    subsampling); ``steps`` is a non-negative integer. ``integer_orders``: the mechanism's RDP
+    bound ``alpha / (2 sigma**2)`` is only established at integer orders (the distributed Skellam
+    mechanism); the accountants then evaluate a fractional order at its ceiling, and PRV/PLD
+    (which would need the whole privacy-loss distribution) fall back to RDP for it. Invalid
+    values raise :class:`ConfigError`.
     """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    integer_orders: bool = False
 
     def __post_init__(self) -> None:
         _check_real("noise_multiplier", self.noise_multiplier, low=0.0, low_open=False)
@@ -90,6 +101,8 @@ class PrivacyEvent:
         object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
         object.__setattr__(self, "sample_rate", float(self.sample_rate))
         object.__setattr__(self, "steps", int(self.steps))
+        if not isinstance(self.integer_orders, bool):
+            raise ConfigError(f"integer_orders must be a bool, got {self.integer_orders!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,21 +278,22 @@ def rdp_to_epsilon(
 
 
 def canonical_events(events: Iterable[PrivacyEvent]) -> tuple[PrivacyEvent, ...]:
-    """Events merged by (noise multiplier, sample rate), zero-step and q = 0 events dropped, sorted.
+    """Events merged by (noise multiplier, sample rate, integer_orders), zero-step and q = 0 events
+    dropped, sorted.
 
     Composition is commutative, so this canonical form makes every accountant's result independent
     of the order in which rounds were recorded (the PRV/PLD numerics would otherwise differ in the
     last digits).
     """
-    merged: dict[tuple[float, float], int] = {}
+    merged: dict[tuple[float, float, bool], int] = {}
     for e in events:
         if not isinstance(e, PrivacyEvent):
             raise ConfigError(f"events must be PrivacyEvent instances, got {type(e).__name__}")
         if e.steps == 0 or e.sample_rate == 0.0:
             continue
-        key = (e.noise_multiplier, e.sample_rate)
+        key = (e.noise_multiplier, e.sample_rate, e.integer_orders)
         merged[key] = merged.get(key, 0) + e.steps
-    return tuple(PrivacyEvent(s, q, n) for (s, q), n in sorted(merged.items()))
+    return tuple(PrivacyEvent(s, q, n, i) for (s, q, i), n in sorted(merged.items()))
 
 
 def _rdp_epsilon(
@@ -289,8 +303,11 @@ def _rdp_epsilon(
     conversion: Conversion = "improved",
 ) -> float:
     total = np.zeros(len(orders))
+    # Renyi divergence is non-decreasing in the order: a bound at ceil(alpha) bounds alpha too.
+    ceiled = tuple(float(math.ceil(a)) for a in orders)
     for e in events:
-        total = total + rdp_poisson_gaussian(e.noise_multiplier, e.sample_rate, e.steps, orders)
+        at = ceiled if e.integer_orders else orders
+        total = total + rdp_poisson_gaussian(e.noise_multiplier, e.sample_rate, e.steps, at)
     return rdp_to_epsilon(orders, total, delta, conversion=conversion)[0]
 
 
@@ -333,7 +350,9 @@ def epsilon_of_events(
     """Epsilon at ``delta`` of the sequential composition of heterogeneous ``events``.
 
     Events may differ in noise multiplier, sampling rate and steps (noise schedules, changing
-    participation); the result does not depend on their order. An empty history (or only zero-step
+    participation); the result does not depend on their order. A history holding an
+    ``integer_orders`` event is evaluated with ``"rdp"`` whatever ``accountant`` says (only an RDP
+    bound is known for it). An empty history (or only zero-step
     events) gives 0.0; any event with noise multiplier 0 and q > 0 gives ``math.inf``.
 
     Guarantee: the value is an upper bound on the tight epsilon of the composed mechanism - exactly
@@ -350,7 +369,8 @@ def epsilon_of_events(
         return 0.0
     if any(e.noise_multiplier == 0.0 for e in canon):
         return math.inf
-    if accountant == "rdp":
+    if accountant == "rdp" or any(e.integer_orders for e in canon):
+        # integer_orders events have an RDP bound only: PRV/PLD of the Gaussian would not bound them.
         return _rdp_epsilon(canon, delta, orders, conversion)
     try:
         if accountant == "prv":
@@ -376,16 +396,19 @@ def compute_epsilon(
     steps: int,
     delta: float,
     accountant: str = "rdp",
+    *,
+    integer_orders: bool = False,
     **options: object,
 ) -> float:
     """Epsilon at ``delta`` after ``steps`` Poisson-subsampled Gaussian steps.
 
     ``noise_multiplier`` >= 0 (noise std / clip bound), ``sample_rate`` in [0, 1], ``steps`` >= 0,
-    ``delta`` in (0, 1), ``accountant`` in :data:`ACCOUNTANTS`. Usable without any training. The
-    result is an upper bound on the tight epsilon (see :func:`epsilon_of_events`, which takes the
-    same keyword ``options``). Raises ConfigError naming the offending argument.
+    ``delta`` in (0, 1), ``accountant`` in :data:`ACCOUNTANTS`; ``integer_orders`` as in
+    :class:`PrivacyEvent`. Usable without any training. The result is an upper bound on the tight
+    epsilon (see :func:`epsilon_of_events`, which takes the same keyword ``options``). Raises
+    ConfigError naming the offending argument.
     """
-    event = PrivacyEvent(noise_multiplier, sample_rate, steps)
+    event = PrivacyEvent(noise_multiplier, sample_rate, steps, integer_orders)
     return epsilon_of_events([event], delta, accountant, **options)  # type: ignore[arg-type]
 
 
@@ -427,7 +450,7 @@ def calibrate_noise(
     tol = _check_real("tolerance", tolerance, low=0.0)
 
     def eps(sigma: float) -> float:
-        return compute_epsilon(sigma, sample_rate, steps, delta, accountant, **options)
+        return compute_epsilon(sigma, sample_rate, steps, delta, accountant, **options)  # type: ignore[arg-type]
 
     if eps(_SIGMA_MAX) > target:
         raise ConfigError(

@@ -1,36 +1,60 @@
 """Audit of a run's privacy: ``secure-fl audit RUN_DIR``.
 
 Inputs in the run folder: ``privacy_ledger.sqlite`` (+ its ``.head`` anchor), ``config.json``
-(``"privacy"``: :meth:`PrivacyConfig.to_dict`, ``"rounds"``) and ``metrics.jsonl`` (rows with DP
-carry ``"privacy": {"epsilon": {site: eps}, "delta": d, "accountant": name}``, optionally
-``"ledger_head"`` (or ``"ledger"``): ``{"count", "hash"}`` - the ledger head after the round - and ``"scope"``: ``"ledger"``
-(default: the site's whole spend so far, all strategies) or ``"strategy"``).
+(``"privacy"``: :meth:`PrivacyConfig.to_dict`, ``"rounds"``, ``"train"``, ``"data"``, ``"seed"``,
+``"strategies"``), ``metrics.jsonl`` (rows with DP carry ``"privacy": {"epsilon": {site: eps},
+"delta": d, "accountant": name, "ledger_head": {"count", "hash"}}``, optionally ``"scope"``:
+``"ledger"`` (default: the site's whole spend so far) or ``"strategy"``), ``stopped.json`` when a
+budget stopped the run, and the datalist named by ``config.json`` (``data.datalist``, or
+``data.synthetic_dir/datalist.json``; ``audit_run(datalist=...)`` / ``--datalist`` override it).
 
-What the audit checks (each failure is a :class:`Finding`; exit status 1 on any):
+Status: ``PASS`` (no error or warning; ``info`` lines may explain, e.g. a budget stop), ``FAIL``
+(any error or warning) or ``NO DP`` (``privacy.level = "none"``: epsilon = infinity; never PASS).
+Exit status of ``secure-fl audit``: 0 PASS, 1 FAIL, 2 usage error, 3 NO DP.
+
+What the audit checks (each failure is a :class:`Finding`):
 
 * the hash chain, the head anchor and every anchor copied into metrics.jsonl (``CHAIN_BROKEN``,
-  ``ANCHOR_MISMATCH``);
-* every site's epsilon recomputed from the ledger with two independent accountants (``rdp``,
-  implemented in :mod:`secure_fl.privacy.accounting`, and Opacus ``prv``); they must agree within
-  the known gap, RDP being an upper bound (``ACCOUNTANT_DISAGREEMENT``);
-* every reported epsilon against the recomputed one of the same accountant on the ledger as it
-  stood after that round: reported below it (``EPSILON_UNDER_REPORTED``) or above it - spend the
-  ledger does not hold, e.g. a truncated tail (``EPSILON_OVER_REPORTED``); DP rows without a
-  report (``EPSILON_NOT_REPORTED``, warning);
-* missing rounds: a metrics round without ledger records, ledger rounds not contiguous from 0, at
-  site level a site missing from a round (``MISSING_ROUND``);
+  ``ANCHOR_MISMATCH``); the anchors of successive DP rows must grow (``ANCHOR_NOT_MONOTONE``) and
+  each must cover every ledger record of its own round (``ANCHOR_STALE``: a row re-using an
+  earlier round's anchor); a DP row without an anchor is ``ANCHOR_MISSING`` (warning);
+* the mechanism parameters re-derived from config.json and the datalist split - not taken from the
+  ledger, which whoever can write the run folder can rebuild with a valid chain: at sample level
+  the sampling rate ``q = batch_size / n_train`` and ``local_epochs * ceil(1/q)`` steps per round
+  from each site's number of training cases, at site level ``q = 1`` (no amplification: the
+  server sees who takes part) and one step per round when every site takes part; the least noise
+  multiplier the configuration asks for (configured, or recalibrated here from
+  ``target_epsilon``). A record below them is ``SAMPLING_BELOW_DERIVED``, ``STEPS_BELOW_DERIVED``
+  or ``NOISE_BELOW_CONFIG``, and every epsilon below is computed with ``max(ledger, derived)``
+  sampling rate and steps. Without the datalist (``DATALIST_UNAVAILABLE``, warning) sample-level
+  ``q`` and steps are the ledger's;
+* every site's epsilon recomputed with two independent accountants (``rdp``, implemented in
+  :mod:`secure_fl.privacy.accounting`, and Opacus ``prv``); they must agree within the known gap,
+  RDP being an upper bound (``ACCOUNTANT_DISAGREEMENT``);
+* every reported epsilon against the recomputed one at the *configuration's* delta with the
+  *configuration's* accountant, on the ledger as it stood after that row's round: below it
+  (``EPSILON_UNDER_REPORTED``) or above it - spend the ledger does not hold, e.g. a truncated
+  tail (``EPSILON_OVER_REPORTED``); a row claiming another delta or accountant
+  (``REPORT_DELTA_MISMATCH``, ``REPORT_ACCOUNTANT_MISMATCH``); DP rows without a report
+  (``EPSILON_NOT_REPORTED``, warning);
+* missing rounds: a metrics round without ledger records, ledger rounds not contiguous from 0, a
+  site missing from a round in which it trains (``MISSING_ROUND``);
 * unconfirmed intents (a crash; counted in full) and confirmations with more steps than intended
   (``UNCONFIRMED_INTENT``, ``STEPS_ABOVE_INTENT``, warnings);
-* noise below the configured multiplier or below the calibrated one recorded in
-  ``params["calibrated_noise_multiplier"]`` (``NOISE_BELOW_CONFIG``; ``NOISE_UNVERIFIABLE`` when a
-  target-epsilon run did not record it). Both are Gaussian-equivalent multipliers: for distributed
-  noise, the ledger's (effective) multiplier at the threshold must reach them, sampling above the configured site rate
-  (``SAMPLING_ABOVE_CONFIG``), level/mechanism/clip/delta differing from the configuration
-  (``CONFIG_MISMATCH``);
-* survivors below ``params["threshold"]``, the number of sites the distributed noise was sized
-  for (``SURVIVORS_BELOW_THRESHOLD``);
+* where the noise came from: a record drawn from a seeded generator is ``NOISE_PREDICTABLE``
+  (error: anyone with the seed can subtract it); records that do not say (written before noise
+  sources were recorded, when DP noise derived from the run seed) are ``NOISE_SOURCE_UNKNOWN``;
+* level/mechanism/clip/delta differing from the configuration (``CONFIG_MISMATCH``); survivors
+  below ``params["threshold"]`` (``SURVIVORS_BELOW_THRESHOLD``);
 * recomputed epsilon above ``target_epsilon`` or a budget (``EPSILON_ABOVE_TARGET``,
-  ``BUDGET_EXCEEDED``).
+  ``BUDGET_EXCEEDED``); a budget stop is explained (``BUDGET_STOP``, info, naming the round and
+  the budget check's numbers) and a ledger that ends early without one is ``RUN_INCOMPLETE``
+  (info).
+
+What it cannot detect: a run folder rewritten *consistently* - config.json, datalist, ledger,
+head file and metrics together (keep the config and the ledger head outside the run folder, e.g.
+at every site); noise that was recorded but not added (the audit sees records, not tensors); at
+site level with ``site_sample_rate < 1``, which sites took part in a round (steps 0 or 1).
 """
 
 from __future__ import annotations
@@ -39,8 +63,8 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +74,7 @@ from secure_fl.privacy.accounting import (
     ACCOUNTANTS,
     PRV_EPS_ERROR,
     PrivacyEvent,
+    calibrate_noise,
     canonical_events,
     epsilon_of_events,
 )
@@ -61,11 +86,16 @@ from secure_fl.privacy.ledger import (
     LedgerIntegrityError,
     LedgerRecord,
     PrivacyLedger,
-    select_events,
 )
 
 ERROR = "error"
 WARNING = "warning"
+INFO = "info"
+"""Severity of an explanation (e.g. a budget stop): it does not fail the audit."""
+
+PASS, FAIL, NO_DP = "PASS", "FAIL", "NO DP"
+EXIT_STATUS: dict[str, int] = {PASS: 0, FAIL: 1, NO_DP: 3}
+"""Exit status of ``secure-fl audit`` per status (2: usage error)."""
 
 AUDIT_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 """The two independent accountants every site's epsilon is recomputed with."""
@@ -73,7 +103,8 @@ AUDIT_ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem the audit found. ``severity`` is ``"error"`` or ``"warning"``."""
+    """One problem the audit found. ``severity`` is ``"error"``, ``"warning"`` or ``"info"`` (an
+    explanation that does not fail the audit)."""
 
     code: str
     severity: str
@@ -109,15 +140,30 @@ class AuditResult:
     records: int
     curve: list[CurvePoint] = field(default_factory=list)
     reported: list[tuple[str, str, float]] = field(default_factory=list)
+    dp: bool = True
+
+    @property
+    def problems(self) -> list[Finding]:
+        """The findings that fail the audit (errors and warnings; not ``info``)."""
+        return [f for f in self.findings if f.severity != INFO]
+
+    @property
+    def status(self) -> str:
+        """``"NO DP"`` without differential privacy (epsilon = infinity), else ``"PASS"`` when
+        no error or warning was found, else ``"FAIL"``."""
+        if not self.dp:
+            return NO_DP
+        return FAIL if self.problems else PASS
 
     @property
     def ok(self) -> bool:
-        """True when there is no finding at all (errors or warnings)."""
-        return not self.findings
+        """True when the status is PASS: DP configured and no error or warning."""
+        return self.status == PASS
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
+            "status": self.status,
             "ok": self.ok,
             "delta": self.delta,
             "privacy": self.privacy,
@@ -147,7 +193,12 @@ class AuditResult:
         return paths
 
     def _markdown(self) -> str:
-        status = "PASS - no findings" if self.ok else f"FAIL - {len(self.findings)} finding(s)"
+        if self.status == NO_DP:
+            status = "NO DP - no differential privacy: epsilon = infinity"
+        elif self.ok:
+            status = "PASS - no errors or warnings"
+        else:
+            status = f"FAIL - {len(self.problems)} finding(s)"
         lines = [
             f"# Privacy audit of `{self.run_dir}`",
             "",
@@ -191,14 +242,19 @@ class AuditResult:
             "",
             "## Method",
             "",
-            "The hash chain, its head anchor and the anchors in metrics.jsonl were verified; each "
-            "site's epsilon was recomputed from the ledger (unconfirmed intents counted, "
-            "max(intended, confirmed) steps, min(expected, confirmed) survivors) with an RDP "
-            "accountant and Opacus' PRV accountant (upper estimate); RDP is an upper bound, so it "
-            f"must not be below PRV by more than 2 x {PRV_EPS_ERROR}. Every reported epsilon was "
-            "compared with the same accountant's value on the ledger as it stood after that "
-            "round. The plot `epsilon_vs_rounds.png` shows the RDP epsilon per site against "
-            "rounds, with the reported values as markers.",
+            "The hash chain, its head anchor and the anchors in metrics.jsonl were verified "
+            "(growing from row to row, each covering its round); the sampling rate, steps and "
+            "least noise were re-derived from config.json and the datalist split and each "
+            "site's epsilon recomputed from the ledger with max(ledger, derived) sampling rate "
+            "and steps (unconfirmed intents counted, max(intended, confirmed) steps, "
+            "min(expected, confirmed) survivors) with an RDP accountant and Opacus' PRV "
+            "accountant (upper estimate); RDP is an upper bound, so it must not be below PRV by "
+            f"more than 2 x {PRV_EPS_ERROR}. Every reported epsilon was compared with the value "
+            "at the configuration's delta and accountant on the ledger as it stood after that "
+            "round. Not detectable: a run folder rewritten consistently (config, datalist, "
+            "ledger, head and metrics together), noise recorded but not added. The plot "
+            "`epsilon_vs_rounds.png` shows the RDP epsilon per site against rounds, with the "
+            "reported values as markers.",
             "",
         ]
         return "\n".join(lines)
@@ -236,7 +292,7 @@ class AuditResult:
         ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=30, fontsize=7)
         ax.set_xlabel("round")
         ax.set_ylabel(f"epsilon (delta={self.delta:g})")
-        ax.set_title("Privacy spent per site" + ("" if self.ok else " - audit FAILED"))
+        ax.set_title(f"Privacy spent per site - audit {self.status}")
         if sites:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -265,10 +321,46 @@ def _num(value: object) -> float | None:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Derived:
+    """What the configuration and the datalist say one site's records must carry, per round:
+    sampling rate ``q``, ``steps`` (None: not verifiable, e.g. site participation drawn at random)
+    and the least noise multiplier ``sigma`` (None: unknown). ``basis`` says where it comes from."""
+
+    q: float
+    steps: int | None
+    sigma: float | None
+    basis: str
+
+
 def _select(
-    records: Sequence[LedgerRecord], site: str, strategy: str | None, upto: int | None
+    records: Sequence[LedgerRecord],
+    site: str,
+    strategy: str | None,
+    upto: int | None,
+    derived: Mapping[str, Derived] | None = None,
 ) -> list[PrivacyEvent]:
-    return select_events(records, site, strategy=strategy, upto=upto)
+    """The site's events as the ledger stood after record ``upto``, with the sampling rate and
+    steps raised to the re-derived ones (``derived``) where the ledger shows less."""
+    events = []
+    for r in records:
+        if r.entry.site != site or (strategy is not None and r.entry.strategy != strategy):
+            continue
+        if upto is not None:
+            if r.id > upto:
+                continue
+            if r.confirm_id is not None and r.confirm_id > upto:
+                r = LedgerRecord(id=r.id, entry=r.entry, recorded_at=r.recorded_at)
+        event = r.event()
+        d = (derived or {}).get(site)
+        if d is not None:
+            event = replace(
+                event,
+                sample_rate=max(event.sample_rate, d.q),
+                steps=max(event.steps, d.steps or 0),
+            )
+        events.append(event)
+    return events
 
 
 def audit_run(
@@ -276,12 +368,17 @@ def audit_run(
     *,
     tolerance: float = 1e-6,
     accountants: Sequence[str] = AUDIT_ACCOUNTANTS,
+    datalist: str | Path | None = None,
 ) -> AuditResult:
     """Audit the privacy of the run in ``run_dir`` (see the module docstring for every check).
 
-    ``tolerance`` is the absolute epsilon tolerance for comparisons with reported and configured
-    values. Returns an :class:`AuditResult` (findings may be empty); raises ConfigError when
-    ``run_dir`` is not a run folder (no readable config.json) or an argument is invalid.
+    Guarantee: against anyone who can edit some files of the run folder (metrics.jsonl, the
+    ledger, its head) but not all of them consistently with config.json and the datalist, a run
+    that under-states its spend does not PASS. ``tolerance`` is the absolute epsilon tolerance
+    for comparisons with reported and configured values; ``datalist`` overrides the datalist named
+    in config.json (the auditor's own copy). Returns an :class:`AuditResult` (``status`` PASS,
+    FAIL or NO DP); raises ConfigError when ``run_dir`` is not a run folder (no readable
+    config.json) or an argument is invalid.
     """
     run = Path(run_dir)
     if not run.is_dir():
@@ -310,14 +407,33 @@ def audit_run(
         pcfg = None
         findings.append(Finding("CONFIG_INVALID", ERROR, f"config.json privacy section: {exc}"))
     delta = pcfg.delta if pcfg else (_num((raw_privacy or {}).get("delta")) or 1e-5)
+    config_accountant = pcfg.accountant if pcfg else "rdp"
     dp_enabled = pcfg.enabled if pcfg else True
     rows = read_jsonl(run / "metrics.jsonl")
     privacy_dict = (
         pcfg.to_dict() if pcfg else (raw_privacy if isinstance(raw_privacy, dict) else None)
     )
+    if not dp_enabled:
+        findings.append(
+            Finding(
+                "NO_DP",
+                ERROR,
+                "no differential privacy: epsilon = infinity (config.json privacy.level='none'); "
+                "the released models carry no DP guarantee for any patient or site",
+            )
+        )
 
     def result(**kw: Any) -> AuditResult:
-        return AuditResult(run_dir=run, findings=findings, delta=delta, privacy=privacy_dict, **kw)
+        if not dp_enabled:
+            kw["federation_epsilon"] = {acc: math.inf for acc in accountants}
+        return AuditResult(
+            run_dir=run,
+            findings=findings,
+            delta=delta,
+            privacy=privacy_dict,
+            dp=dp_enabled,
+            **kw,
+        )
 
     ledger_path = run / LEDGER_FILENAME
     if not ledger_path.exists():
@@ -337,6 +453,7 @@ def audit_run(
     except (LedgerIntegrityError, ConfigError) as exc:
         findings.append(Finding("CHAIN_BROKEN", ERROR, str(exc)))
         return result(epsilon={}, federation_epsilon={}, records=0)
+    anchors: list[tuple[dict[str, Any], LedgerHead | None]] = []
     with ledger:
         try:
             ledger.verify()
@@ -350,7 +467,9 @@ def audit_run(
             try:
                 anchor = LedgerHead.from_dict(anchor_raw)
                 ledger.check_anchor(anchor)
+                anchors.append((row, anchor))
             except (ConfigError, LedgerIntegrityError, AttributeError) as exc:
+                anchors.append((row, None))
                 findings.append(
                     Finding(
                         "ANCHOR_MISMATCH",
@@ -383,15 +502,22 @@ def audit_run(
             order.append(k)
         last_seq[k] = max(last_seq.get(k, 0), int(raw["seq"]))
 
+    derived: dict[str, Derived] = {}
+    schedule: dict[int, set[str]] | None = None
+    if dp_enabled and pcfg is not None and records:
+        derived, schedule = _derive(config, pcfg, sites, datalist, findings)
+        _check_derived(records, derived, findings)
+    _check_anchors(anchors, last_seq, strategies_named, findings)
+
     # recomputed totals
     epsilon: dict[str, dict[str, float]] = {}
     for site in sites:
-        events = _select(records, site, None, None)
+        events = _select(records, site, None, None, derived)
         epsilon[site] = {acc: eps(events, delta, acc) for acc in accountants}
     federation = {acc: max((epsilon[s][acc] for s in sites), default=0.0) for acc in accountants}
     _check_accountants(epsilon, tolerance, findings)
     if pcfg is not None:
-        _check_config(pcfg, records, epsilon, eps, delta, tolerance, findings)
+        _check_config(pcfg, records, epsilon, eps, delta, tolerance, derived, findings)
         if not dp_enabled and records:
             findings.append(
                 Finding(
@@ -402,14 +528,17 @@ def audit_run(
                 )
             )
     _check_records(records, findings)
-    _check_rounds(records, rows, config, pcfg, dp_enabled, strategies_named, findings)
+    _check_noise_source(records, findings)
+    _check_rounds(records, rows, config, pcfg, dp_enabled, strategies_named, schedule, findings)
+    _check_stop(run, records, config, pcfg, epsilon, findings)
 
-    # reported epsilons
+    # reported epsilons: always at the configuration's delta, with its accountant
     reported: list[tuple[str, str, float]] = []
     for row in rows:
         strategy = str(row.get("strategy") or "")
         rnd = _int_or_none(row.get("round"))
         label = _label(strategy, rnd if rnd is not None else -1)
+        where_row: dict[str, Any] = {"round": rnd, "strategy": strategy or None}
         priv = row.get("privacy")
         if not isinstance(priv, dict):
             if dp_enabled:
@@ -418,22 +547,50 @@ def audit_run(
                         "EPSILON_NOT_REPORTED",
                         WARNING,
                         "metrics row carries no privacy block although DP is configured",
-                        round=rnd,
-                        strategy=strategy or None,
+                        **where_row,
                     )
                 )
             continue
-        acc = priv.get("accountant", pcfg.accountant if pcfg else "rdp")
-        row_delta = _num(priv.get("delta")) or delta
+        claimed_acc = priv.get("accountant", config_accountant)
+        if claimed_acc != config_accountant:
+            findings.append(
+                Finding(
+                    "REPORT_ACCOUNTANT_MISMATCH",
+                    ERROR,
+                    f"the row reports epsilon with accountant {claimed_acc!r}, the configuration "
+                    f"says {config_accountant!r}: compared with {config_accountant!r}",
+                    **where_row,
+                )
+            )
+        claimed_delta = _num(priv.get("delta"))
+        if claimed_delta is None or not math.isclose(claimed_delta, delta, rel_tol=1e-9):
+            findings.append(
+                Finding(
+                    "REPORT_DELTA_MISMATCH",
+                    ERROR,
+                    f"the row reports epsilon at delta={priv.get('delta')!r}, the configuration "
+                    f"says {delta:g}: compared at {delta:g}",
+                    **where_row,
+                )
+            )
         scope = priv.get("scope", "ledger")
         row_anchor = _anchor_of(priv)
-        upto: int | None
-        if isinstance(row_anchor, dict) and isinstance(row_anchor.get("count"), int):
-            upto = int(row_anchor["count"])
-        else:
-            upto = last_seq.get(
-                (strategy if strategies_named else "", rnd if rnd is not None else -1)
+        if row_anchor is None and dp_enabled:
+            findings.append(
+                Finding(
+                    "ANCHOR_MISSING",
+                    WARNING,
+                    "the row carries no ledger anchor (privacy.ledger_head): a truncated ledger "
+                    "cannot be told from this row; compared with the ledger after its round",
+                    **where_row,
+                )
             )
+        round_seq = last_seq.get(
+            (strategy if strategies_named else "", rnd if rnd is not None else -1)
+        )
+        upto: int | None = round_seq
+        if isinstance(row_anchor, dict) and isinstance(row_anchor.get("count"), int):
+            upto = max(int(row_anchor["count"]), round_seq or 0)
         if upto is None:
             continue  # reported as MISSING_ROUND
         values = priv.get("epsilon")
@@ -443,14 +600,13 @@ def audit_run(
                     "EPSILON_NOT_REPORTED",
                     WARNING,
                     "privacy block has no 'epsilon' mapping",
-                    round=rnd,
-                    strategy=strategy or None,
+                    **where_row,
                 )
             )
             continue
         scope_strategy = strategy if scope == "strategy" and strategies_named else None
         for site in sites:
-            events = _select(records, site, scope_strategy, upto)
+            events = _select(records, site, scope_strategy, upto, derived)
             if site not in values and canonical_events(events):
                 findings.append(
                     Finding(
@@ -458,8 +614,7 @@ def audit_run(
                         WARNING,
                         f"site {site!r} has spent privacy but the row reports no epsilon",
                         site=site,
-                        round=rnd,
-                        strategy=strategy or None,
+                        **where_row,
                     )
                 )
         for site, value in values.items():
@@ -471,18 +626,14 @@ def audit_run(
                         WARNING,
                         f"reported epsilon {value!r} is not a number",
                         site=str(site),
-                        round=rnd,
-                        strategy=strategy or None,
+                        **where_row,
                     )
                 )
                 continue
             reported.append((label, str(site), v))
-            use = acc if acc in ACCOUNTANTS else "rdp"
-            events = _select(records, str(site), scope_strategy, upto)
-            recomputed = eps(events, row_delta, use)
-            if acc not in ACCOUNTANTS:
-                recomputed = min(recomputed, eps(events, row_delta, "prv"))
-            where = f"(accountant {acc}, δ={row_delta:g}, ledger up to record {upto})"
+            events = _select(records, str(site), scope_strategy, upto, derived)
+            recomputed = eps(events, delta, config_accountant)
+            where = f"(accountant {config_accountant}, δ={delta:g}, ledger up to record {upto})"
             if v < recomputed - tolerance:
                 findings.append(
                     Finding(
@@ -491,8 +642,7 @@ def audit_run(
                         f"reported ε={v:.6g} is below the ε={recomputed:.6g} recomputed from the "
                         f"ledger {where}",
                         site=str(site),
-                        round=rnd,
-                        strategy=strategy or None,
+                        **where_row,
                     )
                 )
             elif v > recomputed + tolerance:
@@ -503,21 +653,21 @@ def audit_run(
                         f"reported ε={v:.6g} exceeds the ε={recomputed:.6g} recomputed from the "
                         f"ledger {where}: the ledger is missing spend the run accounted for",
                         site=str(site),
-                        round=rnd,
-                        strategy=strategy or None,
+                        **where_row,
                     )
                 )
 
     curve = []
     for strategy, rnd in order:
-        upto = last_seq[(strategy, rnd)]
+        upto_seq = last_seq[(strategy, rnd)]
         point = {}
         for site in sites:
-            events = _select(records, site, None, upto)
+            events = _select(records, site, None, upto_seq, derived)
             if canonical_events(events):
                 point[site] = eps(events, delta, "rdp")
         curve.append(CurvePoint(_label(strategy, rnd), strategy, rnd, point))
-    findings.sort(key=lambda f: (f.severity != ERROR, f.strategy or "", f.round or -1, f.code))
+    rank = {ERROR: 0, WARNING: 1, INFO: 2}
+    findings.sort(key=lambda f: (rank.get(f.severity, 3), f.strategy or "", f.round or -1, f.code))
     return result(
         epsilon=epsilon,
         federation_epsilon=federation,
@@ -525,6 +675,314 @@ def audit_run(
         curve=curve,
         reported=reported,
     )
+
+
+def _derive(
+    config: Mapping[str, Any],
+    pcfg: PrivacyConfig,
+    ledger_sites: Sequence[str],
+    datalist: str | Path | None,
+    findings: list[Finding],
+) -> tuple[dict[str, Derived], dict[int, set[str]] | None]:
+    """Per site, what the configuration and the datalist split say its records must carry (see
+    :class:`Derived`), and, at sample level, which sites train in which round (None: unknown).
+
+    Mirrors the runner (:class:`secure_fl.training.privacy_run.PrivacyRound`), computed here
+    independently from config.json and the datalist, never from the ledger."""
+    rounds = _int_or_none(config.get("rounds"))
+    if rounds is None or rounds < 1:
+        findings.append(
+            Finding("CONFIG_INVALID", ERROR, "config.json has no valid 'rounds': nothing derived")
+        )
+        return {}, None
+
+    def least_noise(q: float, steps: int) -> float | None:
+        if pcfg.target_epsilon is None:
+            return None  # a configured multiplier is checked by _check_config
+        options: dict[str, Any] = {}
+        if pcfg.mechanism == "skellam":
+            options["integer_orders"] = True
+        try:
+            return calibrate_noise(
+                pcfg.target_epsilon, q, steps, pcfg.delta, accountant=pcfg.accountant, **options
+            )
+        except (ConfigError, TypeError) as exc:
+            findings.append(
+                Finding("NOISE_UNVERIFIABLE", WARNING, f"could not re-derive the noise: {exc}")
+            )
+            return None
+
+    if pcfg.level == "site":
+        every_round = pcfg.site_sample_rate >= 1.0
+        sigma = least_noise(1.0, rounds)
+        basis = "site level: q = 1 (no amplification by site sampling), " + (
+            "1 step per round" if every_round else "0 or 1 step per round (random participation)"
+        )
+        return {
+            s: Derived(1.0, 1 if every_round else None, sigma, basis) for s in ledger_sites
+        }, None
+
+    train_raw, data_raw = config.get("train"), config.get("data")
+    train: Mapping[str, Any] = train_raw if isinstance(train_raw, dict) else {}
+    data: Mapping[str, Any] = data_raw if isinstance(data_raw, dict) else {}
+    batch = _int_or_none(train.get("batch_size"))
+    epochs = _int_or_none(train.get("local_epochs"))
+    seed = _int_or_none(config.get("seed"))
+    val_fraction = _num(data.get("val_fraction"))
+    strategies = config.get("strategies")
+    strategy = strategies[0] if isinstance(strategies, list) and strategies else "fedavg"
+    path = Path(datalist) if datalist is not None else _datalist_path(data)
+    why = None
+    if batch is None or epochs is None or batch < 1 or epochs < 1:
+        why = "config.json lacks a valid train.batch_size or train.local_epochs"
+    elif seed is None or val_fraction is None or path is None:
+        why = "config.json lacks seed, data.val_fraction or data.datalist/synthetic_dir"
+    else:
+        from secure_fl.data.datalist import load_datalist, split_by_site
+
+        try:
+            splits = split_by_site(
+                load_datalist(path, must_exist=False),
+                val_fraction=float(val_fraction or 0.0),
+                seed=int(seed or 0),
+            )
+        except (ConfigError, OSError, ValueError) as exc:
+            why = f"the datalist {path} is unavailable or invalid ({exc})"
+    if why is not None:
+        findings.append(
+            Finding(
+                "DATALIST_UNAVAILABLE",
+                WARNING,
+                f"{why}: the sampling rate and steps could not be re-derived; the ledger's own "
+                "values were used (pass the datalist with --datalist)",
+            )
+        )
+        return {}, None
+    if batch is None or epochs is None:  # pragma: no cover - excluded above (narrows for mypy)
+        return {}, None
+    n_train = {site: len(tr) for site, (tr, _) in splits.items()}
+    names = sorted(n_train)
+
+    def plan(n: int, basis: str) -> Derived:
+        q = min(1.0, batch / n)
+        steps = epochs * math.ceil(1.0 / q)
+        return Derived(q, steps, least_noise(q, rounds * steps), basis)
+
+    if strategy == "centralized":
+        total = sum(n_train.values())
+        pooled = plan(total, f"pooled trainer: batch {batch} / {total} training cases")
+        derived = {s: pooled for s in names}
+    else:
+        derived = {s: plan(n, f"batch {batch} / {n} training cases") for s, n in n_train.items()}
+    schedule: dict[int, set[str]] = {}
+    for r in range(rounds):
+        if strategy == "swt":
+            schedule[r] = {names[min(len(names) - 1, r * len(names) // rounds)]}
+        else:
+            schedule[r] = set(names)
+    for site in ledger_sites:
+        if site not in derived:
+            findings.append(
+                Finding(
+                    "SITE_UNKNOWN",
+                    WARNING,
+                    f"site {site!r} has ledger records but no cases in the datalist {path}",
+                    site=site,
+                )
+            )
+    return derived, schedule
+
+
+def _datalist_path(data: Mapping[str, Any]) -> Path | None:
+    name = data.get("datalist")
+    if isinstance(name, str) and name:
+        return Path(name)
+    folder = data.get("synthetic_dir")
+    if isinstance(folder, str) and folder:
+        return Path(folder) / "datalist.json"
+    return None
+
+
+def _check_derived(
+    records: Sequence[LedgerRecord], derived: Mapping[str, Derived], findings: list[Finding]
+) -> None:
+    """Every record against the re-derived sampling rate, steps and least noise."""
+    for r in records:
+        e, d = r.entry, derived.get(r.entry.site)
+        if d is None:
+            continue
+        where = _where(e)
+        if e.sample_rate < d.q * (1 - 1e-12):
+            findings.append(
+                Finding(
+                    "SAMPLING_BELOW_DERIVED",
+                    ERROR,
+                    f"record {r.id} claims sampling rate {e.sample_rate:g}; the configuration and "
+                    f"datalist give {d.q:g} ({d.basis}): accounted at {d.q:g}",
+                    **where,
+                )
+            )
+        if d.steps is not None and r.accounted_steps < d.steps:
+            findings.append(
+                Finding(
+                    "STEPS_BELOW_DERIVED",
+                    ERROR,
+                    f"record {r.id} claims {r.accounted_steps} steps; the configuration and "
+                    f"datalist give {d.steps} per round ({d.basis}): accounted at {d.steps}",
+                    **where,
+                )
+            )
+        ran = min(e.noise_multiplier, r.confirmed_noise_multiplier or math.inf)
+        if d.sigma is not None and ran < d.sigma * (1 - 1e-9):
+            findings.append(
+                Finding(
+                    "NOISE_BELOW_CONFIG",
+                    ERROR,
+                    f"record {r.id} ran noise multiplier {ran:.6g}, below the {d.sigma:.6g} the "
+                    f"configuration asks for ({d.basis})",
+                    **where,
+                )
+            )
+
+
+def _check_anchors(
+    anchors: Sequence[tuple[dict[str, Any], LedgerHead | None]],
+    last_seq: Mapping[tuple[str, int], int],
+    strategies_named: bool,
+    findings: list[Finding],
+) -> None:
+    """Anchors of successive rows must grow, and each must cover its own round's records."""
+    previous: int | None = None
+    for row, anchor in anchors:
+        if anchor is None:
+            continue
+        rnd = _int_or_none(row.get("round"))
+        strategy = str(row.get("strategy") or "")
+        where: dict[str, Any] = {"round": rnd, "strategy": strategy or None}
+        if previous is not None and anchor.count <= previous:
+            findings.append(
+                Finding(
+                    "ANCHOR_NOT_MONOTONE",
+                    ERROR,
+                    f"the row's ledger anchor (record {anchor.count}) does not come after the "
+                    f"previous row's (record {previous}): an anchor was re-used or rows reordered",
+                    **where,
+                )
+            )
+        previous = anchor.count if previous is None else max(previous, anchor.count)
+        needed = last_seq.get(
+            (strategy if strategies_named else "", rnd if rnd is not None else -1)
+        )
+        if needed is not None and anchor.count < needed:
+            findings.append(
+                Finding(
+                    "ANCHOR_STALE",
+                    ERROR,
+                    f"the row's ledger anchor stops at record {anchor.count}, before record "
+                    f"{needed}, the last of its own round: it is an earlier round's anchor",
+                    **where,
+                )
+            )
+
+
+def _check_noise_source(records: Sequence[LedgerRecord], findings: list[Finding]) -> None:
+    """Seeded noise is predictable by whoever knows the seed; old records do not say."""
+    seeded = [r for r in records if r.entry.params.get("noise_source") == "seeded"]
+    unknown = [r for r in records if r.entry.params.get("noise_source") not in ("csprng", "seeded")]
+    if seeded:
+        first = seeded[0].entry
+        findings.append(
+            Finding(
+                "NOISE_PREDICTABLE",
+                ERROR,
+                f"{len(seeded)} record(s) drew their DP noise from a seeded generator "
+                "(privacy.reproducible_noise = true): anyone who knows the seed can regenerate "
+                "and subtract the noise, so the reported epsilon does not hold against them",
+                site=first.site,
+                round=first.round,
+                strategy=first.strategy or None,
+            )
+        )
+    if unknown:
+        first = unknown[0].entry
+        findings.append(
+            Finding(
+                "NOISE_SOURCE_UNKNOWN",
+                WARNING,
+                f"{len(unknown)} record(s) do not say where their noise came from "
+                "(params['noise_source'] missing: written before noise sources were recorded, "
+                "when DP noise derived from the run seed): the noise may be predictable",
+                site=first.site,
+                round=first.round,
+                strategy=first.strategy or None,
+            )
+        )
+
+
+def _check_stop(
+    run: Path,
+    records: Sequence[LedgerRecord],
+    config: Mapping[str, Any],
+    pcfg: PrivacyConfig | None,
+    epsilon: Mapping[str, Mapping[str, float]],
+    findings: list[Finding],
+) -> None:
+    """Explain a budget stop (``stopped.json``), or a ledger that ends before the planned rounds."""
+    planned = _int_or_none(config.get("rounds"))
+    last = max((r.entry.round for r in records), default=-1)
+    path = run / "stopped.json"
+    stop: Any = None
+    if path.exists():
+        try:
+            stop = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            stop = None
+    if isinstance(stop, dict):
+        rnd = _int_or_none(stop.get("round"))
+        strategy = _str_or_none(stop.get("strategy"))
+        budgets = []
+        if pcfg is not None:
+            for name in ("site_budget", "federation_budget", "target_epsilon"):
+                value = getattr(pcfg, name)
+                if value is not None:
+                    budgets.append(f"{name}={value:g}")
+        acc = pcfg.accountant if pcfg else "rdp"
+        spent = max((v.get(acc, v.get("rdp", 0.0)) for v in epsilon.values()), default=0.0)
+        findings.append(
+            Finding(
+                "BUDGET_STOP",
+                INFO,
+                f"the run was stopped by its privacy budget ({', '.join(budgets) or '?'}) before "
+                f"round index {rnd} (round {'?' if rnd is None else rnd + 1} of {planned}), "
+                f"after spending ε={spent:.4g}: "
+                f"{stop.get('message', '')}",
+                round=rnd,
+                strategy=strategy,
+            )
+        )
+        if rnd is not None and last >= rnd:
+            findings.append(
+                Finding(
+                    "STOP_INCONSISTENT",
+                    WARNING,
+                    f"stopped.json says round {rnd} was refused, but the ledger records round "
+                    f"{last}",
+                    round=rnd,
+                    strategy=strategy,
+                )
+            )
+    elif stop is not None or path.exists():
+        findings.append(Finding("STOP_INCONSISTENT", WARNING, f"{path.name} is unreadable"))
+    elif records and planned is not None and last < planned - 1:
+        findings.append(
+            Finding(
+                "RUN_INCOMPLETE",
+                INFO,
+                f"the ledger ends at round {last} of the {planned} planned (rounds 0..{planned - 1})"
+                ": the run was interrupted or is still running; epsilon is what was spent so far",
+                round=last,
+            )
+        )
 
 
 def _anchor_of(privacy: dict[str, Any]) -> Any:
@@ -581,6 +1039,7 @@ def _check_config(
     eps: _EpsilonCache,
     delta: float,
     tolerance: float,
+    derived: Mapping[str, Derived],
     findings: list[Finding],
 ) -> None:
     for r in records:
@@ -656,18 +1115,9 @@ def _check_config(
                         **where,
                     )
                 )
-        if pcfg.level == "site" and e.sample_rate > pcfg.site_sample_rate * (1 + 1e-12):
-            findings.append(
-                Finding(
-                    "SAMPLING_ABOVE_CONFIG",
-                    ERROR,
-                    f"record {r.id} sampled sites at rate {e.sample_rate:g}, above the "
-                    f"configured site_sample_rate {pcfg.site_sample_rate:g}",
-                    **where,
-                )
-            )
     per_site = {
-        site: eps(_select(records, site, None, None), delta, pcfg.accountant) for site in epsilon
+        site: eps(_select(records, site, None, None, derived), delta, pcfg.accountant)
+        for site in epsilon
     }
     if pcfg.target_epsilon is not None:
         for site, value in per_site.items():
@@ -750,6 +1200,7 @@ def _check_rounds(
     pcfg: PrivacyConfig | None,
     dp_enabled: bool,
     strategies_named: bool,
+    schedule: Mapping[int, set[str]] | None,
     findings: list[Finding],
 ) -> None:
     if not dp_enabled:
@@ -821,6 +1272,20 @@ def _check_rounds(
                         strategy=s or None,
                     )
                 )
+    elif schedule is not None:  # sample level: the sites that train in the round (datalist)
+        for (s, rnd), present in sorted(sites_by_round.items()):
+            for site in sorted(schedule.get(rnd, set()) - present):
+                findings.append(
+                    Finding(
+                        "MISSING_ROUND",
+                        ERROR,
+                        f"site {site!r} trains in round {rnd} (config.json and the datalist) but "
+                        "the ledger has no record of it there",
+                        site=site,
+                        round=rnd,
+                        strategy=s or None,
+                    )
+                )
 
 
 def _fmt(value: float) -> str:
@@ -840,8 +1305,10 @@ def _json_safe(value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``secure-fl audit RUN_DIR``: 0 when the audit has no finding, 1 on any finding, 2 on a
-    usage error (bad arguments, no run folder, no readable config.json)."""
+    """``secure-fl audit RUN_DIR``. Exit status: 0 PASS (no error or warning; info lines may
+    explain), 1 FAIL (any error or warning), 2 usage error (bad arguments, no run folder, no
+    readable config.json), 3 NO DP (the run applied no differential privacy: epsilon =
+    infinity)."""
     parser = argparse.ArgumentParser(
         prog="secure-fl audit",
         description="Verify a run's privacy ledger and recompute every site's epsilon.",
@@ -854,12 +1321,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="absolute epsilon tolerance for comparisons (default 1e-6)",
     )
     parser.add_argument("--no-report", action="store_true", help="do not write audit.md/.json/.png")
+    parser.add_argument(
+        "--datalist",
+        default=None,
+        help="the datalist to re-derive sampling rates and steps from (default: config.json's)",
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return 0 if exc.code in (0, None) else 2
     try:
-        result = audit_run(args.run_dir, tolerance=args.tolerance)
+        result = audit_run(args.run_dir, tolerance=args.tolerance, datalist=args.datalist)
     except ConfigError as exc:
         print(f"secure-fl audit: {exc}", file=sys.stderr)
         return 2
@@ -880,5 +1352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if x
         )
         print(f"{f.severity.upper()} {f.code} {where}: {f.message}")
-    print("audit: PASS" if result.ok else f"audit: FAIL ({len(result.findings)} finding(s))")
-    return 0 if result.ok else 1
+    if result.status == NO_DP:
+        print("audit: NO DP (no differential privacy: epsilon = infinity)")
+    elif result.ok:
+        print("audit: PASS")
+    else:
+        print(f"audit: FAIL ({len(result.problems)} finding(s))")
+    return EXIT_STATUS[result.status]

@@ -13,13 +13,18 @@ Definitions (epsilon at the run's delta, with the chosen accountant, from the le
   several sites gets the composition of those sites' events, which this definition does not cover
   (``composition="sequential"`` in :func:`federation_epsilon` composes all sites' events and is an
   upper bound for that case at sample level; it is needlessly loose at site level).
+
+A run's ``target_epsilon`` is a budget too (the runner passes it to :func:`check_budget` with the
+site budget). Resuming an interrupted run re-runs the interrupted round although its intents are
+already counted; :func:`resume_noise_scale` gives the factor by which the remaining rounds' noise
+must grow so that the target still holds (or None: the next round is refused).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from secure_fl.errors import BudgetExceededError, ConfigError
 from secure_fl.privacy.accounting import (
@@ -29,7 +34,7 @@ from secure_fl.privacy.accounting import (
     _check_real,
     epsilon_of_events,
 )
-from secure_fl.privacy.ledger import LedgerEntry, PrivacyLedger, effective_multiplier
+from secure_fl.privacy.ledger import LedgerEntry, PrivacyLedger, entry_event
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,9 @@ class BudgetStatus:
 
 
 def planned_event(entry: LedgerEntry) -> PrivacyEvent:
-    """The accountant event of a planned entry (as the ledger will count its intent)."""
-    sigma = effective_multiplier(
-        entry.noise_multiplier, entry.survivors, entry.params.get("threshold")
-    )
-    return PrivacyEvent(sigma, entry.sample_rate, entry.steps)
+    """The accountant event of a planned entry: exactly what the ledger will count for its
+    intent (:func:`secure_fl.privacy.ledger.entry_event`: honest survivors, integer orders)."""
+    return entry_event(entry)
 
 
 def federation_epsilon(
@@ -147,6 +150,66 @@ def check_budget(
         federation_spent=fed_spent,
         federation_projected=fed_projected,
     )
+
+
+_SCALE_MAX = 1e4
+
+
+def resume_noise_scale(
+    history: Mapping[str, Sequence[PrivacyEvent]],
+    future: Mapping[str, Sequence[PrivacyEvent]],
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "rdp",
+    *,
+    tolerance: float = 1e-3,
+) -> float | None:
+    """The smallest factor ``s >= 1`` by which the noise multipliers of the ``future`` events
+    must grow so that every site's epsilon, ``history`` (what the ledger already holds, unconfirmed
+    intents included) composed with the scaled ``future``, stays at or below ``target_epsilon``.
+
+    Guarantee: when a factor is returned, recomputing each site's epsilon with it gives a value
+    ``<= target_epsilon`` (checked before returning); 1.0 means the planned noise already fits (an
+    uninterrupted resume keeps its noise, so it produces the same models). ``None`` when no factor
+    up to 1e4 fits (the history alone is at or above the target): the caller must refuse the round
+    (the budget check does). ``tolerance`` bounds how far above the smallest factor the bisection
+    stops (absolute epsilon below the target). Raises ConfigError for invalid arguments.
+    """
+    target = _check_real("target_epsilon", target_epsilon, low=0.0)
+    delta = _check_delta(delta)
+    accountant = _check_accountant(accountant)
+    sites = sorted(set(future))
+
+    def worst(scale: float) -> float:
+        values = [
+            epsilon_of_events(
+                list(history.get(site, []))
+                + [replace(e, noise_multiplier=e.noise_multiplier * scale) for e in future[site]],
+                delta,
+                accountant,
+            )
+            for site in sites
+        ]
+        return max(values, default=0.0)
+
+    if worst(1.0) <= target:
+        return 1.0
+    if worst(_SCALE_MAX) > target:
+        return None
+    lo, hi = 1.0, 2.0
+    while worst(hi) > target:
+        lo, hi = hi, min(hi * 2.0, _SCALE_MAX)
+    eps_hi = worst(hi)
+    while target - eps_hi > tolerance and (hi - lo) > 1e-6 * hi:
+        mid = math.sqrt(lo * hi)
+        eps_mid = worst(mid)
+        if eps_mid <= target:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo = mid
+    if not worst(hi) <= target:  # pragma: no cover - a bisection invariant
+        raise ConfigError(f"recalibration failed: scale {hi:g} exceeds target {target:g}")
+    return hi
 
 
 def remaining_budget(spent: Mapping[str, float], budget: float | None) -> dict[str, float]:

@@ -40,9 +40,16 @@ class PrivacyConfig:
       mechanisms the multiplier is the Gaussian-equivalent one of the aggregate noise.
     * ``delta`` in (0, 1); ``clip`` > 0 (per-sample gradient L2 norm at sample level, per-site
       update L2 norm at site level); ``site_sample_rate`` in (0, 1] (site level: Poisson
-      probability that a site takes part in a round); ``accountant`` in ``("rdp", "prv", "pld")``;
+      probability, drawn from the OS CSPRNG, that a site takes part in a round; no amplification
+      is claimed from it - the server sees who takes part - so each site is charged at rate 1 for
+      the rounds it joined); ``accountant`` in ``("rdp", "prv", "pld")``;
       ``site_budget`` / ``federation_budget``: epsilon caps (> 0) or None; ``bits`` in [8, 64]:
       the ring size 2^bits of distributed noise.
+    * ``reproducible_noise`` (bool, default False): draw the DP noise and the DP sampling from
+      generators seeded from the run seed instead of the OS CSPRNG. Anyone holding the run's
+      ``config.json`` can then regenerate the noise and subtract it: the run has **no** privacy
+      against them. For research reproducibility only; the ledger records ``noise_source =
+      "seeded"`` and the audit reports it.
 
     Errors: :class:`ConfigError` naming ``privacy.<field>`` and the allowed values.
     """
@@ -59,6 +66,7 @@ class PrivacyConfig:
     site_budget: float | None = None
     federation_budget: float | None = None
     bits: int = 32
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         _choice("level", self.level, LEVELS)
@@ -111,6 +119,10 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.bits must be an integer in [8, 64], got {self.bits!r}")
         if not BITS_RANGE[0] <= self.bits <= BITS_RANGE[1]:
             raise ConfigError(f"privacy.bits must be an integer in [8, 64], got {self.bits!r}")
+        if not isinstance(self.reproducible_noise, bool):
+            raise ConfigError(
+                f"privacy.reproducible_noise must be true or false, got {self.reproducible_noise!r}"
+            )
         if self.target_epsilon is not None:
             for name in ("site_budget", "federation_budget"):
                 budget = getattr(self, name)
@@ -128,6 +140,11 @@ class PrivacyConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, float(value))
+
+    @property
+    def noise_source(self) -> str:
+        """``"seeded"`` with ``reproducible_noise``, else ``"csprng"`` (recorded in the ledger)."""
+        return "seeded" if self.reproducible_noise else "csprng"
 
     @property
     def enabled(self) -> bool:

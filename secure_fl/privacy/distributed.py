@@ -31,8 +31,11 @@ sqrt(s / threshold)``); fewer than ``threshold`` survivors void the guarantee (r
 inputs differ in one site's update, replaced by zero while the site still adds its noise share (as
 in DDG's analysis; a site whose noise vanishes together with its data is not covered). It holds
 against the server and any coalition that excludes the honest survivors whose noise is counted. A
-site colluding with the server knows (and can subtract) its own noise share: count only honest
-survivors in ``survivors``. The noise must be secret: seed each site's ``rng`` from the OS CSPRNG.
+site colluding with the server knows (and can subtract) its own noise share: size the noise for
+the honest survivors ``t - c`` (:func:`honest_noise_threshold`: ``c = ceil(corrupt_fraction * n)``
+colluders among the ``t`` survivors SecAgg needs) and count only honest survivors in
+``survivors``. The noise must be secret: each site's ``rng`` defaults to a generator seeded from
+the OS CSPRNG; a seeded generator is for named reproducible research runs only.
 
 **Granularity (gamma).** The modulus must hold, per rotated coordinate, ``k_stddevs`` standard
 deviations of the sum of ``num_sites`` rounded vectors plus their noise (DDG Sec. 4.2/4.4, Eq. 61 /
@@ -100,6 +103,7 @@ __all__ = [
     "effective_noise_multiplier",
     "encode_site",
     "gaussian_equivalent_noise_multiplier",
+    "honest_noise_threshold",
     "l2_sensitivity",
     "plan_distributed_bits",
 ]
@@ -435,6 +439,46 @@ def gaussian_equivalent_noise_multiplier(
     return 1.0 / math.sqrt(l2 * l2 / mu + 2.0 * extra)
 
 
+def honest_noise_threshold(
+    threshold: int, num_sites: int, corrupt_fraction: float
+) -> tuple[int, int]:
+    """``(t - c, c)``: the honest survivors distributed noise must be sized for, and the colluders.
+
+    Secure aggregation releases a sum once ``threshold`` (``t``) sites survive; up to ``c =
+    ceil(corrupt_fraction * num_sites)`` of them may collude with the server and subtract their
+    own noise shares, so only ``t - c`` honest shares are guaranteed to remain in what the
+    coalition sees. Sizing the noise for ``t - c`` (``DistributedDPConfig.threshold``) keeps the
+    guarantee against the server together with any ``c`` sites.
+
+    Errors: ConfigError naming ``aggregation.options.corrupt_fraction`` / ``threshold`` and
+    ``privacy.trust`` when ``t - c < 1`` (no honest noise is guaranteed), or when an argument is
+    out of range.
+    """
+    if not _is_int(num_sites) or num_sites < 1:
+        raise ConfigError(f"num_sites must be an integer >= 1, got {num_sites!r}")
+    if not _is_int(threshold) or not 1 <= threshold <= num_sites:
+        raise ConfigError(
+            f"aggregation.options.threshold must be an integer in [1, {num_sites}], got "
+            f"{threshold!r}"
+        )
+    if not _is_real(corrupt_fraction) or not 0.0 <= float(corrupt_fraction) < 1.0:
+        raise ConfigError(
+            "aggregation.options.corrupt_fraction must be a number in [0, 1), got "
+            f"{corrupt_fraction!r}"
+        )
+    colluders = math.ceil(float(corrupt_fraction) * int(num_sites))
+    honest = int(threshold) - colluders
+    if honest < 1:
+        raise ConfigError(
+            f"privacy.trust='distributed' needs at least one honest survivor: threshold={threshold} "
+            f"minus colluders c=ceil(aggregation.options.corrupt_fraction={corrupt_fraction:g} x "
+            f"{num_sites} sites)={colluders} leaves {honest}; lower "
+            "aggregation.options.corrupt_fraction, raise aggregation.options.threshold, or use "
+            "privacy.trust='central'"
+        )
+    return honest, colluders
+
+
 def effective_noise_multiplier(cfg: DistributedDPConfig, survivors: int) -> float:
     """Gaussian-equivalent noise multiplier of one round of ``cfg`` with ``survivors`` survivors.
 
@@ -448,7 +492,9 @@ def effective_noise_multiplier(cfg: DistributedDPConfig, survivors: int) -> floa
     0.0 when ``noise_multiplier`` is 0 (no privacy).
 
     Valid for RDP (or zCDP) composition without subsampling; see the module docstring for why a
-    PRV/PLD accountant or Gaussian subsampling amplification is not covered.
+    PRV/PLD accountant or Gaussian subsampling amplification is not covered. For ``"skellam"``
+    the bound holds at integer orders only (account with ``PrivacyEvent(...,
+    integer_orders=True)``, as the ledger does).
 
     Errors: ConfigError if ``survivors`` is not an integer in [1, num_sites], or is below
     ``threshold`` (the noise is then smaller than planned and the guarantee does not hold).
@@ -478,7 +524,9 @@ def distributed_rdp(
     The raw curves behind :func:`effective_noise_multiplier`, for an RDP accountant that can
     compose arbitrary curves: DDG Proposition 14 (minimum of its three terms, including the one
     not linear in alpha, ``alpha/2 * Delta_2**2/(n sigma**2) + tau d``) or the Skellam bound of
-    Agarwal et al. With ``noise_multiplier == 0`` every order is ``inf``.
+    Agarwal et al., which is stated for integer orders: a fractional order gets the bound at
+    ``ceil(alpha)`` (valid, Renyi divergence being non-decreasing in the order). With
+    ``noise_multiplier == 0`` every order is ``inf``.
 
     Errors: as :func:`effective_noise_multiplier`; ConfigError for an order <= 1.
     """
@@ -507,8 +555,11 @@ def distributed_rdp(
         out: npt.NDArray[np.float64] = np.minimum(np.minimum(term_1, term_2), term_3)
         return out
     mu = s * sigma * sigma
-    extra = np.minimum(((2.0 * alphas - 1.0) * l2 * l2 + 6.0 * l1) / (4.0 * mu * mu), 1.5 * l1 / mu)
-    curve: npt.NDArray[np.float64] = alphas * l2 * l2 / (2.0 * mu) + extra
+    # Agarwal et al. state the Skellam bound for integer orders only; Renyi divergence is
+    # non-decreasing in the order, so a fractional order takes the bound at its ceiling.
+    ints = np.ceil(alphas)
+    extra = np.minimum(((2.0 * ints - 1.0) * l2 * l2 + 6.0 * l1) / (4.0 * mu * mu), 1.5 * l1 / mu)
+    curve: npt.NDArray[np.float64] = ints * l2 * l2 / (2.0 * mu) + extra
     return curve
 
 

@@ -13,9 +13,13 @@ Accounting never under-counts, whatever the crash point:
 * a confirmation can only *increase* the spend: the accountant uses ``max(intended, confirmed)``
   steps, ``min(expected, confirmed)`` survivors and ``min(intended, confirmed)`` noise
   multiplier, so a confirmation that reports fewer steps (early stop, or a lie) changes nothing;
-* when ``params["threshold"]`` is set (distributed noise sized for at least that many
-  contributing sites) and fewer sites survived, the Gaussian-equivalent multiplier is scaled by
-  ``sqrt(survivors / threshold)`` (each site adds 1/threshold of the noise variance).
+* distributed noise is sized for ``params["honest_survivors"]`` (``t - c``: the SecAgg threshold
+  minus the ``params["colluders"]`` sites that may collude with the server and subtract their own
+  shares); when fewer honest sites survived (``survivors - colluders``), the Gaussian-equivalent
+  multiplier is scaled by ``sqrt(honest / honest_survivors)`` (each honest site adds
+  ``1/honest_survivors`` of the noise variance). Records without those keys (older ledgers) scale
+  by ``sqrt(survivors / params["threshold"])``;
+* Skellam records are accounted at integer orders only (``PrivacyEvent.integer_orders``).
 
 Tamper evidence. Every record carries ``prev_hash`` and ``hash = SHA-256(canonical JSON of every
 column, including its sequence number and prev_hash)``; the first record chains to a genesis hash
@@ -80,11 +84,13 @@ class LedgerEntry:
     """One mechanism invocation at one site in one round (what :meth:`record_intent` stores).
 
     ``noise_multiplier`` is the Gaussian-equivalent multiplier the accountant uses. For
-    distributed mechanisms it is the one of the aggregate noise at ``params["threshold"]``
-    survivors (``distributed.effective_noise_multiplier(cfg, cfg.threshold)``), and
-    ``params["noise_multiplier"]`` holds the configured multiplier ``z`` the noise was sized
-    with. ``params`` holds the raw mechanism parameters (JSON values: e.g. per-site sigma, scale,
-    threshold, bits, and ``calibrated_noise_multiplier`` when the run calibrated for a target).
+    distributed mechanisms it is the one of the aggregate noise of ``params["honest_survivors"]``
+    (``t - c``) honest sites (``distributed.effective_noise_multiplier(cfg, t - c)``), with
+    ``params["threshold"]`` (``t``) and ``params["colluders"]`` (``c``) beside it, and
+    ``params["nominal_noise_multiplier"]`` the multiplier ``z`` the noise was sized with.
+    ``params`` holds the raw mechanism parameters (JSON values: e.g. per-site sigma, scale,
+    threshold, bits, ``calibrated_noise_multiplier`` when the run calibrated for a target, and
+    ``noise_source``: ``"csprng"`` or ``"seeded"`` - where the DP randomness came from).
     ``survivors`` is the expected number of contributing sites, or None when not applicable.
     ``strategy`` names the training strategy (several strategies of one run all spend the same
     patients' budget). Invalid values raise ConfigError naming the field.
@@ -175,6 +181,45 @@ def effective_multiplier(
     return noise_multiplier * math.sqrt(max(survivors, 0) / float(threshold))
 
 
+def honest_effective_multiplier(
+    noise_multiplier: float, survivors: int | None, params: Mapping[str, Any]
+) -> float:
+    """The Gaussian-equivalent multiplier of a record's noise when ``survivors`` sites contributed.
+
+    With ``params["honest_survivors"]`` (``h = t - c``, what the distributed noise was sized for)
+    only ``survivors - params["colluders"]`` shares are honest: below ``h`` the multiplier is
+    ``sigma * sqrt(honest / h)`` (0 when no honest share is left). Without it, the older
+    ``sqrt(survivors / params["threshold"])`` rule (:func:`effective_multiplier`). Unchanged when
+    survivors are unknown or sufficient.
+    """
+    needed = _positive_number(params.get("honest_survivors"))
+    if survivors is None or needed is None:
+        return effective_multiplier(noise_multiplier, survivors, params.get("threshold"))
+    colluders = _positive_number(params.get("colluders", 0)) or 0.0
+    honest = max(float(survivors) - colluders, 0.0)
+    if honest >= needed:
+        return noise_multiplier
+    return noise_multiplier * math.sqrt(honest / needed)
+
+
+def _positive_number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return None
+    return float(value)
+
+
+def entry_event(entry: LedgerEntry, survivors: int | None = None) -> PrivacyEvent:
+    """The accountant event of ``entry`` (with ``survivors`` contributing sites, default the
+    entry's expected count): what the ledger counts for an intent, and what a budget check
+    must project. Skellam entries carry ``integer_orders=True`` (their RDP bound is stated at
+    integer orders only)."""
+    known = entry.survivors if survivors is None else survivors
+    sigma = honest_effective_multiplier(entry.noise_multiplier, known, entry.params)
+    return PrivacyEvent(
+        sigma, entry.sample_rate, entry.steps, integer_orders=entry.mechanism == "skellam"
+    )
+
+
 @dataclass(frozen=True)
 class LedgerRecord:
     """An intent joined with its confirmation (None fields when unconfirmed)."""
@@ -205,12 +250,11 @@ class LedgerRecord:
 
     @property
     def effective_noise_multiplier(self) -> float:
-        """The multiplier the accountant uses: the intended one, scaled down when survivors fell
-        below ``params["threshold"]``, and never above a confirmed (measured) multiplier."""
-        sigma = effective_multiplier(
-            self.entry.noise_multiplier,
-            self.accounted_survivors,
-            self.entry.params.get("threshold"),
+        """The multiplier the accountant uses: the intended one, scaled down when honest survivors
+        fell below what the noise was sized for (:func:`honest_effective_multiplier`), and never
+        above a confirmed (measured) multiplier."""
+        sigma = honest_effective_multiplier(
+            self.entry.noise_multiplier, self.accounted_survivors, self.entry.params
         )
         if self.confirmed_noise_multiplier is not None:
             sigma = min(sigma, self.confirmed_noise_multiplier)
@@ -219,7 +263,10 @@ class LedgerRecord:
     def event(self) -> PrivacyEvent:
         """What this record spends, for the accountants."""
         return PrivacyEvent(
-            self.effective_noise_multiplier, self.entry.sample_rate, self.accounted_steps
+            self.effective_noise_multiplier,
+            self.entry.sample_rate,
+            self.accounted_steps,
+            integer_orders=self.entry.mechanism == "skellam",
         )
 
 

@@ -1,7 +1,7 @@
 """Site-level DP-FedAvg (McMahan et al. 2018) on top of secure aggregation.
 
-Each round, every site is sampled independently with probability ``q`` (``site_sample_rate``); a
-sampled site trains from the global model, clips its whole update (the model delta) to ``clip`` in
+Each round, every site is sampled independently with probability ``q`` (``site_sample_rate``,
+drawn from the OS CSPRNG); a sampled site trains from the global model, clips its whole update (the model delta) to ``clip`` in
 L2 — clipped updates are counted and reported — and contributes it to the secure sum. The global
 model moves by ``(sum + noise) / (q * n)`` (the fixed denominator of McMahan et al., which keeps
 the sensitivity of the average at ``clip / (q n)``).
@@ -12,30 +12,39 @@ Two trust models:
   of the clipped updates; the server then adds Gaussian noise of standard deviation
   ``noise_multiplier * clip`` to it. The server is trusted with the noise.
 * ``distributed``: each site adds its share of discrete Gaussian or Skellam noise to its encoded
-  update *before* masking (:mod:`secure_fl.privacy.distributed`), sized so that any ``threshold``
-  survivors — the smallest number the secure-aggregation protocol accepts — together add the full
-  noise. No party ever sees a less noisy aggregate.
+  update *before* masking (:mod:`secure_fl.privacy.distributed`), sized so that any ``t - c``
+  honest survivors together add the full noise, where ``t`` is the smallest number of survivors
+  the secure-aggregation protocol accepts and ``c = ceil(corrupt_fraction * n)`` the sites that
+  may collude with the server (and subtract their own shares). Refused when ``t - c < 1``.
 
 Guarantee: each round is one application of a Gaussian(-equivalent) mechanism with multiplier
-``noise_multiplier`` (distributed: :func:`effective_noise_multiplier` at the actual survivors) on the
-sum of clipped updates, Poisson-subsampled over sites with rate ``q`` (central only: amplification
-by subsampling is not established for the discrete mechanisms, so distributed runs use ``q = 1``).
-The privacy unit is one institution's entire contribution to the round.
+``noise_multiplier`` (distributed: :func:`effective_noise_multiplier` at the honest survivors) on
+the sum of clipped updates of the sites that took part. **No amplification by site sampling is
+claimed**: the server sees which sites take part, so each site is charged, with sampling rate 1,
+for exactly the rounds it took part in (``q < 1`` lowers each site's spend, not the per-round
+epsilon). The privacy unit is one institution's entire contribution to the round.
+
+Randomness: participation, the central noise, the sites' distributed noise and the rotation come
+from the OS CSPRNG; ``SiteDP(reproducible=True)`` (``privacy.reproducible_noise``, research runs
+only) derives them from the run seed instead, which makes the noise predictable from
+``config.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from secure_fl.aggregators import create as create_aggregator
 from secure_fl.encoding import flatten, l2_clip, unflatten
 from secure_fl.errors import ConfigError
-from secure_fl.training.model import State, derive_seed, state_add, state_sub
+from secure_fl.training.model import State, state_add, state_sub
 from secure_fl.training.strategies import (
     Federation,
     RoundInfo,
@@ -44,6 +53,9 @@ from secure_fl.training.strategies import (
     _info,
     _train,
 )
+
+if TYPE_CHECKING:
+    from secure_fl.privacy.distributed import DistributedDPConfig
 
 
 @dataclass(frozen=True)
@@ -57,8 +69,13 @@ class SiteDP:
     mechanism: str = "gaussian"
     bits: int = 32
     seed: int = 0
+    reproducible: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reproducible, bool):
+            raise ConfigError(
+                f"privacy.reproducible_noise must be true or false, got {self.reproducible!r}"
+            )
         if self.noise_multiplier < 0 or self.clip <= 0:
             raise ConfigError("privacy.noise_multiplier must be >= 0 and privacy.clip > 0")
         if not 0 < self.sample_rate <= 1:
@@ -89,6 +106,7 @@ class DPFedAvg(Strategy):
         self.aggregator = create_aggregator(aggregator, **self.aggregator_options)
         self.dropouts = {int(k): list(v) for k, v in (dropouts or {}).items()}
         self.last_round: dict[str, Any] = {}
+        self._participants: dict[int, list[str]] = {}
 
     def init_state(self, fed: Federation) -> StrategyState:
         return {"global": dict(fed.initial)}
@@ -97,12 +115,33 @@ class DPFedAvg(Strategy):
         return [state["global"]]
 
     def sampled_sites(self, fed: Federation, round_id: int) -> list[str]:
-        """The sites sampled in ``round_id`` (Poisson with rate q; deterministic from the seed)."""
+        """The sites taking part in ``round_id``: each independently with probability q.
+
+        Drawn once per round (the privacy bookkeeping asks before the round, to charge exactly the
+        participants; the round then uses the same draw) from the OS CSPRNG, or from the run seed
+        with ``reproducible``. No amplification is claimed from it (module docstring).
+        """
         if self.dp.sample_rate >= 1.0:
-            return fed.names
-        rng = np.random.default_rng(derive_seed(self.dp.seed, "site-sampling", round_id))
-        draws = rng.random(len(fed.names))
-        return [n for n, u in zip(fed.names, draws, strict=True) if u < self.dp.sample_rate]
+            return list(fed.names)
+        if round_id not in self._participants:
+            if self.dp.reproducible:
+                rng = self._seeded_rng("site-sampling", round_id)
+                draws = [float(u) for u in rng.random(len(fed.names))]
+            else:
+                system = secrets.SystemRandom()
+                draws = [system.random() for _ in fed.names]
+            self._participants[round_id] = [
+                n for n, u in zip(fed.names, draws, strict=True) if u < self.dp.sample_rate
+            ]
+        return list(self._participants[round_id])
+
+    def noise_threshold(self, n_sites: int) -> tuple[int, int]:
+        """``(t - c, c)``: the honest survivors distributed noise is sized for, and the colluders
+        ``c = ceil(corrupt_fraction * n_sites)`` (ConfigError when ``t - c < 1``)."""
+        from secure_fl.privacy.distributed import honest_noise_threshold
+
+        corrupt = float(self.aggregator_options.get("corrupt_fraction", 0.0))
+        return honest_noise_threshold(self.threshold(n_sites), n_sites, corrupt)
 
     def threshold(self, n_sites: int) -> int:
         """The smallest number of survivors the secure-aggregation round accepts."""
@@ -122,6 +161,7 @@ class DPFedAvg(Strategy):
     ) -> tuple[StrategyState, RoundInfo]:
         current = state["global"]
         sampled = self.sampled_sites(fed, round_id)
+        self._participants.pop(round_id, None)
         denominator = max(1.0, self.dp.sample_rate * len(fed.names))
         self.last_round = {"sampled": sampled, "survivors": 0, "clipped_updates": []}
         if not sampled:
@@ -147,7 +187,8 @@ class DPFedAvg(Strategy):
             total, report = self._distributed_sum(deltas, dropped, round_id)
         survivors = [s for s in sampled if s not in dropped]
         update: State = dict(unflatten(total / denominator, spec))  # a mapping, as flattened
-        report = {**report, "clipped_updates": clipped, "sampled": sampled}
+        # Only the count: who took part is not needed downstream (and no amplification is claimed).
+        report = {**report, "clipped_updates": clipped, "sampled_count": len(sampled)}
         self.last_round = {
             "sampled": sampled,
             "survivors": len(survivors),
@@ -156,8 +197,15 @@ class DPFedAvg(Strategy):
         trained = [fed.sites[n] for n in sampled]
         return {"global": state_add(current, update)}, _info(trained, report)
 
-    def _noise_rng(self, round_id: int) -> np.random.Generator:
-        # Noise must be secret: fresh OS entropy, never the run seed.
+    def _seeded_rng(self, *labels: object) -> np.random.Generator:
+        digest = hashlib.sha256(repr(("secure_fl dp-fedavg", self.dp.seed, *labels)).encode())
+        return np.random.default_rng(int.from_bytes(digest.digest()[:16], "big"))
+
+    def _noise_rng(self, round_id: int, *labels: object) -> np.random.Generator:
+        """A generator for DP noise: 128 fresh bits of OS entropy, or (``reproducible`` only)
+        derived from the run seed, the round and ``labels``."""
+        if self.dp.reproducible:
+            return self._seeded_rng("noise", round_id, *labels)
         return np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
 
     def _noise_only(self, current: State, round_id: int, denominator: float) -> StrategyState:
@@ -189,34 +237,51 @@ class DPFedAvg(Strategy):
         report["noise_std"] = self.dp.noise_multiplier * self.dp.clip
         return total + noise, report
 
+    def distributed_config(self, n_sites: int, dimension: int) -> DistributedDPConfig:
+        """The distributed-noise plan of a round of ``n_sites``: noise sized so that the ``t - c``
+        honest survivors (:meth:`noise_threshold`) together add the full noise.
+
+        Errors: ConfigError when ``t - c < 1`` or the ring cannot hold the planned sum.
+        """
+        from secure_fl.privacy.distributed import DistributedDPConfig
+
+        honest, _ = self.noise_threshold(n_sites)
+        return DistributedDPConfig(
+            mechanism=self.dp.mechanism,
+            clip=self.dp.clip,
+            noise_multiplier=self.dp.noise_multiplier,
+            threshold=honest,  # the noise must survive c colluders subtracting their shares
+            num_sites=n_sites,
+            bits=self.dp.bits,
+            dimension=dimension,
+        )
+
     def _distributed_sum(
         self, deltas: Mapping[str, np.ndarray], dropped: Sequence[str], round_id: int
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        from secure_fl.privacy.distributed import (
-            DistributedDPConfig,
-            decode_sum,
-            encode_site,
-        )
+        from secure_fl.privacy.distributed import decode_sum, encode_site
         from secure_fl.secagg import Phase, make_config, run_round
 
         names = list(deltas)
         n = len(names)
         threshold = self.threshold(n)
-        dim = next(iter(deltas.values())).size
-        cfg = DistributedDPConfig(
-            mechanism=self.dp.mechanism,
-            clip=self.dp.clip,
-            noise_multiplier=self.dp.noise_multiplier,
-            threshold=threshold,
-            num_sites=n,
-            bits=self.dp.bits,
-            dimension=dim,
+        honest, colluders = self.noise_threshold(n)
+        cfg = self.distributed_config(n, next(iter(deltas.values())).size)
+        # public per round, shared by the sites
+        rotation_seed = (
+            self._seeded_rng("rotation", round_id).bytes(32)
+            if self.dp.reproducible
+            else os.urandom(32)
         )
-        rotation_seed = os.urandom(32)  # public per round, shared by the sites
         ids = {name: i + 1 for i, name in enumerate(names)}
         inputs = {}
         for name in names:
-            share = encode_site(deltas[name], cfg, rotation_seed=rotation_seed)
+            share = encode_site(
+                deltas[name],
+                cfg,
+                rotation_seed=rotation_seed,
+                rng=self._noise_rng(round_id, "site", name),
+            )
             inputs[ids[name]] = share.values
         config = make_config(
             list(ids.values()),
@@ -237,7 +302,8 @@ class DPFedAvg(Strategy):
             "included": [n for n in names if ids[n] in result.survivors],
             "dropped": list(dropped),
             "threshold": config.threshold,
-            "noise_threshold": threshold,
+            "noise_threshold": honest,
+            "colluders": colluders,
             "bits": cfg.bits,
             "padded_dimension": cfg.padded_dimension,
             "beyond_range": decoded.beyond_range,

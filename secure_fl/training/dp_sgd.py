@@ -8,15 +8,29 @@ deviation ``noise_multiplier * clip`` and divides by the expected batch size. An
 takes a (noise-only) step, as the analysis of the Poisson-subsampled Gaussian assumes.
 
 Guarantee: each round is ``steps`` compositions of the Poisson-subsampled Gaussian mechanism with
-(``noise_multiplier``, ``q``) over the site's patients; the privacy unit is one patient (one case),
-which is why sample-level DP requires one patch per case per draw (``samples_per_volume == 1``).
-The noise comes from torch's generator seeded per round (reproducible research runs); production
-deployments should draw it from a cryptographically secure generator (Opacus ``secure_mode``).
+(``noise_multiplier``, ``q``) over the site's patients; the privacy unit is one patient (one case)
+of the site's fixed training set, which is why sample-level DP requires one patch per case per draw
+(``samples_per_volume == 1``). The Gaussian sum is divided by the *expected* batch size ``q * n``
+(Opacus' ``expected_batch_size``; a fixed divisor keeps the sensitivity of the step at
+``clip / (q n)``).
+
+Randomness (:func:`dp_generators`): the Poisson sample and the noise come from two *independent*
+generators, so the noise reveals nothing about which patients were drawn. By default each is a
+torch generator seeded with 64 fresh bits from the OS CSPRNG (``os.urandom``) per round: nobody -
+not the holder of the run's published seed, not the server - can regenerate the noise. Opacus'
+``secure_mode`` needs ``torchcsprng`` (not installed), so the generator itself is torch's
+(Mersenne Twister on CPU, Philox on CUDA) with a secret seed; its floating-point hardening (noise as
+the mean of 4 draws, Holohan & Braghin 2021) is switched on. ``SampleDP(reproducible=True)`` (the
+named research mode, ``privacy.reproducible_noise``) derives both seeds from the round seed
+instead: the noise is then predictable by anyone holding ``config.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +42,18 @@ from secure_fl.errors import ConfigError
 
 @dataclass(frozen=True)
 class SampleDP:
-    """DP-SGD settings of one site: noise multiplier and per-patient clip norm."""
+    """DP-SGD settings of one site: noise multiplier, per-patient clip norm, and whether the noise
+    and sampling are seeded (``reproducible``: research runs only; see the module docstring)."""
 
     noise_multiplier: float
     clip: float
+    reproducible: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reproducible, bool):
+            raise ConfigError(
+                f"privacy.reproducible_noise must be true or false, got {self.reproducible!r}"
+            )
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
             raise ConfigError(
                 f"privacy.noise_multiplier must be > 0 for DP-SGD, got {self.noise_multiplier}"
@@ -44,12 +64,39 @@ class SampleDP:
 
 @dataclass(frozen=True)
 class DPSGDResult:
-    """What a DP-SGD round did: optimiser steps (empty samples included), sampling rate, loss."""
+    """What a DP-SGD round did: optimiser steps (empty samples included), sampling rate, loss,
+    the divisor of the noisy gradient sum (``q * n``) and where the randomness came from
+    (``"csprng"`` or ``"seeded"``)."""
 
     steps: int
     sample_rate: float
     mean_loss: float
     empty_steps: int
+    expected_batch_size: float = 0.0
+    noise_source: str = "csprng"
+
+
+def _seed_from(label: str, seed: int | None) -> int:
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "big")
+    digest = hashlib.sha256(f"secure_fl dp-sgd {label}\x00{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def dp_generators(device: Any, *, seed: int | None) -> tuple[Any, Any]:
+    """``(sampling, noise)``: two independent torch generators for one DP-SGD round.
+
+    Guarantee: with ``seed=None`` (the default mode) each is seeded with its own 64 fresh bits from
+    the OS CSPRNG, so neither the run's seed nor the other generator predicts it; the noise
+    generator lives on ``device`` (where the gradients are). With an integer ``seed`` (the named
+    reproducible mode) the two seeds are distinct SHA-256 derivations of it: reproducible, still
+    two separate streams, but predictable by whoever knows ``seed``.
+    """
+    import torch
+
+    sampling = torch.Generator().manual_seed(_seed_from("sampling", seed))
+    noise = torch.Generator(device=device).manual_seed(_seed_from("noise", seed))
+    return sampling, noise
 
 
 def sample_rate(batch_size: int, n_cases: int) -> float:
@@ -94,7 +141,13 @@ def train_dp_sgd(
     device: Any,
     seed: int,
 ) -> DPSGDResult:
-    """Run ``epochs`` local epochs of DP-SGD on ``network`` (in place) over ``dataset``'s cases."""
+    """Run ``epochs`` local epochs of DP-SGD on ``network`` (in place) over ``dataset``'s cases.
+
+    Guarantee: as the module docstring: the sample and the noise come from independent generators
+    (:func:`dp_generators`), seeded from the OS CSPRNG unless ``settings.reproducible`` (then from
+    ``seed``); the noisy sum is divided by ``q * n``. Errors: ConfigError for an incompatible
+    network or more than one patch per case.
+    """
     import torch
     from opacus import PrivacyEngine
 
@@ -103,8 +156,7 @@ def train_dp_sgd(
     q = sample_rate(batch_size, n)
     expected = max(1, round(q * n))
     steps_total = epochs * steps_per_epoch(batch_size, n)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # Opacus draws its noise from torch's default generator
+    generator, noise_generator = dp_generators(device, seed=seed if settings.reproducible else None)
     params = [p for p in network.parameters() if p.requires_grad]
     if optimizer == "adam":
         optim: Any = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -115,7 +167,8 @@ def train_dp_sgd(
         torch.utils.data.TensorDataset(torch.arange(n)), batch_size=expected
     )
     with warnings.catch_warnings():
-        # "Secure RNG turned off": documented in the module docstring (research runs).
+        # "Secure RNG turned off": Opacus' secure_mode needs torchcsprng; the noise generator is
+        # seeded from the OS CSPRNG instead (module docstring).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp")
         module, dp_optim, _ = engine.make_private(
@@ -126,14 +179,20 @@ def train_dp_sgd(
             max_grad_norm=settings.clip,
             poisson_sampling=False,
             grad_sample_mode="functorch",
+            noise_generator=noise_generator,
         )
+    # Opacus infers the divisor from the hint loader as int(n / len(loader)), which is not q * n
+    # when batch_size does not divide n; the analysis (and the utility) need q * n.
+    dp_optim.expected_batch_size = q * n
+    # Opacus' floating-point hardening (mean of 4 draws), with our generator.
+    dp_optim.secure_mode = True
     module.train()
     losses: list[float] = []
     with warnings.catch_warnings():
         # The input needs no gradient, so torch notes that full backward hooks fire on outputs:
         # expected with per-sample gradients, and harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _loop(
+        result = _loop(
             module,
             dp_optim,
             params,
@@ -146,6 +205,7 @@ def train_dp_sgd(
             device,
             losses,
         )
+    return dataclasses.replace(result, noise_source="seeded" if settings.reproducible else "csprng")
 
 
 def _loop(
@@ -199,4 +259,5 @@ def _loop(
         sample_rate=q,
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         empty_steps=empty,
+        expected_batch_size=float(dp_optim.expected_batch_size),
     )

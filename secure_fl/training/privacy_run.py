@@ -10,7 +10,15 @@ under-counts; a round re-run after a crash is counted again (over-counting, neve
   multiplier is its own: calibrated from the target epsilon for the site's sampling rate
   ``batch_size / n_train`` and its steps over the whole run.
 * ``level = "site"``: DP-FedAvg (:mod:`secure_fl.training.dp_fedavg`), one multiplier for all
-  sites, calibrated for ``rounds`` Poisson-subsampled releases with rate ``site_sample_rate``.
+  sites, calibrated for ``rounds`` releases **without** amplification by site sampling (the server
+  sees who takes part): each round, every site gets a record with sampling rate 1 and one step if
+  it took part (zero steps otherwise), so ``site_sample_rate < 1`` lowers what a site spends,
+  never the per-round epsilon. Distributed noise is sized for the honest survivors ``t - c``.
+
+Every record carries ``params["noise_source"]``: ``"csprng"``, or ``"seeded"`` when the run asked
+for ``privacy.reproducible_noise`` (noise predictable from config.json; the audit reports it).
+With ``accountant = "prv"`` or ``"pld"`` the multipliers are calibrated with that (tighter)
+accountant; distributed runs use RDP (Skellam at integer orders only).
 """
 
 from __future__ import annotations
@@ -115,7 +123,15 @@ class PrivacyRound:
         if p.noise_multiplier is not None:
             return p.noise_multiplier
         assert p.target_epsilon is not None
-        return calibrate_noise(p.target_epsilon, rate, steps, p.delta, accountant=p.accountant)
+        # Skellam's RDP bound holds at integer orders only: calibrate as the ledger will count.
+        return calibrate_noise(
+            p.target_epsilon,
+            rate,
+            steps,
+            p.delta,
+            accountant=p.accountant,
+            integer_orders=p.mechanism == "skellam",
+        )
 
     def prepare(self) -> None:
         """Resolve the noise multipliers and hand them to the trainers / the strategy."""
@@ -132,9 +148,12 @@ class PrivacyRound:
                 )
                 sigma = self._calibrate(q, steps)
                 self.sample_noise[name] = sigma
-                trainer.sample_dp = SampleDP(noise_multiplier=sigma, clip=p.clip)
+                trainer.sample_dp = SampleDP(
+                    noise_multiplier=sigma, clip=p.clip, reproducible=p.reproducible_noise
+                )
         elif p.level == "site":
-            target = self._calibrate(p.site_sample_rate, cfg.rounds)
+            # No amplification by site sampling: every round may include a site, at rate 1.
+            target = self._calibrate(1.0, cfg.rounds)
             assert isinstance(self.strategy, DPFedAvg)
             self.calibrated_site_noise = target  # the Gaussian(-equivalent) multiplier needed
             self.planned_site_noise = target
@@ -143,16 +162,18 @@ class PrivacyRound:
                 # Planned at the threshold: the fewest survivors the round accepts, the least noise.
                 self.planned_site_noise = self._effective_at_threshold(target)
             self.site_noise = target
-            self.strategy.dp = dataclasses.replace(self.strategy.dp, noise_multiplier=target)
+            self.strategy.dp = dataclasses.replace(
+                self.strategy.dp, noise_multiplier=target, reproducible=p.reproducible_noise
+            )
 
     def _effective_at_threshold(self, nominal: float) -> float:
         """The Gaussian-equivalent multiplier of distributed noise of nominal multiplier
-        ``nominal`` when exactly the protocol's threshold of sites survive."""
+        ``nominal`` when exactly the ``t - c`` honest survivors it is sized for add noise."""
         from secure_fl.privacy.distributed import DistributedDPConfig, effective_noise_multiplier
 
         assert isinstance(self.strategy, DPFedAvg)
         n = len(self.fed.names)
-        t = self.strategy.threshold(n)
+        t, _ = self.strategy.noise_threshold(n)  # ConfigError when t - c < 1
         cfg = DistributedDPConfig(
             mechanism=self.privacy.mechanism,
             clip=self.privacy.clip,
@@ -216,9 +237,16 @@ class PrivacyRound:
             assert isinstance(self.strategy, DPFedAvg)
             n = len(self.fed.names)
             params = self._params()
+            params["site_sample_rate"] = p.site_sample_rate
+            params["amplification"] = False
             if p.trust == "distributed":
+                honest, colluders = self.strategy.noise_threshold(n)
                 params["threshold"] = self.strategy.threshold(n)
+                params["honest_survivors"] = honest
+                params["colluders"] = colluders
                 params["nominal_noise_multiplier"] = self.site_noise
+            # Drawn now, used by the round: only the participants are charged (at rate 1).
+            taking_part = set(self.strategy.sampled_sites(self.fed, round_id))
             for site in self.fed.names:
                 entries.append(
                     LedgerEntry(
@@ -228,8 +256,8 @@ class PrivacyRound:
                         mechanism=p.mechanism,
                         noise_multiplier=self.planned_site_noise,
                         clip=p.clip,
-                        sample_rate=p.site_sample_rate,
-                        steps=1,
+                        sample_rate=1.0,
+                        steps=1 if site in taking_part else 0,
                         survivors=n if p.trust == "distributed" else None,
                         delta=p.delta,
                         params=params,
@@ -240,7 +268,7 @@ class PrivacyRound:
 
     def _params(self) -> dict[str, Any]:
         p = self.privacy
-        params: dict[str, Any] = {"trust": p.trust}
+        params: dict[str, Any] = {"trust": p.trust, "noise_source": p.noise_source}
         if p.target_epsilon is not None:
             params["target_epsilon"] = p.target_epsilon
         if p.level == "site":
@@ -252,10 +280,14 @@ class PrivacyRound:
         assert self.ledger is not None
         p = self.privacy
         planned = self.planned(round_id)
+        site_budget = p.site_budget
+        if p.target_epsilon is not None:  # the target is a budget too (+1e-9: float slack only)
+            cap = p.target_epsilon + 1e-9
+            site_budget = cap if site_budget is None else min(site_budget, cap)
         check_budget(
             self.ledger,
             planned,
-            site_budget=p.site_budget,
+            site_budget=site_budget,
             federation_budget=p.federation_budget,
             delta=p.delta,
             accountant=p.accountant,
@@ -278,7 +310,9 @@ class PrivacyRound:
                 assert isinstance(self.strategy, DPFedAvg)
                 survivors = self.strategy.last_round.get("survivors")
                 self.ledger.confirm(
-                    intent_id, steps=1, survivors=survivors if p.trust == "distributed" else None
+                    intent_id,
+                    steps=entry.steps,
+                    survivors=survivors if p.trust == "distributed" else None,
                 )
         self._intents = []
         sites = self.ledger.sites()
@@ -292,6 +326,68 @@ class PrivacyRound:
             "noise_multiplier": self.site_noise if p.level == "site" else self.sample_noise,
             "ledger_head": self.ledger.head().to_dict(),
         }
+
+    def recalibrate_for_resume(self, start_round: int) -> str | None:
+        """Before resuming at ``start_round``, raise the noise of the rounds still to run so that
+        every site's epsilon - what the ledger already holds (an interrupted round's unconfirmed
+        intents count in full) composed with rounds ``start_round..rounds-1`` - stays within
+        ``target_epsilon`` (the noise was calibrated for an uninterrupted run; re-running an
+        interrupted round would otherwise overspend). Keeps the noise when it already fits (a
+        clean resume then produces the same models). Without a target (a fixed multiplier) only
+        the budgets guard the run. Returns a line for the log when the noise changed or cannot
+        fit; in the latter case the budget check refuses the next round (the run stops there).
+        """
+        from secure_fl.privacy.budget import planned_event, resume_noise_scale
+
+        if self.ledger is None:
+            raise ConfigError("recalibrate_for_resume needs the ledger: call open() first")
+        p, rounds = self.privacy, self.config.rounds
+        if p.target_epsilon is None or start_round >= rounds or not self.ledger.sites():
+            return None
+        groups: dict[str, dict[str, list[Any]]] = {}
+        for r in range(start_round, rounds):
+            for e in self.planned(r):
+                key = str(e.params.get("trainer", "")) if p.level == "sample" else ""
+                groups.setdefault(key, {}).setdefault(e.site, []).append(planned_event(e))
+        history = {s: self.ledger.events_for(s) for s in self.ledger.sites()}
+        notes = []
+        for key, future in sorted(groups.items()):
+            scale = resume_noise_scale(history, future, p.target_epsilon, p.delta, p.accountant)
+            if scale is None:
+                return (
+                    f"resume: the ledger already holds (nearly) the whole target "
+                    f"epsilon={p.target_epsilon:g}; no noise lets rounds {start_round}.."
+                    f"{rounds - 1} fit, so the budget check will stop the run"
+                )
+            if scale == 1.0:
+                continue
+            if p.level == "sample":
+                sigma = self.sample_noise[key] * scale
+                self.sample_noise[key] = sigma
+                trainer = self.fed.pooled if key == "pooled" else self.fed.sites[key]
+                if trainer is not None:
+                    trainer.sample_dp = SampleDP(
+                        noise_multiplier=sigma, clip=p.clip, reproducible=p.reproducible_noise
+                    )
+            else:
+                if not isinstance(self.strategy, DPFedAvg):
+                    raise ConfigError("privacy.level='site' needs the DP-FedAvg strategy")
+                needed = self.planned_site_noise * scale
+                self.calibrated_site_noise = self.planned_site_noise = self.site_noise = needed
+                if p.trust == "distributed":
+                    self.site_noise = self._distributed_nominal(needed)
+                    self.planned_site_noise = self._effective_at_threshold(self.site_noise)
+                self.strategy.dp = dataclasses.replace(
+                    self.strategy.dp, noise_multiplier=self.site_noise
+                )
+            notes.append(f"{key or 'all sites'} x{scale:.4f}")
+        if not notes:
+            return None
+        return (
+            f"resume: recalibrated the noise of rounds {start_round}..{rounds - 1} from the "
+            f"epsilon already spent, so that target epsilon={p.target_epsilon:g} holds "
+            f"({', '.join(notes)})"
+        )
 
 
 def privacy_summary_line(row: dict[str, Any]) -> str:

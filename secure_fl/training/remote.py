@@ -23,6 +23,7 @@ import numpy as np
 from monai.fl.utils.exchange_object import ExchangeObject
 
 from secure_fl.data import PreprocessConfig, load_datalist, split_by_site
+from secure_fl.data.checks import default_workers, require_valid
 from secure_fl.errors import ConfigError
 from secure_fl.training.model import ModelConfig, build_unet, derive_seed, get_state
 from secure_fl.training.trainer import SiteTrainer, TrainConfig
@@ -66,13 +67,15 @@ def unet_site_task(
 ) -> UNetSiteTask:
     """Build the training task of ``site_name`` (the factory named in a site's task config).
 
-    Errors: ConfigError when the datalist is missing or holds no case for the site.
+    Errors: ConfigError when the datalist is missing or holds no case for the site; DataError
+    (every bad case, with its file and reason) when one of the site's scans is unreadable or unfit.
     """
     path = Path(datalist)
     if not path.is_file():
         raise ConfigError(f"task.options.datalist: file not found: {path}")
     cases = load_datalist(path)
     mine = [c for c in cases if c.site == site_name] or cases
+    require_valid(mine, label_values=None, workers=default_workers())  # DataError names bad scans
     train, val = split_by_site(
         [c.__class__(c.case_id, site_name, c.image, c.label, c.brainmask) for c in mine],
         val_fraction=val_fraction,

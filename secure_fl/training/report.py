@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from secure_fl.training.config import ExperimentConfig
 
 
-def write_report(run: Path, config: ExperimentConfig, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``report.md`` and ``dice_vs_rounds.png`` into ``run`` from the metrics rows."""
+def write_report(
+    run: Path,
+    config: ExperimentConfig,
+    rows: Sequence[dict[str, Any]],
+    *,
+    stopped: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``report.md`` and ``dice_vs_rounds.png`` into ``run`` from the metrics rows.
+
+    ``stopped`` (the run's ``stopped.json``) adds a paragraph saying which round a privacy budget
+    refused and why. Under DP the report says what the Dice covers (held-out patients are outside
+    the guarantee) and carries no training loss.
+    """
     final: dict[str, dict[str, Any]] = {}
     for row in rows:
         final[row["strategy"]] = row  # rows are in round order
@@ -41,7 +52,17 @@ def write_report(run: Path, config: ExperimentConfig, rows: Sequence[dict[str, A
             "",
             f"Differential privacy ({last_p['level']} level, {last_p['accountant']} accountant): "
             f"epsilon spent at delta={last_p['delta']:g}: {eps}. The ledger is "
-            "`privacy_ledger.sqlite`; verify it with `secure-fl audit RUN_DIR`.",
+            "`privacy_ledger.sqlite`; verify it with `secure-fl audit RUN_DIR`. The Dice above "
+            "is that of the released (DP) model on each site's held-out cases: post-processing "
+            "for the training patients, but the held-out patients are outside the guarantee.",
+        ]
+    if stopped:
+        lines += [
+            "",
+            f"**Stopped by the privacy budget** before {stopped.get('strategy')} round "
+            f"{int(stopped.get('round', 0)) + 1}/{config.rounds} (round index "
+            f"{stopped.get('round')}): {stopped.get('message')}. The models are those of the "
+            "last finished round.",
         ]
     agg = [r for r in rows if r.get("aggregation")]
     if agg:

@@ -7,13 +7,25 @@ The run folder holds:
   the aggregation report;
 * ``checkpoints/<strategy>.pt`` — the strategy's state after its last finished round;
 * ``models/<strategy>.pt`` — the final model(s) as torch state dicts;
-* ``report.md`` and ``dice_vs_rounds.png`` — a table of Dice per site and strategy, and a plot.
+* ``report.md`` and ``dice_vs_rounds.png`` — a table of Dice per site and strategy, and a plot;
+* ``stopped.json`` — only when a privacy budget refused a round: which strategy and round, and the
+  budget check's message (spent, projected, budget, remaining). The run ends there gracefully:
+  the models of the last finished round and the report are written, nothing raises.
+
+Under differential privacy nothing computed on training patients without noise leaves a site:
+metrics.jsonl and the progress line carry no training loss (the per-site trainers are marked
+``private``, so their ``ExchangeObject`` statistics drop it too). What is written is the Dice of
+the *released* (DP) model(s) on each site's held-out cases: post-processing with respect to the
+training patients, but the held-out patients themselves are outside the DP guarantee.
 
 Crash safety: a round's metrics line is appended, then its checkpoint is written atomically (a
 temporary file renamed over the old one). On resume the run continues after the last checkpointed
 round and drops metrics lines beyond it, so no finished round is lost and none is counted twice.
 Every round's randomness derives from (seed, strategy, site, round), so a resumed run produces the
-same models as an uninterrupted one.
+same models as an uninterrupted one. Under DP with ``target_epsilon``, a resume first recalibrates
+the noise of the remaining rounds from what the ledger already holds (an interrupted round's
+intents count in full), so the target holds however often the run is interrupted; the target is
+also enforced as a budget before every round.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import numpy as np
 
 from secure_fl.atomic import atomic_write
 from secure_fl.data import Case, generate_federation, load_datalist, split_by_site
-from secure_fl.errors import ConfigError
+from secure_fl.errors import BudgetExceededError, ConfigError
 from secure_fl.jsonl import read_jsonl
 from secure_fl.training.config import ExperimentConfig
 from secure_fl.training.dp_fedavg import DPFedAvg, SiteDP
@@ -42,13 +54,37 @@ from secure_fl.training.trainer import SiteTrainer
 Log = Callable[[str], None]
 
 
+STOPPED_FILENAME = "stopped.json"
+"""Written into the run folder when a privacy budget stopped the run."""
+
+
+@dataclass(frozen=True)
+class BudgetStop:
+    """A privacy budget refused round ``round`` of ``strategy`` before it ran: the run ended
+    after round ``round - 1`` (``message``: the budget check's spent/projected/budget/remaining)."""
+
+    strategy: str
+    round: int
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reason": "privacy_budget",
+            "strategy": self.strategy,
+            "round": self.round,
+            "message": self.message,
+        }
+
+
 @dataclass(frozen=True)
 class RunSummary:
-    """Final Dice per strategy: per site, and pooled over all held-out cases."""
+    """Final Dice per strategy: per site, and pooled over all held-out cases. ``stopped`` is set
+    when a privacy budget ended the run early (None when every round ran)."""
 
     run_dir: Path
     dice: dict[str, dict[str, float]]
     pooled: dict[str, float]
+    stopped: BudgetStop | None = None
 
 
 def resolve_cases(config: ExperimentConfig, log: Log = print) -> list[Case]:
@@ -63,6 +99,24 @@ def resolve_cases(config: ExperimentConfig, log: Log = print) -> list[Case]:
     )
     log(f"synthetic federation: {path}")
     return load_datalist(path)
+
+
+def check_data(config: ExperimentConfig, cases: list[Case], log: Log = print) -> None:
+    """Read every scan once before training (:func:`secure_fl.data.checks.require_valid`), so a
+    bad file is named with its reason instead of crashing MONAI's caching. Labels may be any
+    integer >= 0 (training uses ``label > 0``); brain masks are checked when they are used.
+
+    Errors: DataError listing every bad case, one ``error: <file>: <reason>`` line each.
+    """
+    from secure_fl.data.checks import default_workers, require_valid
+
+    report = require_valid(
+        cases,
+        label_values=None,
+        check_brainmask=config.preprocess.use_brainmask,
+        workers=default_workers(),
+    )
+    log(f"data check: {report.summary()} in {report.seconds:.2f} s")
 
 
 def build_federation(config: ExperimentConfig, cases: list[Case], *, pooled: bool) -> Federation:
@@ -143,6 +197,11 @@ def run_experiment(
     ``resume`` continues a run folder written with the same configuration (ConfigError if it was
     another one). ``stop_after=(strategy, round)`` stops right after that round is checkpointed, as a
     crash would (for tests of resumption).
+
+    A round refused by a privacy budget (or by ``target_epsilon``, which is a budget too) ends the
+    run gracefully: ``stopped.json``, the last models and the report are written and the summary's
+    ``stopped`` says which round and why (no exception). A privacy ledger is never reset, not even
+    with ``resume=False``: the patients' spend stays counted.
     """
     run = Path(run_dir)
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -159,12 +218,15 @@ def run_experiment(
     elif cfg_path.exists():
         for old in [*(run / "checkpoints").glob("*.pt"), run / "metrics.jsonl"]:
             old.unlink(missing_ok=True)
+    (run / STOPPED_FILENAME).unlink(missing_ok=True)
     atomic_write(cfg_path, json.dumps(resolved, indent=2).encode())
 
     cases = resolve_cases(config, log)
+    check_data(config, cases, log)  # DataError listing every bad scan, before any caching
     fed = build_federation(config, cases, pooled="centralized" in config.strategies)
     for trainer in [*fed.sites.values(), *([fed.pooled] if fed.pooled else [])]:
         trainer.rounds = config.rounds
+        trainer.private = config.privacy.enabled  # no un-noised training statistics leave it
     sizes = ", ".join(f"{n}: {len(s.train_cases)}+{len(s.val_cases)}" for n, s in fed.sites.items())
     log(f"{len(fed.sites)} sites (train+held-out cases) {sizes}")
 
@@ -172,6 +234,8 @@ def run_experiment(
     rows = read_jsonl(metrics_path)
     final_dice: dict[str, dict[str, float]] = {}
     final_pooled: dict[str, float] = {}
+    stopped: BudgetStop | None = None
+    private = config.privacy.enabled
     for strategy_name in config.strategies:
         strategy = _make_strategy(config, strategy_name)
         privacy = None
@@ -185,12 +249,27 @@ def run_experiment(
             last, state = _load_checkpoint(ckpt)
             start = last + 1
             log(f"[{strategy_name}] resuming after round {last}")
+        if privacy is not None:
+            note = privacy.recalibrate_for_resume(start)
+            if note:
+                log(f"[{strategy_name}] {note}")
         rows = [r for r in rows if r["strategy"] != strategy_name or r["round"] < start]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         for round_id in range(start, config.rounds):
             t0 = time.perf_counter()
             if privacy is not None:
-                privacy.before_round(round_id)  # refuses the round when over budget
+                try:
+                    privacy.before_round(round_id)  # refuses the round when over budget
+                except BudgetExceededError as exc:
+                    stopped = BudgetStop(strategy_name, round_id, str(exc))
+                    atomic_write(
+                        run / STOPPED_FILENAME, json.dumps(stopped.to_dict(), indent=2).encode()
+                    )
+                    log(
+                        f"[{strategy_name}] stopped by the privacy budget before round "
+                        f"{round_id + 1}/{config.rounds}: {exc}"
+                    )
+                    break
             state, info = strategy.run_round(fed, state, round_id)
             privacy_row = privacy.after_round(round_id) if privacy is not None else None
             dice, pooled = evaluate_strategy(strategy, fed, state)
@@ -199,11 +278,12 @@ def run_experiment(
                 "round": round_id,
                 "dice": dice,
                 "pooled_dice": pooled,
-                "train_loss": info.train_loss,
                 "steps": info.steps,
                 "seconds": time.perf_counter() - t0,
                 "aggregation": _summarise(info.aggregation),
             }
+            if not private:  # un-noised: computed on the training patients, never under DP
+                row["train_loss"] = info.train_loss
             if privacy_row is not None:
                 row["privacy"] = privacy_row
             with open(metrics_path, "a") as f:
@@ -212,8 +292,9 @@ def run_experiment(
             _save_checkpoint(ckpt, strategy_name, round_id, state)
             per_site = " ".join(f"{n}={d:.3f}" for n, d in dice.items())
             eps = privacy_summary_line(privacy_row) if privacy_row is not None else ""
+            loss = "" if private else f"  loss {info.train_loss:.3f}"
             log(
-                f"[{strategy_name}] round {round_id + 1}/{config.rounds}  loss {info.train_loss:.3f}  "
+                f"[{strategy_name}] round {round_id + 1}/{config.rounds}{loss}  "
                 f"Dice pooled {pooled:.3f}  ({per_site}){eps}  {row['seconds']:.1f}s"
             )
             if stop_after == (strategy_name, round_id):
@@ -221,15 +302,15 @@ def run_experiment(
         if privacy is not None:
             privacy.close()
         _save_models(run / "models" / f"{strategy_name}.pt", strategy.final_models(state))
-        last_row = next(r for r in reversed(rows) if r["strategy"] == strategy_name)
-        final_dice[strategy_name] = last_row["dice"]
-        final_pooled[strategy_name] = last_row["pooled_dice"]
+        last_row = next((r for r in reversed(rows) if r["strategy"] == strategy_name), None)
+        final_dice[strategy_name] = last_row["dice"] if last_row else {}
+        final_pooled[strategy_name] = last_row["pooled_dice"] if last_row else float("nan")
 
     from secure_fl.training.report import write_report
 
-    write_report(run, config, rows)
+    write_report(run, config, rows, stopped=stopped.to_dict() if stopped else None)
     log(f"report: {run / 'report.md'}")
-    return RunSummary(run, final_dice, final_pooled)
+    return RunSummary(run, final_dice, final_pooled, stopped)
 
 
 def _make_strategy(config: ExperimentConfig, name: str) -> Strategy:

@@ -102,7 +102,8 @@ class SiteTrainer(ClientAlgo):
     and round, so that a resumed run repeats a round exactly), ``rounds`` (the run's length, for
     the learning-rate schedule) and ``fedprox_mu``.
     ``get_weights()`` returns the full local weights with the number of executed steps.
-    ``evaluate(data)`` returns the mean Dice over the site's held-out cases.
+    ``evaluate(data)`` returns the mean Dice over the site's held-out cases (of ``data.weights``,
+    which are required under site-level DP: ``private`` without ``sample_dp``).
     """
 
     def __init__(
@@ -131,6 +132,9 @@ class SiteTrainer(ClientAlgo):
         self.rounds = 1  # the run's number of rounds, for the learning-rate schedule
         #: Sample-level DP-SGD settings (None: ordinary training). Set by the runner.
         self.sample_dp: SampleDP | None = None
+        #: True when the run is under DP (any level; set by the runner): get_weights then releases
+        #: no statistic computed on the training patients without noise (no training loss).
+        self.private = False
         self.last_sample_rate = 1.0
         self.last_loss = float("nan")
         self.last_steps = 0
@@ -237,18 +241,25 @@ class SiteTrainer(ClientAlgo):
 
     def get_weights(self, extra: dict[str, Any] | None = None) -> ExchangeObject:
         self.initialize()
+        statistics: dict[str, Any] = {
+            FlStatistics.NUM_EXECUTED_ITERATIONS: self.last_steps,
+            "num_train_cases": self.num_train_cases,
+        }
+        if not (self.private or self.sample_dp is not None):  # un-noised: never under DP
+            statistics["train_loss"] = self.last_loss
         return ExchangeObject(
-            weights=get_state(self.network),
-            weight_type=WeightType.WEIGHTS,
-            statistics={
-                FlStatistics.NUM_EXECUTED_ITERATIONS: self.last_steps,
-                "num_train_cases": self.num_train_cases,
-                "train_loss": self.last_loss,
-            },
+            weights=get_state(self.network), weight_type=WeightType.WEIGHTS, statistics=statistics
         )
 
     def evaluate(self, data: ExchangeObject, extra: dict[str, Any] | None = None) -> ExchangeObject:
         self.initialize()
+        if data.weights is None and self.private and self.sample_dp is None:
+            # Site-level DP releases only the noised aggregate: the local model is not released,
+            # so neither is its Dice.
+            raise ConfigError(
+                "evaluate: under site-level DP the local model is not released; pass the "
+                "released (global) weights in data.weights"
+            )
         if data.weights is not None:
             set_state(self.network, data.weights)
         scores = self.dice([get_state(self.network)])

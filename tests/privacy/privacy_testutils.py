@@ -25,7 +25,7 @@ def sample_entry(site: str, rnd: int, **overrides: Any) -> LedgerEntry:
         "steps": 20,
         "survivors": None,
         "delta": 1e-5,
-        "params": {"batch_size": 4, "dataset_size": 80},
+        "params": {"batch_size": 4, "dataset_size": 80, "noise_source": "csprng"},
         "strategy": "fedavg",
     }
     values.update(overrides)
@@ -43,12 +43,15 @@ def write_run(
     report: Callable[[str, int, float], float] | None = None,
     metrics_rounds: int | None = None,
     strategy: str = "fedavg",
+    train_cases: int = 80,
 ) -> Path:
     """Run the ledger protocol for ``rounds`` rounds and write config.json and metrics.jsonl.
 
     ``entry(site, round)`` gives the planned entry (None: not recorded), ``confirm(site, round)``
     the confirm keyword arguments (None: never confirmed, as after a crash), ``report(site,
     round, eps)`` the epsilon written to metrics (default: the ledger's own value).
+    config.json names a datalist of ``train_cases`` training cases per site (no held-out cases),
+    batch size 4 and one local epoch: the q = 0.05 and 20 steps per round of :func:`sample_entry`.
     """
     run.mkdir(parents=True, exist_ok=True)
     make_entry: EntryFn = entry or (lambda s, r: sample_entry(s, r, strategy=strategy))
@@ -85,10 +88,34 @@ def write_run(
     for rnd in range(rounds, n):  # metrics rows the ledger knows nothing about
         rows.append({**rows[-1], "round": rnd})
         rows[-1]["privacy"] = {k: v for k, v in rows[-1]["privacy"].items() if k != "ledger_head"}
-    config_json = {"name": "t", "rounds": n, "strategies": [strategy], "privacy": config.to_dict()}
+    datalist = write_datalist(run / "data", sites, train_cases)
+    config_json = {
+        "name": "t",
+        "seed": 0,
+        "rounds": n,
+        "strategies": [strategy],
+        "train": {"batch_size": 4, "local_epochs": 1},
+        "data": {"datalist": str(datalist), "val_fraction": 0.0},
+        "privacy": config.to_dict(),
+    }
     (run / "config.json").write_text(json.dumps(config_json, indent=2))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
     return run
+
+
+def write_datalist(folder: Path, sites: tuple[str, ...], cases: int) -> Path:
+    """A datalist of ``cases`` cases per site (empty image/label files: the audit needs only the
+    sites and case ids)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "x.nii.gz").write_bytes(b"")
+    entries = [
+        {"case_id": f"{site}-{i:03d}", "site": site, "image": "x.nii.gz", "label": "x.nii.gz"}
+        for site in sites
+        for i in range(cases)
+    ]
+    path = folder / "datalist.json"
+    path.write_text(json.dumps({"training": entries}))
+    return path
 
 
 def sample_config(**overrides: Any) -> PrivacyConfig:

@@ -292,3 +292,26 @@ def test_prv_falls_back_to_the_rdp_bound_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="RDP upper bound"):
         value = compute_epsilon(1.0, 0.01, 1000, 1e-14, accountant="prv")
     assert value == compute_epsilon(1.0, 0.01, 1000, 1e-14, accountant="rdp")
+
+
+def test_integer_order_events_are_charged_at_integer_orders() -> None:
+    """Skellam's RDP bound alpha / (2 z**2) is stated for integer orders only: the accountant must
+    not use it at a fractional order (where the optimum of this history lies)."""
+    sigma, delta = 1.0, 1e-5
+    all_orders = epsilon_of_events([PrivacyEvent(sigma, 1.0, 1)], delta)
+    charged = epsilon_of_events([PrivacyEvent(sigma, 1.0, 1, integer_orders=True)], delta)
+    ints = [float(a) for a in range(2, 1025)]
+    rdp = [a / (2 * sigma**2) for a in ints]
+    best_integer = rdp_to_epsilon(ints, rdp, delta)[0]
+    assert charged >= best_integer - 1e-12
+    assert charged > all_orders  # the fractional optimum is no longer available
+    assert compute_epsilon(sigma, 1.0, 1, delta, integer_orders=True) == charged
+    # PRV/PLD of the Gaussian does not bound such a mechanism: the RDP bound is returned
+    event = PrivacyEvent(sigma, 1.0, 1, integer_orders=True)
+    assert epsilon_of_events([event], delta, "prv") == charged
+    # calibration for such a mechanism meets the target as it will be counted
+    z = calibrate_noise(4.0, 1.0, 3, delta, integer_orders=True)
+    assert compute_epsilon(z, 1.0, 3, delta, integer_orders=True) <= 4.0
+    # composition keeps the two kinds apart
+    mixed = [PrivacyEvent(sigma, 1.0, 1), PrivacyEvent(sigma, 1.0, 1, integer_orders=True)]
+    assert epsilon_of_events(mixed, delta) > epsilon_of_events([PrivacyEvent(sigma, 1.0, 2)], delta)

@@ -39,6 +39,7 @@ def site_entry(site: str, rnd: int, **overrides: Any) -> Any:
             "bits": 32,
             "scale": 1024.0,
             "sigma_per_site": 2.31,
+            "noise_source": "csprng",
         },
     }
     values.update(overrides)
@@ -85,7 +86,10 @@ def test_clean_target_epsilon_run_has_no_findings(tmp_path: Path) -> None:
 
     def entry(site: str, rnd: int) -> Any:
         return sample_entry(
-            site, rnd, noise_multiplier=sigma, params={"calibrated_noise_multiplier": sigma}
+            site,
+            rnd,
+            noise_multiplier=sigma,
+            params={"calibrated_noise_multiplier": sigma, "noise_source": "csprng"},
         )
 
     assert audit_run(write_run(tmp_path / "run", config, entry=entry)).findings == []
@@ -115,7 +119,10 @@ def test_noise_below_calibrated_is_found(tmp_path: Path) -> None:
     def entry(site: str, rnd: int) -> Any:
         used = sigma * (0.9 if rnd == 2 else 1.0)
         return sample_entry(
-            site, rnd, noise_multiplier=used, params={"calibrated_noise_multiplier": sigma}
+            site,
+            rnd,
+            noise_multiplier=used,
+            params={"calibrated_noise_multiplier": sigma, "noise_source": "csprng"},
         )
 
     result = audit_run(write_run(tmp_path / "run", config, entry=entry))
@@ -255,3 +262,68 @@ def test_accountant_disagreement_is_found(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(audit_module, "epsilon_of_events", broken)
     result = audit_run(run)
     assert "ACCOUNTANT_DISAGREEMENT" in codes(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# status: no DP is not PASS; a budget stop is explained
+
+
+def test_a_run_without_dp_is_not_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"name": "t", "rounds": 2, "privacy": {}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"strategy": "fedavg", "round": 0}) + "\n")
+    result = audit_run(run)
+    assert result.status == "NO DP" and not result.ok
+    assert "NO_DP" in codes(result)
+    assert result.federation_epsilon["rdp"] == float("inf")
+    assert main([str(run)]) == 3
+    out = capsys.readouterr().out
+    assert "NO DP" in out and "epsilon = infinity" in out
+    assert "NO DP" in (run / "audit.md").read_text()
+    assert json.loads((run / "audit.json").read_text())["status"] == "NO DP"
+
+
+def test_a_budget_stop_is_explained_and_still_passes(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", sample_config(), rounds=2)
+    config = json.loads((run / "config.json").read_text())
+    config["rounds"] = 5
+    (run / "config.json").write_text(json.dumps(config))
+    message = "round refused before it runs: site 'hospital-a': spent ε=1.2, remaining 0.1"
+    (run / "stopped.json").write_text(
+        json.dumps(
+            {"reason": "privacy_budget", "strategy": "fedavg", "round": 2, "message": message}
+        )
+    )
+    result = audit_run(run)
+    (stop,) = result.findings
+    assert (stop.code, stop.severity, stop.round) == ("BUDGET_STOP", "info", 2)
+    assert "site_budget=20" in stop.message and "remaining 0.1" in stop.message
+    assert result.status == "PASS"
+    assert main([str(run), "--no-report"]) == 0
+
+
+def test_a_ledger_ending_early_without_a_stop_is_reported(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", sample_config(), rounds=2)
+    config = json.loads((run / "config.json").read_text())
+    config["rounds"] = 5
+    (run / "config.json").write_text(json.dumps(config))
+    result = audit_run(run)
+    assert [(f.code, f.severity) for f in result.findings] == [("RUN_INCOMPLETE", "info")]
+
+
+def test_a_stop_file_contradicted_by_the_ledger_is_found(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", sample_config(), rounds=3)
+    (run / "stopped.json").write_text(json.dumps({"strategy": "fedavg", "round": 1}))
+    assert "STOP_INCONSISTENT" in codes(audit_run(run))
+
+
+def test_site_level_records_claiming_amplification_are_found(tmp_path: Path) -> None:
+    """Site-level records with q < 1: the server sees who takes part, so no amplification by
+    site sampling may be claimed; the audit accounts them at q = 1."""
+
+    def entry(site: str, rnd: int) -> Any:
+        return site_entry(site, rnd, sample_rate=0.5)
+
+    result = audit_run(write_run(tmp_path / "run", SITE_CONFIG, sites=SITES3, entry=entry))
+    assert {"SAMPLING_BELOW_DERIVED", "EPSILON_UNDER_REPORTED"} <= codes(result)

@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from privacy_testutils import sample_entry
 
 from secure_fl.errors import BudgetExceededError, ConfigError
@@ -122,3 +124,45 @@ def test_budget_arguments_are_validated(tmp_path: Path) -> None:
             check_budget(
                 ledger, [], site_budget=None, federation_budget=None, delta=DELTA, accountant="x"
             )
+
+
+def test_resume_noise_scale_meets_the_target_exactly_once_recalibrated() -> None:
+    """An interrupted round's intents were counted: the remaining rounds get just enough extra
+    noise for the composition to stay within the target; a clean resume keeps its noise."""
+    from secure_fl.privacy import PrivacyEvent, calibrate_noise, epsilon_of_events
+    from secure_fl.privacy.budget import resume_noise_scale
+
+    target, q, steps_per_round, rounds = 8.0, 0.05, 20, 5
+    sigma = calibrate_noise(target, q, rounds * steps_per_round, DELTA)
+    one = PrivacyEvent(sigma, q, steps_per_round)
+    # clean resume after 2 rounds: the planned 3 remaining rounds fit as they are
+    assert resume_noise_scale({"a": [one] * 2}, {"a": [one] * 3}, target, DELTA) == 1.0
+    # interrupted in round 2: 3 rounds already counted, 3 still to run
+    history = {"a": [one] * 3}
+    scale = resume_noise_scale(history, {"a": [one] * 3}, target, DELTA)
+    assert scale is not None and scale > 1.0
+    scaled = PrivacyEvent(sigma * scale, q, steps_per_round)
+    total = epsilon_of_events(history["a"] + [scaled] * 3, DELTA)
+    assert target - 1e-3 <= total <= target
+    # the history alone already holds the whole target: nothing fits
+    assert resume_noise_scale({"a": [one] * 6}, {"a": [one]}, target, DELTA) is None
+
+
+@given(
+    done=st.integers(min_value=1, max_value=6),
+    left=st.integers(min_value=1, max_value=6),
+    target=st.floats(min_value=1.0, max_value=12.0),
+)
+@settings(max_examples=15, deadline=None)
+def test_resume_noise_scale_never_overspends(done: int, left: int, target: float) -> None:
+    from secure_fl.privacy import PrivacyEvent, epsilon_of_events
+    from secure_fl.privacy.budget import resume_noise_scale
+
+    one = PrivacyEvent(1.0, 0.1, 10)
+    history = {"s": [one] * done}
+    scale = resume_noise_scale(history, {"s": [one] * left}, target, DELTA)
+    if scale is None:
+        assert epsilon_of_events(history["s"] + [PrivacyEvent(1e4, 0.1, 10 * left)], DELTA) > target
+    else:
+        scaled = [PrivacyEvent(scale, 0.1, 10)] * left
+        assert epsilon_of_events(history["s"] + scaled, DELTA) <= target

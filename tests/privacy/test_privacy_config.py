@@ -30,6 +30,16 @@ def test_defaults_and_round_trip() -> None:
     assert PrivacyConfig.from_dict(distributed.to_dict()) == distributed
 
 
+def test_dp_randomness_is_csprng_unless_seeded_mode_is_named() -> None:
+    default = PrivacyConfig(level="sample", noise_multiplier=1.0)
+    assert default.reproducible_noise is False and default.noise_source == "csprng"
+    seeded = PrivacyConfig.from_dict(
+        {"level": "site", "noise_multiplier": 1.0, "reproducible_noise": True}
+    )
+    assert seeded.noise_source == "seeded"
+    assert PrivacyConfig.from_dict(seeded.to_dict()) == seeded
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -70,6 +80,10 @@ def test_defaults_and_round_trip() -> None:
         ({"level": "site", "mechanism": "skellam", "noise_multiplier": 1.0}, "privacy.mechanism"),
         ({"level": "sample", "target_epsilon": 5.0, "site_budget": 3.0}, "privacy.site_budget"),
         ({"level": "sample", "noise_multiplier": "1.0"}, "privacy.noise_multiplier"),
+        (
+            {"level": "sample", "noise_multiplier": 1.0, "reproducible_noise": "yes"},
+            "privacy.reproducible_noise",
+        ),
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:

@@ -19,6 +19,7 @@ from secure_fl.privacy.distributed import (
     effective_noise_multiplier,
     encode_site,
     gaussian_equivalent_noise_multiplier,
+    honest_noise_threshold,
     l2_sensitivity,
     plan_distributed_bits,
 )
@@ -207,7 +208,58 @@ def test_rdp_curve_is_below_the_gaussian_equivalent(mech: str) -> None:
     orders = np.array([1.1, 1.5, 2, 3, 8, 32, 256])
     z_eff = effective_noise_multiplier(cfg, 4)
     curve = distributed_rdp(cfg, 4, orders)
-    assert np.all(curve <= orders / (2 * z_eff**2) * (1 + 1e-12))
+    # Skellam's bound is stated at integer orders: a fractional order is charged at its ceiling,
+    # as the accountants do for PrivacyEvent(integer_orders=True).
+    charged = np.ceil(orders) if mech == "skellam" else orders
+    assert np.all(curve <= charged / (2 * z_eff**2) * (1 + 1e-12))
+
+
+def test_skellam_rdp_is_charged_at_integer_orders() -> None:
+    """Agarwal et al. bound Skellam's RDP at integer orders only: a fractional order gets the
+    (valid, Renyi divergence being monotone in the order) bound of its ceiling."""
+    cfg = config(mechanism="skellam", noise_multiplier=0.5)
+    fractional = distributed_rdp(cfg, 4, [2.5, 5.2, 9.99])
+    integer = distributed_rdp(cfg, 4, [3.0, 6.0, 10.0])
+    np.testing.assert_array_equal(fractional, integer)
+    dg = config(noise_multiplier=0.5)
+    assert distributed_rdp(dg, 4, [2.5])[0] < distributed_rdp(dg, 4, [3.0])[0]  # zCDP: any order
+
+
+@pytest.mark.parametrize(
+    ("threshold", "n", "corrupt", "expected"),
+    [(3, 4, 0.25, (2, 1)), (3, 4, 0.0, (3, 0)), (7, 10, 0.05, (6, 1)), (1, 1, 0.0, (1, 0))],
+)
+def test_noise_is_sized_for_honest_survivors(
+    threshold: int, n: int, corrupt: float, expected: tuple[int, int]
+) -> None:
+    assert honest_noise_threshold(threshold, n, corrupt) == expected
+
+
+def test_no_honest_survivor_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"corrupt_fraction.*privacy\.trust"):
+        honest_noise_threshold(2, 4, 0.5)
+    with pytest.raises(ConfigError, match="corrupt_fraction"):
+        honest_noise_threshold(3, 4, 1.0)
+    with pytest.raises(ConfigError, match="threshold"):
+        honest_noise_threshold(5, 4, 0.0)
+
+
+def test_colluders_subtracting_their_shares_leave_the_planned_noise() -> None:
+    """n = 4, t = 3, c = 1: sized for t - c = 2, the two honest shares alone reach z; sized for t
+    (the old plan) they give only about z * sqrt(2 / 3)."""
+    honest, _ = honest_noise_threshold(3, 4, 0.25)
+    sized = config(threshold=honest, num_sites=4, noise_multiplier=1.0)
+    assert effective_noise_multiplier(sized, honest) == pytest.approx(1.0, rel=0.02)
+    old = config(threshold=3, num_sites=4, noise_multiplier=1.0)
+    # the coalition removes one of the 3 threshold shares: what remains is 2 shares of `old`
+    remaining = gaussian_equivalent_noise_multiplier(
+        "discrete_gaussian",
+        l2_sensitivity=l2_sensitivity(old),
+        dimension=old.padded_dimension,
+        sigma_site=old.plan.sigma_site,
+        survivors=2,
+    )
+    assert remaining < 0.83
 
 
 def _renyi(log_p: np.ndarray, log_q: np.ndarray, alpha: float) -> float:
@@ -361,7 +413,6 @@ def _secagg_round(
         vector_length=cfg.padded_dimension,
         bits=cfg.bits,
         threshold=3,
-        randbytes=DeterministicRandom(seed),
     )
     result = run_round(
         sa_config,

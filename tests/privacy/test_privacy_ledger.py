@@ -22,7 +22,7 @@ from secure_fl.privacy import (
     compute_epsilon,
     epsilon_of_events,
 )
-from secure_fl.privacy.ledger import canonical_json
+from secure_fl.privacy.ledger import canonical_json, entry_event
 
 SITES = ("a", "b")
 
@@ -315,11 +315,51 @@ def test_survivors_below_threshold_raise_the_spend(tmp_path: Path) -> None:
             params={"threshold": 4},
         )
         i = ledger.record_intent(entry)
+        # Skellam is accounted at integer orders only
+        assert ledger.spent("a", 1e-5) == compute_epsilon(1.0, 1.0, 1, 1e-5, integer_orders=True)
+        ledger.confirm(i, survivors=2)
+        (record,) = ledger.entries()
+        assert record.effective_noise_multiplier == pytest.approx(2**-0.5)
+        assert ledger.spent("a", 1e-5) == compute_epsilon(
+            2**-0.5, 1.0, 1, 1e-5, integer_orders=True
+        )
+
+
+def test_spend_counts_only_honest_survivors(tmp_path: Path) -> None:
+    """Distributed noise sized for t - c = 2 honest survivors (t = 3, c = 1): when only 2 sites
+    survive, one may be a colluder, so only 1 honest share is left - sqrt(1/2) of the noise, not
+    sqrt(2/3) as counting every survivor as honest would claim."""
+    with PrivacyLedger(tmp_path / "l.sqlite") as ledger:
+        entry = sample_entry(
+            "a",
+            0,
+            level="site",
+            mechanism="discrete_gaussian",
+            sample_rate=1.0,
+            steps=1,
+            survivors=4,
+            params={"threshold": 3, "honest_survivors": 2, "colluders": 1},
+        )
+        i = ledger.record_intent(entry)
         assert ledger.spent("a", 1e-5) == compute_epsilon(1.0, 1.0, 1, 1e-5)
+        assert entry_event(entry).noise_multiplier == 1.0  # 4 - 1 = 3 honest >= 2
         ledger.confirm(i, survivors=2)
         (record,) = ledger.entries()
         assert record.effective_noise_multiplier == pytest.approx(2**-0.5)
         assert ledger.spent("a", 1e-5) == compute_epsilon(2**-0.5, 1.0, 1, 1e-5)
+        assert entry_event(entry, survivors=2).noise_multiplier == pytest.approx(2**-0.5)
+        assert entry_event(entry, survivors=1).noise_multiplier == 0.0
+
+
+def test_skellam_records_are_accounted_at_integer_orders(tmp_path: Path) -> None:
+    with PrivacyLedger(tmp_path / "l.sqlite") as ledger:
+        for site, mechanism in (("a", "skellam"), ("b", "discrete_gaussian")):
+            ledger.record_intent(
+                sample_entry(site, 0, level="site", mechanism=mechanism, sample_rate=1.0, steps=1)
+            )
+        assert ledger.events_for("a")[0].integer_orders
+        assert not ledger.events_for("b")[0].integer_orders
+        assert ledger.spent("a", 1e-5) > ledger.spent("b", 1e-5)
 
 
 def test_confirmed_noise_multiplier_can_only_lower_the_noise(tmp_path: Path) -> None:

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 from training_helpers import tiny_config
 
 from secure_fl.data import PreprocessConfig
-from secure_fl.errors import BudgetExceededError, ConfigError
+from secure_fl.errors import ConfigError
 from secure_fl.privacy import PrivacyConfig, PrivacyLedger, audit_run
+from secure_fl.privacy.accounting import calibrate_noise, compute_epsilon
+from secure_fl.privacy.distributed import effective_noise_multiplier
 from secure_fl.training import AggregationConfig, run_experiment
+from secure_fl.training.dp_fedavg import DPFedAvg
+from secure_fl.training.privacy_run import PrivacyRound
+from secure_fl.training.runner import _make_strategy
 
 PRE = PreprocessConfig(grid=(24, 24, 24), patch=(16, 16, 16), samples_per_volume=1)
 
@@ -87,9 +95,10 @@ def test_budget_refuses_the_round_before_it_runs(tiny_datalist: Path, tmp_path: 
             level="site", noise_multiplier=1.0, clip=0.5, delta=1e-3, site_budget=4.5
         ),
     )
-    with pytest.raises(BudgetExceededError, match="spent") as err:
-        run_experiment(config, tmp_path / "run", log=lambda _: None)
-    assert "remaining" in str(err.value)
+    # The runner ends the run gracefully at the refused round (stopped.json, no exception).
+    summary = run_experiment(config, tmp_path / "run", log=lambda _: None)
+    assert summary.stopped is not None
+    assert "spent" in summary.stopped.message and "remaining" in summary.stopped.message
     rows = _rows(tmp_path / "run")
     assert 0 < len(rows) < 3  # the refused round left no metrics and no model update
     assert all(r["privacy"]["max_epsilon"] <= 4.5 for r in rows)
@@ -154,3 +163,141 @@ def test_distributed_skellam_meets_a_target_epsilon(tiny_datalist: Path, tmp_pat
     assert 9.0 < final["max_epsilon"] <= 10.0 + 1e-6
     # the ledger holds the calibrated Gaussian-equivalent multiplier, not the larger nominal one
     assert audit_run(tmp_path / "run").findings == []
+
+
+# -- the mechanism that runs is the one accounted (no training: a stand-in federation) ----------
+
+
+def _fed(n_sites: int, dim: int = 1000) -> Any:
+    names = [f"site-{i}" for i in range(n_sites)]
+    return SimpleNamespace(
+        names=names, sites={}, pooled=None, initial={"w": np.zeros(dim, dtype=np.float32)}
+    )
+
+
+def _privacy_round(tmp_path: Path, config: Any, fed: Any) -> PrivacyRound:
+    strategy = _make_strategy(config, "fedavg")
+    pr = PrivacyRound(config, tmp_path, fed, strategy)
+    pr.open()
+    pr.prepare()
+    return pr
+
+
+def test_site_sampling_claims_no_amplification(tiny_datalist: Path, tmp_path: Path) -> None:
+    """The server sees who takes part: each site is charged at rate 1 for the rounds it joined."""
+    config = tiny_config(
+        tiny_datalist,
+        rounds=3,
+        privacy=PrivacyConfig(level="site", target_epsilon=8.0, site_sample_rate=0.5, delta=1e-3),
+    )
+    fed = _fed(12)
+    pr = _privacy_round(tmp_path, config, fed)
+    assert isinstance(pr.strategy, DPFedAvg)
+    # calibrated for 3 unamplified releases, not for 3 releases subsampled at 0.5
+    assert pr.site_noise == pytest.approx(calibrate_noise(8.0, 1.0, 3, 1e-3), rel=1e-9)
+    assert compute_epsilon(pr.site_noise, 1.0, 3, 1e-3) <= 8.0
+    entries = pr.planned(0)
+    taking_part = pr.strategy.sampled_sites(fed, 0)
+    assert {e.sample_rate for e in entries} == {1.0}
+    assert {e.site for e in entries if e.steps == 1} == set(taking_part)
+    assert all(e.steps == 0 for e in entries if e.site not in taking_part)
+    assert all(e.params["amplification"] is False for e in entries)
+    pr.close()
+
+
+def test_every_record_says_where_the_noise_came_from(tiny_datalist: Path, tmp_path: Path) -> None:
+    for reproducible, source in ((False, "csprng"), (True, "seeded")):
+        config = tiny_config(
+            tiny_datalist,
+            privacy=PrivacyConfig(
+                level="site", noise_multiplier=1.0, delta=1e-3, reproducible_noise=reproducible
+            ),
+        )
+        (tmp_path / source).mkdir()
+        pr = _privacy_round(tmp_path / source, config, _fed(3))
+        assert {e.params["noise_source"] for e in pr.planned(0)} == {source}
+        assert isinstance(pr.strategy, DPFedAvg) and pr.strategy.dp.reproducible is reproducible
+        pr.close()
+
+
+def test_distributed_noise_is_sized_for_the_honest_survivors(
+    tiny_datalist: Path, tmp_path: Path
+) -> None:
+    """n = 4, t = 3, c = 1: the server with one colluding site sees only t - c = 2 honest noise
+    shares; they alone must meet the target (sized for t = 3, they gave epsilon ~10 for 8)."""
+    config = tiny_config(
+        tiny_datalist,
+        rounds=2,
+        aggregation=AggregationConfig(
+            name="secagg", options={"threshold": 3, "corrupt_fraction": 0.25}
+        ),
+        privacy=PrivacyConfig(
+            level="site",
+            trust="distributed",
+            mechanism="discrete_gaussian",
+            target_epsilon=8.0,
+            clip=0.5,
+            delta=1e-3,
+        ),
+    )
+    fed = _fed(4)
+    pr = _privacy_round(tmp_path, config, fed)
+    assert isinstance(pr.strategy, DPFedAvg)
+    cfg = pr.strategy.distributed_config(4, 1000)  # what _distributed_sum encodes with
+    assert cfg.threshold == 2
+    coalition_sees = effective_noise_multiplier(cfg, 2)  # the honest shares only
+    assert compute_epsilon(coalition_sees, 1.0, 2, 1e-3) <= 8.0 + 1e-6
+    (entry, *_) = pr.planned(0)
+    assert entry.params["honest_survivors"] == 2
+    assert entry.params["colluders"] == 1
+    assert entry.params["threshold"] == 3
+    assert entry.noise_multiplier <= coalition_sees * (1 + 1e-12)
+    pr.close()
+
+
+def test_distributed_noise_without_an_honest_survivor_is_refused(
+    tiny_datalist: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(
+        tiny_datalist,
+        aggregation=AggregationConfig(
+            name="secagg", options={"threshold": 2, "corrupt_fraction": 0.5}
+        ),
+        privacy=PrivacyConfig(
+            level="site", trust="distributed", mechanism="skellam", noise_multiplier=1.0
+        ),
+    )
+    with pytest.raises(ConfigError, match="corrupt_fraction"):
+        _privacy_round(tmp_path, config, _fed(4))
+
+
+def _final_model(run: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    saved = torch.load(run / "models" / "fedavg.pt", weights_only=True)
+    return {f"{k}/{n}": t.numpy() for k, v in saved.items() for n, t in v.items()}
+
+
+def test_same_seed_same_run_but_fresh_dp_noise(tiny_datalist: Path, tmp_path: Path) -> None:
+    """The published seed reproduces everything but the DP noise - unless the seeded mode is named."""
+    models = {}
+    for reproducible in (False, True):
+        for attempt in ("a", "b"):
+            config = tiny_config(
+                tiny_datalist,
+                rounds=1,
+                privacy=PrivacyConfig(
+                    level="site",
+                    noise_multiplier=1.0,
+                    clip=0.5,
+                    delta=1e-3,
+                    reproducible_noise=reproducible,
+                ),
+            )
+            run = tmp_path / f"{reproducible}-{attempt}"
+            run_experiment(config, run, log=lambda _: None)
+            models[(reproducible, attempt)] = _final_model(run)
+    fresh_a, fresh_b = models[(False, "a")], models[(False, "b")]
+    assert any(not np.array_equal(fresh_a[k], fresh_b[k]) for k in fresh_a)
+    seeded_a, seeded_b = models[(True, "a")], models[(True, "b")]
+    assert all(np.array_equal(seeded_a[k], seeded_b[k]) for k in seeded_a)

@@ -114,3 +114,28 @@ def test_dropout_of_a_site_in_a_round(tiny_datalist: Path, tmp_path: Path) -> No
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["aggregation"]["dropped"] == ["site-B"]
     assert row["aggregation"]["included"] == ["site-A", "site-C"]
+
+
+def test_a_private_site_releases_no_unnoised_statistic(tiny_datalist: Path) -> None:
+    """Under DP (``private``) the trainer's ExchangeObject carries no training loss, and at site
+    level (no DP-SGD) it refuses to score its own, unreleased local model (issue 10, item 6)."""
+    from monai.fl.utils.exchange_object import ExchangeObject
+
+    from secure_fl.data import load_datalist, split_by_site
+    from secure_fl.errors import ConfigError
+    from secure_fl.training import SiteTrainer
+
+    config = tiny_config(tiny_datalist)
+    train, val = split_by_site(load_datalist(tiny_datalist), val_fraction=0.34, seed=3)["site-A"]
+    site = SiteTrainer(
+        "site-A", train, val, preprocess=config.preprocess, model=config.model, train=config.train
+    )
+    site.train(ExchangeObject(weights=None), {"round": 0})
+    assert "train_loss" in (site.get_weights().statistics or {})  # not private: nothing to hide
+    site.private = True
+    assert "train_loss" not in (site.get_weights().statistics or {})
+    with pytest.raises(ConfigError, match="not released"):
+        site.evaluate(ExchangeObject(weights=None))
+    released = site.get_weights().weights
+    assert released is not None
+    assert "val_dice" in (site.evaluate(ExchangeObject(weights=released)).metrics or {})
