@@ -50,8 +50,13 @@ def prepare(
     dropped: Iterable[str],
     *,
     min_sites: int = 1,
+    expected: UpdateSpec | None = None,
 ) -> PreparedRound:
     """Validate and flatten one round's inputs.
+
+    Every update must have one structure: ``expected`` (the model's, when the caller knows it),
+    else the structure most sites share. The error names the sites that differ from it, not
+    whichever site happened to come first (see :func:`agreed_spec`).
 
     Errors: InvalidUpdateError on duplicate site ids, a malformed update, NaN/Inf, or updates whose
     structure, shapes or dtypes differ between sites; ConfigError on weights that are missing,
@@ -77,15 +82,10 @@ def prepare(
         raise InvalidUpdateError(f"updates must hold at least {min_sites} sites, got {len(pairs)}")
 
     vectors: dict[str, np.ndarray] = {}
-    spec: UpdateSpec | None = None
+    specs: dict[str, UpdateSpec] = {}
     for name, update in pairs:
-        vector, site_spec = flatten(update, site=name)
-        if spec is None:
-            spec = site_spec
-        else:
-            check_same_spec(spec, site_spec, site=name)
-        vectors[name] = vector
-    assert spec is not None
+        vectors[name], specs[name] = flatten(update, site=name)
+    spec = agreed_spec(specs, expected)
 
     if weights is None:
         resolved = dict.fromkeys(names, 1.0)
@@ -116,6 +116,68 @@ def prepare(
     if len(gone) == len(names):
         raise ConfigError("dropped names every site; nothing would be aggregated")
     return PreparedRound(tuple(names), vectors, spec, resolved, gone)
+
+
+def agreed_spec(specs: Mapping[str, UpdateSpec], expected: UpdateSpec | None = None) -> UpdateSpec:
+    """The one structure (names, shapes, dtypes) every site's update must have; blames the sites
+    that differ.
+
+    The reference is ``expected`` when given (the model's structure), else the structure shared
+    by the most sites when exactly one structure has that count; the error names every site whose
+    update differs from it, with the first difference. When no single structure is the most
+    common (two sites that disagree, or a 2-2 split), the sites cannot be told apart: the error
+    lists every group of sites. Protects the operator against blaming an honest site for
+    another's wrong-shaped update (the reference used to be whichever site came first).
+
+    Errors: InvalidUpdateError naming the differing sites; ConfigError if ``specs`` is empty.
+    """
+    if not specs:
+        raise ConfigError("agreed_spec: specs must name at least one site")
+    groups: list[tuple[UpdateSpec, list[str]]] = []
+    for name, spec in specs.items():
+        for ref, members in groups:
+            if ref == spec:
+                members.append(name)
+                break
+        else:
+            groups.append((spec, [name]))
+    if expected is None and len(groups) == 1:
+        return groups[0][0]
+    total = len(specs)
+    if expected is not None:
+        reference, what = expected, "the model's structure"
+    else:
+        top = max(len(members) for _, members in groups)
+        leaders = [(ref, members) for ref, members in groups if len(members) == top]
+        if len(leaders) > 1:
+            first, first_members = groups[0]
+            described = "; ".join(
+                f"{members} vs {first_members}: {_difference(first, ref, members[0])}"
+                for ref, members in groups[1:]
+            )
+            raise InvalidUpdateError(
+                f"the {total} sites' updates have {len(groups)} different structures and none is "
+                f"shared by more sites than the others, so the wrong one cannot be told: "
+                f"{described}"
+            )
+        reference, members = leaders[0]
+        what = f"the structure shared by {top} of {total} sites {members}"
+    wrong = [name for name, spec in specs.items() if spec != reference]
+    if not wrong:
+        return reference
+    details = "; ".join(_difference(reference, specs[name], name) for name in wrong)
+    raise InvalidUpdateError(
+        f"{len(wrong)} of {total} sites sent an update that differs from {what}: "
+        f"{', '.join(wrong)} ({details})"
+    )
+
+
+def _difference(reference: UpdateSpec, other: UpdateSpec, site: str) -> str:
+    try:
+        check_same_spec(reference, other, site=site)
+    except InvalidUpdateError as exc:
+        return str(exc)
+    return ""
 
 
 def check_l2_clip(value: object) -> float | None:

@@ -6,6 +6,8 @@
 * :mod:`~secure_fl.data.transforms` - :class:`PreprocessConfig`, :func:`train_transforms`,
   :func:`eval_transforms`.
 * :mod:`~secure_fl.data.loaders` - :func:`make_dataset`, :func:`make_loader`.
+* :mod:`~secure_fl.data.checks` - :func:`check_cases`, :func:`require_valid` (every bad scan named
+  with its file and reason, before training).
 
 Only the datalist names are imported eagerly; the others load on first use (torch and MONAI are
 heavy).
@@ -27,11 +29,15 @@ from secure_fl.data.datalist import (
 )
 
 if TYPE_CHECKING:
+    from secure_fl.data.checks import CheckReport, check_cases, require_valid
     from secure_fl.data.loaders import make_dataset, make_loader
     from secure_fl.data.synthetic import SiteProfile, generate_federation, site_profiles
     from secure_fl.data.transforms import PreprocessConfig, eval_transforms, train_transforms
 
 _LAZY = {
+    "CheckReport": "secure_fl.data.checks",
+    "check_cases": "secure_fl.data.checks",
+    "require_valid": "secure_fl.data.checks",
     "SiteProfile": "secure_fl.data.synthetic",
     "generate_federation": "secure_fl.data.synthetic",
     "site_profiles": "secure_fl.data.synthetic",
@@ -44,14 +50,17 @@ _LAZY = {
 
 __all__ = [
     "Case",
+    "CheckReport",
     "PreprocessConfig",
     "SiteProfile",
+    "check_cases",
     "eval_transforms",
     "generate_federation",
     "group_by_site",
     "load_datalist",
     "make_dataset",
     "make_loader",
+    "require_valid",
     "scan_brats_folder",
     "site_name",
     "site_profiles",

@@ -146,7 +146,9 @@ def _check_unique_ids(cases: Sequence[Case], where: str) -> None:
         seen[case.case_id] = i
 
 
-def load_datalist(path: str | os.PathLike[str], *, section: str = "training") -> list[Case]:
+def load_datalist(
+    path: str | os.PathLike[str], *, section: str = "training", must_exist: bool = True
+) -> list[Case]:
     """Read the cases of ``section`` from a MONAI/Decathlon-style datalist JSON.
 
     Each entry needs ``image``, ``label`` (path strings) and ``site`` (non-empty string); it may
@@ -154,13 +156,17 @@ def load_datalist(path: str | os.PathLike[str], *, section: str = "training") ->
     ``case_id``, the case id is the image file name without its ``.nii``/``.nii.gz`` suffix when
     those names are unique in the section, else the image path relative to the base folder.
 
-    Guarantee: every returned path is absolute and names an existing file; case ids are unique;
-    cases come in file order.
+    ``must_exist=False`` skips the check that the files exist (for
+    :func:`secure_fl.data.checks.check_cases`, which reports every missing file instead of the
+    first one).
+
+    Guarantee: every returned path is absolute and (with ``must_exist``) names an existing file;
+    case ids are unique; cases come in file order.
 
     Errors: ConfigError (naming the section, the entry index and the field) if the file is
     missing or not JSON, ``section`` is not in it or is not a non-empty list, an entry lacks a key
-    or has a value of the wrong type, a file does not exist, a site is empty, or two entries
-    share a case id.
+    or has a value of the wrong type, a file does not exist (with ``must_exist``), a site is
+    empty, or two entries share a case id.
     """
     json_path = Path(path)
     if not json_path.is_file():
@@ -197,7 +203,7 @@ def load_datalist(path: str | os.PathLike[str], *, section: str = "training") ->
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where} must be a path string, got {value!r}")
         resolved = Path(os.path.normpath(base / value))
-        if not resolved.is_file():
+        if must_exist and not resolved.is_file():
             raise ConfigError(f"{where}: file {str(resolved)!r} does not exist")
         return resolved
 

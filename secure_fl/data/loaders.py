@@ -52,7 +52,8 @@ def make_dataset(
     Errors: ConfigError if ``cases`` is empty or holds a non-Case, ``cfg`` is not a
     PreprocessConfig, ``seed`` is not an int >= 0 or ``cache_workers`` not an int >= 1. Failures
     while caching a case (a missing or corrupt file) surface as MONAI's RuntimeError, whose
-    cause names the case.
+    cause names the case; run :func:`secure_fl.data.checks.require_valid` first (the training
+    runner does) to get one DataError that names every bad file and its reason instead.
     """
     cases = list(cases)
     if not cases:
