@@ -69,11 +69,31 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="when case names carry no institution, spread cases over this many sites",
     )
+    check = data_cmds.add_parser(
+        "check",
+        help="read every scan of a datalist; list each bad case (file: reason), exit 2 if any",
+    )
+    check.add_argument("datalist", help="datalist JSON")
+    check.add_argument("--section", default="training", help="datalist section (default training)")
+    check.add_argument(
+        "--label-values",
+        default="0,1,2,3,4",
+        help="allowed label values, comma-separated, or 'any' (default 0,1,2,3,4)",
+    )
+    check.add_argument("--no-brainmask", action="store_true", help="skip the brain-mask files")
+    check.add_argument("--workers", type=int, default=1, help="reader threads (default 1)")
     audit = commands.add_parser(
-        "audit", help="verify a run's privacy ledger and recompute every site's epsilon"
+        "audit",
+        help="verify a run's privacy ledger and recompute every site's epsilon "
+        "(exit 0 PASS, 1 FAIL, 2 usage error, 3 NO DP: epsilon = infinity)",
     )
     audit.add_argument("run_dir", help="the run folder")
     audit.add_argument("--tolerance", type=float, default=1e-6, help="epsilon tolerance")
+    audit.add_argument(
+        "--datalist",
+        default=None,
+        help="datalist to re-derive q and steps from (default: the run's)",
+    )
     from secure_fl.transport.cli import add_subcommands as add_transport_commands
 
     add_transport_commands(commands)  # provision, server, site (imports no grpc until run)
@@ -114,13 +134,22 @@ def _simulate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     run_dir = args.run_dir or f"runs/{config.name}"
-    run_experiment(config, run_dir, resume=not args.no_resume)
+    summary = run_experiment(config, run_dir, resume=not args.no_resume)
+    if summary.stopped is not None:  # a planned end, not an error: models and report are written
+        print(
+            f"stopped by the privacy budget before round {summary.stopped.round + 1}/"
+            f"{config.rounds}; the models of "
+            f"the last finished round and the report are in {run_dir}; "
+            f"`secure-fl audit {run_dir}` explains the stop"
+        )
     return 0
 
 
 def _data(args: argparse.Namespace) -> int:
     from secure_fl.data import generate_federation, scan_brats_folder, write_datalist
 
+    if args.data_command == "check":
+        return _data_check(args)
     if args.data_command == "synth":
         path = generate_federation(
             Path(args.out), sites=args.sites, shape=tuple(args.shape), seed=args.seed
@@ -136,6 +165,26 @@ def _data(args: argparse.Namespace) -> int:
     for site, count in sorted(per_site.items()):
         print(f"  {site}: {count}")
     return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from secure_fl.data import load_datalist
+    from secure_fl.data.checks import check_cases, parse_label_values
+
+    cases = load_datalist(args.datalist, section=args.section, must_exist=False)
+    report = check_cases(
+        cases,
+        label_values=parse_label_values(args.label_values),
+        check_brainmask=not args.no_brainmask,
+        workers=args.workers,
+    )
+    if report.ok:
+        print(f"{report.summary()} ({report.seconds:.2f} s)")
+        return 0
+    for line in report.lines():
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{report.summary()} ({report.seconds:.2f} s)")
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "audit":
             from secure_fl.privacy.audit import main as audit_main
 
-            return audit_main([args.run_dir, "--tolerance", str(args.tolerance)])
+            extra = ["--datalist", args.datalist] if args.datalist else []
+            return audit_main([args.run_dir, "--tolerance", str(args.tolerance), *extra])
         if args.command in ("provision", "server", "site"):
             return int(args.handler(args))
     except SecureFLError as exc:

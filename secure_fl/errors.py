@@ -83,3 +83,18 @@ class LedgerIntegrityError(SecureFLError):
 
 class BudgetExceededError(SecureFLError):
     """A privacy budget would be exceeded; the round is refused before it runs."""
+
+
+class DataError(SecureFLError, ValueError):
+    """A data file (scan, label, brain mask) is unreadable or unfit for training: truncated or
+    corrupt, not a 3-D volume, NaN/Inf voxels, a label of another shape or with unexpected values.
+
+    The message lists every bad case, one line each, with the file and the reason.
+    """
+
+
+class PolicyError(RemoteProtocolError):
+    """The server asked this site for something its own policy refuses (an aggregation it does not
+    accept, plain aggregation, the semi-honest variant, a threshold below the site's minimum, a
+    wrong vector length, a stale round id, a second update for the same model). The site leaves
+    the round without sending anything."""
