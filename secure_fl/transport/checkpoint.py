@@ -7,6 +7,10 @@ renamed, model first, so a crash at any point leaves either the previous or the 
 never a mix. Per-round records are kept in ``state_dir/rounds/round-NNNNNN.json`` (failed attempts
 in ``round-NNNNNN-failed-A.json``).
 
+CKKS: once a CKKS round has completed, the global model exists only encrypted. The checkpoint then
+holds that ciphertext (``model-NNNNNN.ckks``, ``"model_format": "ckks-encrypted"``), never a
+plaintext model: the server cannot decrypt it.
+
 Errors: :func:`load` raises ConfigError when the checkpoint belongs to another federation or its
 model does not match the recorded SHA-256.
 """
@@ -32,7 +36,9 @@ CHECKPOINT = "checkpoint.json"
 @dataclass(frozen=True)
 class Checkpoint:
     """``completed_rounds`` rounds are done (the next round id equals it); ``model`` is the
-    global model after them; ``ledger`` is the DP ledger's state dict (None without DP)."""
+    global model after them; ``ledger`` is the DP ledger's state dict (None without DP).
+    ``encrypted_model``: with CKKS, the encrypted global model (a CKKS_MODEL payload,
+    :mod:`secure_fl.transport.ckks`) instead of ``model`` (then empty)."""
 
     federation: str
     completed_rounds: int
@@ -40,6 +46,7 @@ class Checkpoint:
     model_sha256: str
     history: tuple[Mapping[str, Any], ...] = ()
     ledger: Mapping[str, Any] | None = None
+    encrypted_model: bytes | None = field(default=None, repr=False)
 
 
 def model_blob(model: Mapping[str, np.ndarray]) -> tuple[bytes, str]:
@@ -52,10 +59,15 @@ def save(state_dir: Path, checkpoint: Checkpoint, blob: bytes | None = None) -> 
     """Write ``checkpoint`` atomically (see the module docstring); ``blob`` is the serialised
     model when the caller already has it."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    data = blob if blob is not None else dumps(checkpoint.model)
+    encrypted = checkpoint.encrypted_model
+    if encrypted is not None:
+        data = encrypted
+    else:
+        data = blob if blob is not None else dumps(checkpoint.model)
     if hashlib.sha256(data).hexdigest() != checkpoint.model_sha256:
         raise ConfigError("checkpoint model does not match its SHA-256")
-    model_name = f"model-{checkpoint.completed_rounds:06d}.tensors"
+    suffix = "ckks" if encrypted is not None else "tensors"
+    model_name = f"model-{checkpoint.completed_rounds:06d}.{suffix}"
     atomic_write(state_dir / model_name, data, mode=0o600)
     meta = {
         "federation": checkpoint.federation,
@@ -65,8 +77,10 @@ def save(state_dir: Path, checkpoint: Checkpoint, blob: bytes | None = None) -> 
         "history": list(checkpoint.history),
         "ledger": checkpoint.ledger,
     }
+    if encrypted is not None:
+        meta["model_format"] = "ckks-encrypted"
     atomic_write(state_dir / CHECKPOINT, (json.dumps(meta, indent=1) + "\n").encode(), mode=0o600)
-    for old in state_dir.glob("model-*.tensors"):
+    for old in [*state_dir.glob("model-*.tensors"), *state_dir.glob("model-*.ckks")]:
         if old.name != model_name:
             old.unlink(missing_ok=True)
 
@@ -98,11 +112,13 @@ def load(state_dir: Path, federation: str) -> Checkpoint | None:
     digest = hashlib.sha256(blob).hexdigest()
     if digest != meta.get("model_sha256"):
         raise ConfigError(f"checkpoint model {meta['model_file']} does not match its SHA-256")
+    encrypted = meta.get("model_format") == "ckks-encrypted"
     return Checkpoint(
         federation=federation,
         completed_rounds=int(meta["completed_rounds"]),
-        model=loads(blob),
+        model={} if encrypted else loads(blob),
         model_sha256=digest,
         history=tuple(meta.get("history", [])),
         ledger=meta.get("ledger"),
+        encrypted_model=blob if encrypted else None,
     )

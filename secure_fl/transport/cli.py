@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from secure_fl.errors import SecureFLError
 
 COMMANDS = ("provision", "server", "site")
 
 
-def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_subcommands(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add ``provision``, ``server`` and ``site`` to ``subparsers`` (each sets ``handler``)."""
     p = subparsers.add_parser(
         "provision",
@@ -24,7 +25,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "one certificate and key per site, and a config for each party.",
     )
     p.add_argument("federation_dir", metavar="FEDERATION_DIR")
-    p.add_argument("--sites", required=True, help="comma-separated site names, e.g. a,b,c")
+    p.add_argument(
+        "--sites", default=None, help="comma-separated site names, e.g. a,b,c (required)"
+    )
+    p.add_argument(
+        "--rotate-ckks",
+        action="store_true",
+        help="give the existing FEDERATION_DIR fresh CKKS keys: new artefacts for the server and "
+        "every site, new fingerprints in every config (nothing else changes)",
+    )
     p.add_argument("--listen", default="127.0.0.1:50051", help="server address (host:port)")
     p.add_argument(
         "--server-name",
@@ -45,6 +54,25 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         default="secagg+",
         help="aggregation (default: %(default)s)",
     )
+    p.add_argument(
+        "--variant",
+        choices=["active", "semi-honest"],
+        default="active",
+        help="SecAgg variant; each site's policy requires it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--corrupt-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of corrupt sites assumed by the server and every site's policy "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--dropout-rate",
+        type=float,
+        default=0.1,
+        help="fraction of sites expected to drop out (default: %(default)s)",
+    )
     p.add_argument("--federation", default=None, help="federation name (default: the dir name)")
     p.add_argument(
         "--ckks",
@@ -64,8 +92,23 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from secure_fl.transport.provision import provision
+    from secure_fl.errors import ConfigError
+    from secure_fl.transport.provision import provision, rotate_ckks
 
+    if args.rotate_ckks:
+        rotated = rotate_ckks(args.federation_dir)
+        print(f"CKKS keys rotated in {args.federation_dir}: fingerprint {rotated.fingerprint}")
+        if rotated.previous:
+            print(f"  previous fingerprint {rotated.previous} (now refused everywhere)")
+        for path in rotated.files:
+            print(f"  wrote {path}")
+        print(
+            "copy server/ and sites/<name>/ to each machine again; a server checkpoint holding a "
+            "CKKS-encrypted model under the old key cannot be resumed (use a fresh state_dir)"
+        )
+        return 0
+    if not args.sites:
+        raise ConfigError("--sites is required (unless --rotate-ckks)")
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     done = provision(
         args.federation_dir,
@@ -77,6 +120,9 @@ def _provision(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         protocol=args.protocol,
         ckks=args.ckks,
+        active=args.variant == "active",
+        corrupt_fraction=args.corrupt_fraction,
+        dropout_rate=args.dropout_rate,
     )
     print(f"federation provisioned in {done.root}")
     print(f"  server config: {done.server_config}")
@@ -96,9 +142,16 @@ def _server(args: argparse.Namespace) -> int:
 
 def _site(args: argparse.Namespace) -> int:
     from secure_fl.transport.config import load_site_config
-    from secure_fl.transport.site import run_site
+    from secure_fl.transport.site import EXIT_NOT_TRAINED, run_site
 
-    return run_site(load_site_config(args.config))
+    code = run_site(load_site_config(args.config))
+    if code == EXIT_NOT_TRAINED:
+        print(
+            "error: the federation stopped after 0 rounds; no model was trained "
+            "(no final model written)",
+            file=sys.stderr,
+        )
+    return code
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ from secure_fl.errors import ConfigError
 
 FEDERATION_PROTOCOL = "secure_fl/federation/v1"
 AGGREGATIONS = ("secagg", "secagg+", "plain", "ckks")
+# The steps at which a test can make a site kill itself: ``SiteRunner(crash_hook=...)`` is called
+# with one of these just before the step (an injected test hook, never a config key).
 CRASH_POINTS = (
     "update",
     "advertise",
@@ -29,7 +31,6 @@ CRASH_POINTS = (
     "masked_input",
     "unmask",
     "ckks_upload",
-    "ckks_decrypt",
 )
 
 
@@ -138,7 +139,9 @@ class AggregationSettings:
     """How updates are combined. ``protocol`` is one of :data:`AGGREGATIONS`; the rest configure
     the fixed-point encoding (see :func:`secure_fl.encoding.plan_bit_width`) and SecAgg / SecAgg+
     (see :func:`secure_fl.secagg.make_config`). ``plain`` sends updates in the clear (a baseline,
-    never for patient data). ``ckks`` (see :mod:`secure_fl.transport.ckks`) uses the ``ckks``
+    never for patient data; every site must allow it in its own policy). ``active`` (default
+    true) runs the active-adversary SecAgg variant; the semi-honest variant needs ``false`` here
+    *and* ``policy.require_active: false`` in each site's config. ``ckks`` (see :mod:`secure_fl.transport.ckks`) uses the ``ckks``
     section of the config and ``chunk_ciphertexts`` ciphertexts per frame."""
 
     protocol: str = "secagg+"
@@ -149,7 +152,7 @@ class AggregationSettings:
     k: int | None = None
     dropout_rate: float = 0.1
     corrupt_fraction: float = 0.0
-    active: bool = False
+    active: bool = True
     chunk_ciphertexts: int = 64
 
     def __post_init__(self) -> None:
@@ -203,6 +206,76 @@ class TaskSpec:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
 
+DEFAULT_POLICY_AGGREGATIONS = ("secagg", "secagg+", "ckks")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What a site accepts from the server, pinned in the site's own config (``policy``).
+
+    The server is untrusted: whatever it announces is checked against this policy before the
+    site computes, reports or sends anything derived from its data (see
+    :mod:`secure_fl.transport.policy`). A round that breaks the policy is refused with a WARNING
+    and the site leaves it without sending anything.
+
+    ``aggregations``: the aggregations accepted. ``plain`` (updates in the clear) is accepted
+    only when listed *and* ``allow_plain`` is true. ``require_active``: refuse the semi-honest
+    SecAgg variant (default true). ``corrupt_fraction`` / ``dropout_rate``: the fraction of
+    corrupt sites and of dropouts this site assumes; with the round's ``n`` (and ``k``) they give
+    the smallest threshold (and, for SecAgg+, the smallest degree) the site accepts.
+    ``vector_length``: the exact length of the flattened update, when known (else the size of the
+    downloaded model is required).
+
+    Errors: ConfigError naming the field and its allowed range.
+    """
+
+    aggregations: tuple[str, ...] = DEFAULT_POLICY_AGGREGATIONS
+    allow_plain: bool = False
+    require_active: bool = True
+    corrupt_fraction: float = 0.0
+    dropout_rate: float = 0.1
+    vector_length: int | None = None
+
+    def __post_init__(self) -> None:
+        aggs = self.aggregations
+        if (
+            not isinstance(aggs, tuple)
+            or not aggs
+            or any(a not in AGGREGATIONS for a in aggs)
+            or len(set(aggs)) != len(aggs)
+        ):
+            raise ConfigError(
+                f"policy.aggregations must be a non-empty list of distinct values from "
+                f"{AGGREGATIONS}, got {aggs!r}"
+            )
+        if "plain" in aggs and self.allow_plain is not True:
+            raise ConfigError(
+                "policy.aggregations lists 'plain' (updates in the clear): set "
+                "policy.allow_plain to true to accept it"
+            )
+        for name in ("corrupt_fraction", "dropout_rate"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0.0 <= float(value) < 0.5
+            ):
+                raise ConfigError(f"policy.{name} must be a number in [0, 0.5), got {value!r}")
+        length = self.vector_length
+        if length is not None and (
+            isinstance(length, bool) or not isinstance(length, int) or length < 1
+        ):
+            raise ConfigError(
+                f"policy.vector_length must be an integer >= 1 or null, got {length!r}"
+            )
+
+    def accepts(self, aggregation: str) -> bool:
+        """Whether this policy accepts ``aggregation`` at all."""
+        if aggregation == "plain":
+            return self.allow_plain and "plain" in self.aggregations
+        return aggregation in self.aggregations
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The federation server's configuration (see ``protocols/federation.md``).
@@ -246,10 +319,13 @@ class SiteConfig:
     """A site's configuration.
 
     ``roster`` is the provisioned roster (the site checks the server's round configuration
-    against it); ``signing_key`` its Ed25519 key for the active variant; ``output_model`` where
-    the final model is written. ``insecure_test_seed`` makes this site's randomness reproducible
-    and enables ``test_crash_before`` (the site kills itself with SIGKILL just before the named
-    step): both for tests only.
+    against it); ``policy`` what it accepts from the server (:class:`SitePolicy`; a config
+    without one gets the safe default: secagg / secagg+ / ckks, active, plain refused);
+    ``signing_key`` its Ed25519 key for the active variant; ``output_model`` where the final
+    model is written. ``insecure_test_seed`` makes this site's randomness reproducible (tests
+    only). There are no test hooks in a site config: a test that needs a site to crash injects
+    one (``SiteRunner(crash_hook=...)``); the old ``test_crash_before`` keys are refused as
+    unknown.
     """
 
     federation: str
@@ -261,12 +337,11 @@ class SiteConfig:
     state_dir: Path
     task: TaskSpec = field(default_factory=TaskSpec)
     limits: Limits = field(default_factory=Limits)
+    policy: SitePolicy = field(default_factory=SitePolicy)
     signing_key: Path | None = None
     output_model: Path | None = None
     reconnect_timeout_s: float = 300.0
     insecure_test_seed: int | None = None
-    test_crash_before: str | None = None
-    test_crash_round: int | None = None
     log_file: Path | None = None
     ckks: CkksFiles | None = None
 
@@ -275,14 +350,6 @@ class SiteConfig:
         if not any(e.name == self.name for e in self.roster):
             raise ConfigError(f"name {self.name!r} is not on the roster")
         _positive("reconnect_timeout_s", self.reconnect_timeout_s)
-        if self.test_crash_before is not None:
-            if self.insecure_test_seed is None:
-                raise ConfigError("test_crash_before needs insecure_test_seed (tests only)")
-            if self.test_crash_before not in CRASH_POINTS:
-                raise ConfigError(
-                    f"test_crash_before must be one of {CRASH_POINTS}, got "
-                    f"{self.test_crash_before!r}"
-                )
 
     @property
     def site_id(self) -> int:
@@ -478,7 +545,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         k=agg.opt_int("k"),
         dropout_rate=agg.float_("dropout_rate", 0.1),
         corrupt_fraction=agg.float_("corrupt_fraction", 0.0),
-        active=agg.bool_("active", False),
+        active=agg.bool_("active", True),
         chunk_ciphertexts=agg.int_("chunk_ciphertexts", 64),
     )
     agg.done()
@@ -518,6 +585,38 @@ def load_server_config(path: str | Path) -> ServerConfig:
     return config
 
 
+def _policy(s: _Section) -> SitePolicy:
+    if not s.has("policy"):
+        s.raw("policy")
+        return SitePolicy()
+    p = s.section("policy")
+    aggs = p.raw("aggregations", list(DEFAULT_POLICY_AGGREGATIONS))
+    if not isinstance(aggs, list) or not all(isinstance(a, str) for a in aggs):
+        raise ConfigError(f"policy.aggregations must be a list of strings, got {aggs!r}")
+    out = SitePolicy(
+        aggregations=tuple(aggs),
+        allow_plain=p.bool_("allow_plain", False),
+        require_active=p.bool_("require_active", True),
+        corrupt_fraction=p.float_("corrupt_fraction", 0.0),
+        dropout_rate=p.float_("dropout_rate", 0.1),
+        vector_length=p.opt_int("vector_length"),
+    )
+    p.done()
+    return out
+
+
+def policy_to_json(policy: SitePolicy) -> dict[str, Any]:
+    """The ``policy`` section of a site config (as :func:`load_site_config` reads it)."""
+    return {
+        "aggregations": list(policy.aggregations),
+        "allow_plain": policy.allow_plain,
+        "require_active": policy.require_active,
+        "corrupt_fraction": policy.corrupt_fraction,
+        "dropout_rate": policy.dropout_rate,
+        "vector_length": policy.vector_length,
+    }
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     """Parse a site's JSON configuration. Errors: ConfigError naming the field."""
     data, base = _read_json(Path(path))
@@ -538,12 +637,11 @@ def load_site_config(path: str | Path) -> SiteConfig:
         state_dir=s.path("state_dir"),
         task=task,
         limits=_limits(s),
+        policy=_policy(s),
         signing_key=s.opt_path("signing_key"),
         output_model=s.opt_path("output_model"),
         reconnect_timeout_s=s.float_("reconnect_timeout_s", 300.0),
         insecure_test_seed=s.opt_int("insecure_test_seed"),
-        test_crash_before=s.opt_str("test_crash_before"),
-        test_crash_round=s.opt_int("test_crash_round"),
         log_file=s.opt_path("log_file"),
         ckks=_ckks(s),
     )

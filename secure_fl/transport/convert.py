@@ -24,12 +24,15 @@ from secure_fl.secagg import (
     ConsistencySignature,
     KeyRoster,
     MaskedInput,
+    RevealNonce,
+    RevealSet,
     SecAggConfig,
     ShareDelivery,
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
 )
+from secure_fl.secagg.commit import COMMITMENT_SIZE, NONCE_SIZE, SALT_SIZE
 from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport.errors import RejectedError
 
@@ -69,13 +72,47 @@ def advert_from_pb(msg: pb.AdvertiseKeys, sender: int) -> AdvertiseKeys:
         raise _invalid(f"public keys must be {KEY_SIZE} bytes")
     if len(msg.signature) not in (0, SIGNATURE_SIZE):
         raise _invalid(f"signature must be empty or {SIGNATURE_SIZE} bytes")
+    if len(msg.graph_commitment) not in (0, COMMITMENT_SIZE):
+        raise _invalid(f"graph_commitment must be empty or {COMMITMENT_SIZE} bytes")
     return AdvertiseKeys(
-        msg.round_id, who, bytes(msg.enc_public), bytes(msg.mask_public), msg.signature or None
+        msg.round_id,
+        who,
+        bytes(msg.enc_public),
+        bytes(msg.mask_public),
+        msg.signature or None,
+        bytes(msg.graph_commitment),
     )
 
 
+def reveal_from_pb(msg: pb.RevealNonce, sender: int) -> RevealNonce:
+    """A RevealNonce from ``sender``: a nonce of exactly NONCE_SIZE bytes."""
+    who = _sender(msg.sender, sender)
+    if len(msg.nonce) != NONCE_SIZE:
+        raise _invalid(f"nonce must be {NONCE_SIZE} bytes")
+    return RevealNonce(msg.round_id, who, bytes(msg.nonce))
+
+
+def _commitments(
+    entries: Iterable[pb.ShareCommitment], max_entries: int
+) -> tuple[tuple[int, bytes, bytes], ...]:
+    out: list[tuple[int, bytes, bytes]] = []
+    for entry in entries:
+        if len(out) >= max_entries:
+            raise _invalid(f"at most {max_entries} share commitments allowed")
+        if (
+            len(entry.mask_key_commitment) != COMMITMENT_SIZE
+            or len(entry.seed_commitment) != COMMITMENT_SIZE
+        ):
+            raise _invalid(f"share commitments must be {COMMITMENT_SIZE} bytes")
+        out.append(
+            (int(entry.site), bytes(entry.mask_key_commitment), bytes(entry.seed_commitment))
+        )
+    return tuple(out)
+
+
 def share_keys_from_pb(msg: pb.ShareKeys, sender: int, max_entries: int) -> ShareKeys:
-    """A ShareKeys from ``sender`` with at most ``max_entries`` ciphertexts."""
+    """A ShareKeys from ``sender`` with at most ``max_entries`` ciphertexts (and commitments,
+    one more: the sender holds shares of its own secrets)."""
     who = _sender(msg.sender, sender)
     if len(msg.ciphertexts) > max_entries:
         raise _invalid(f"at most {max_entries} share ciphertexts allowed")
@@ -84,7 +121,7 @@ def share_keys_from_pb(msg: pb.ShareKeys, sender: int, max_entries: int) -> Shar
         if not OVERHEAD <= len(entry.ciphertext) <= MAX_CIPHERTEXT:
             raise _invalid(f"share ciphertext must be {OVERHEAD}..{MAX_CIPHERTEXT} bytes")
         out.append((int(entry.peer), bytes(entry.ciphertext)))
-    return ShareKeys(msg.round_id, who, tuple(out))
+    return ShareKeys(msg.round_id, who, tuple(out), _commitments(msg.commitments, max_entries + 1))
 
 
 def masked_from_payload(
@@ -114,14 +151,19 @@ def unmask_from_pb(msg: pb.UnmaskResponse, sender: int, max_entries: int) -> Unm
     who = _sender(msg.sender, sender)
     if len(msg.self_mask_shares) + len(msg.mask_key_shares) > max_entries:
         raise _invalid(f"at most {max_entries} shares allowed")
+    if len(msg.rejected) > max_entries:
+        raise _invalid(f"at most {max_entries} rejected owners allowed")
     for entry in (*msg.self_mask_shares, *msg.mask_key_shares):
         if len(entry.share) != SHARE_SIZE:
             raise _invalid(f"shares must be {SHARE_SIZE} bytes")
+        if len(entry.salt) != SALT_SIZE:
+            raise _invalid(f"share salts must be {SALT_SIZE} bytes")
     return UnmaskResponse(
         msg.round_id,
         who,
-        tuple((int(e.owner), bytes(e.share)) for e in msg.self_mask_shares),
-        tuple((int(e.owner), bytes(e.share)) for e in msg.mask_key_shares),
+        tuple((int(e.owner), bytes(e.share), bytes(e.salt)) for e in msg.self_mask_shares),
+        tuple((int(e.owner), bytes(e.share), bytes(e.salt)) for e in msg.mask_key_shares),
+        tuple(int(o) for o in msg.rejected),
     )
 
 
@@ -135,7 +177,20 @@ def advert_to_pb(m: AdvertiseKeys) -> pb.AdvertiseKeys:
         enc_public=m.enc_public,
         mask_public=m.mask_public,
         signature=m.signature or b"",
+        graph_commitment=m.graph_commitment,
     )
+
+
+def reveal_to_pb(m: RevealNonce) -> pb.RevealNonce:
+    return pb.RevealNonce(round_id=m.round_id, sender=m.sender, nonce=m.nonce)
+
+
+def _commitments_to_pb(
+    entries: Iterable[tuple[int, bytes, bytes]],
+) -> list[pb.ShareCommitment]:
+    return [
+        pb.ShareCommitment(site=s, mask_key_commitment=a, seed_commitment=b) for s, a, b in entries
+    ]
 
 
 def share_keys_to_pb(m: ShareKeys) -> pb.ShareKeys:
@@ -143,6 +198,7 @@ def share_keys_to_pb(m: ShareKeys) -> pb.ShareKeys:
         round_id=m.round_id,
         sender=m.sender,
         ciphertexts=[pb.EncryptedShare(peer=r, ciphertext=c) for r, c in m.ciphertexts],
+        commitments=_commitments_to_pb(m.commitments),
     )
 
 
@@ -154,8 +210,13 @@ def unmask_to_pb(m: UnmaskResponse) -> pb.UnmaskResponse:
     return pb.UnmaskResponse(
         round_id=m.round_id,
         sender=m.sender,
-        self_mask_shares=[pb.OwnedShare(owner=o, share=s) for o, s in m.self_mask_shares],
-        mask_key_shares=[pb.OwnedShare(owner=o, share=s) for o, s in m.mask_key_shares],
+        self_mask_shares=[
+            pb.OwnedShare(owner=o, share=s, salt=salt) for o, s, salt in m.self_mask_shares
+        ],
+        mask_key_shares=[
+            pb.OwnedShare(owner=o, share=s, salt=salt) for o, s, salt in m.mask_key_shares
+        ],
+        rejected=sorted(m.rejected),
     )
 
 
@@ -166,10 +227,17 @@ def roster_to_pb(m: KeyRoster) -> pb.KeyRoster:
     return pb.KeyRoster(round_id=m.round_id, adverts=[advert_to_pb(a) for a in m.adverts])
 
 
+def reveal_set_to_pb(m: RevealSet) -> pb.RevealSet:
+    return pb.RevealSet(
+        round_id=m.round_id, reveals=[pb.SiteNonce(site=s, nonce=n) for s, n in m.reveals]
+    )
+
+
 def delivery_to_pb(m: ShareDelivery) -> pb.ShareDelivery:
     return pb.ShareDelivery(
         round_id=m.round_id,
         ciphertexts=[pb.EncryptedShare(peer=s, ciphertext=c) for s, c in m.ciphertexts],
+        commitments=_commitments_to_pb(m.commitments),
     )
 
 
@@ -201,15 +269,28 @@ def roster_from_pb(m: pb.KeyRoster) -> KeyRoster:
             bytes(a.enc_public),
             bytes(a.mask_public),
             bytes(a.signature) or None,
+            bytes(a.graph_commitment),
         )
         for a in m.adverts
     )
     return KeyRoster(m.round_id, adverts)
 
 
+def reveal_set_from_pb(m: pb.RevealSet) -> RevealSet:
+    sites = [int(r.site) for r in m.reveals]
+    if len(set(sites)) != len(sites):
+        raise RemoteProtocolError("the reveal set lists a site twice")
+    return RevealSet(m.round_id, tuple((int(r.site), bytes(r.nonce)) for r in m.reveals))
+
+
 def delivery_from_pb(m: pb.ShareDelivery) -> ShareDelivery:
     return ShareDelivery(
-        m.round_id, tuple((int(c.peer), bytes(c.ciphertext)) for c in m.ciphertexts)
+        m.round_id,
+        tuple((int(c.peer), bytes(c.ciphertext)) for c in m.ciphertexts),
+        tuple(
+            (int(c.site), bytes(c.mask_key_commitment), bytes(c.seed_commitment))
+            for c in m.commitments
+        ),
     )
 
 
@@ -242,9 +323,8 @@ def setup_to_pb(
         vector_length=config.vector_length,
         bits=config.bits,
         active=config.active,
-        graph=[
-            pb.Neighbourhood(site=s, neighbours=sorted(config.graph[s])) for s in config.site_ids
-        ],
+        site_ids=sorted(config.site_ids),
+        k=config.degree,
         verify_keys=[
             pb.VerifyKey(site=s, public_key=k)
             for s, k in sorted((config.verify_keys or {}).items())
@@ -268,21 +348,19 @@ def setup_from_pb(
         raise RemoteProtocolError(
             f"setup asks for vectors of {setup.vector_length} values, the limit is {max_length}"
         )
-    graph: dict[int, frozenset[int]] = {}
-    for hood in setup.graph:
-        if hood.site in graph:
-            raise RemoteProtocolError(f"setup lists site {hood.site} twice in the graph")
-        graph[int(hood.site)] = frozenset(int(v) for v in hood.neighbours)
+    site_ids = [int(s) for s in setup.site_ids]
+    if len(set(site_ids)) != len(site_ids):
+        raise RemoteProtocolError("setup lists a site twice")
     verify_keys = {int(k.site): bytes(k.public_key) for k in setup.verify_keys} or None
     try:
         config = SecAggConfig(
             round_id=round_id,
-            site_ids=tuple(sorted(graph)),
+            site_ids=tuple(sorted(site_ids)),
             threshold=int(setup.threshold),
             vector_length=int(setup.vector_length),
             bits=int(setup.bits),
-            graph=graph,
             protocol=setup.protocol,
+            k=int(setup.k),
             active=setup.active,
             verify_keys=verify_keys,
         )

@@ -10,7 +10,7 @@ Layout of ``FEDERATION_DIR`` (every private key is written with mode 0600, in di
     sites/<name>/site.crt, site.key  the site's TLS identity (common name = site name)
     sites/<name>/signing.key         the site's long-term Ed25519 key (active SecAgg variant)
     sites/<name>/ca.crt
-    sites/<name>/ckks-secret.ctx     the CKKS secret context (encrypts, decrypts the sum)
+    sites/<name>/ckks-secret.ctx     the CKKS secret context (encrypts, decrypts the global model)
     server/ckks-public.ctx           the CKKS public context (adds ciphertexts only)
     ckks/                            both CKKS artefacts as generated; keep offline like ca/
     roster.json                      names, ids, certificate fingerprints, verification keys
@@ -21,7 +21,9 @@ self-contained (paths in the configs are relative to it).
 Keys: ECDSA P-256 for TLS (widely supported by gRPC's TLS stacks), Ed25519 for protocol signatures.
 The CKKS artefacts come from :func:`secure_fl.he.provision` (TenSEAL); they are written when
 ``ckks`` is true, or by default when that function and TenSEAL are available; each config then
-names its artefact and the federation's CKKS fingerprint.
+names its artefact and the federation's CKKS fingerprint. :func:`rotate_ckks`
+(``secure-fl provision FEDERATION_DIR --rotate-ckks``) replaces the CKKS keys of an existing
+federation folder and the fingerprints in every config.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import datetime
 import importlib
 import ipaddress
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +47,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from secure_fl.crypto import SigningKey
 from secure_fl.errors import ConfigError
-from secure_fl.transport.config import AGGREGATIONS, valid_name
+from secure_fl.transport.config import (
+    AGGREGATIONS,
+    AggregationSettings,
+    SitePolicy,
+    policy_to_json,
+    valid_name,
+)
 from secure_fl.transport.tls import cert_fingerprint
 
 DEFAULT_SERVER_NAME = "secure-fl-server"
@@ -245,6 +254,10 @@ def provision(
     protocol: str = "secagg+",
     days: int = 365,
     ckks: bool | None = None,
+    active: bool = True,
+    corrupt_fraction: float = 0.0,
+    dropout_rate: float = 0.1,
+    model_shapes: Sequence[Sequence[int]] = ((16, 16), (16,)),
 ) -> Provisioned:
     """Create a federation directory (layout in the module docstring) for ``sites``.
 
@@ -253,6 +266,12 @@ def provision(
 
     ``ckks``: write the CKKS artefacts (True), skip them (False), or write them when
     :func:`ckks_provisioner` finds a provisioner (None).
+
+    Each site config gets a ``policy`` (:class:`~secure_fl.transport.config.SitePolicy`): it
+    accepts only ``protocol`` (``plain`` explicitly allowed when that is the protocol), requires
+    the active variant unless ``active`` is false (the semi-honest variant, by name), assumes
+    ``corrupt_fraction`` and ``dropout_rate`` as the server does, and pins the vector length of
+    the model (``model_shapes``).
 
     Errors: ConfigError for invalid or duplicate site names, fewer than 2 sites, an unknown
     protocol, a directory that already holds a federation, or ``ckks=True`` without TenSEAL.
@@ -270,6 +289,21 @@ def provision(
         raise ConfigError(f"a site may not be named like the server ({server_name!r})")
     if protocol not in AGGREGATIONS:
         raise ConfigError(f"protocol must be one of {AGGREGATIONS}, got {protocol!r}")
+    AggregationSettings(
+        protocol=protocol,
+        dropout_rate=dropout_rate,
+        corrupt_fraction=corrupt_fraction,
+        active=active,
+    )
+    vector_length = sum(math.prod(shape) for shape in model_shapes)
+    site_policy = SitePolicy(
+        aggregations=(protocol,),
+        allow_plain=protocol == "plain",
+        require_active=active,
+        corrupt_fraction=corrupt_fraction,
+        dropout_rate=dropout_rate,
+        vector_length=vector_length,
+    )
     fed = federation or root.resolve().name or "federation"
     if not valid_name(fed):
         raise ConfigError(f"federation name {fed!r} must match [A-Za-z0-9._-]{{1,64}}")
@@ -347,8 +381,14 @@ def provision(
         "state_dir": "state",
         "rounds": rounds,
         "min_sites": 2,
-        "aggregation": {"protocol": protocol, "clip_range": 10.0, "dropout_rate": 0.1},
-        "model": {"shapes": [[16, 16], [16]]},
+        "aggregation": {
+            "protocol": protocol,
+            "clip_range": 10.0,
+            "dropout_rate": dropout_rate,
+            "corrupt_fraction": corrupt_fraction,
+            "active": active,
+        },
+        "model": {"shapes": [list(shape) for shape in model_shapes]},
         "deadlines": {"update_s": 3600.0, "phase_s": 120.0, "wait_for_sites_s": 120.0},
         "limits": {},
     }
@@ -369,6 +409,7 @@ def provision(
             "state_dir": "state",
             "output_model": "final_model.tensors",
             "task": {"kind": "synthetic", "options": {}},
+            "policy": policy_to_json(site_policy),
         }
         if site_ckks is not None:
             site_config["ckks"] = site_ckks
@@ -378,6 +419,99 @@ def provision(
     return Provisioned(
         root=root, server_config=server_path, site_configs=site_paths, ckks=ckks_note
     )
+
+
+@dataclass(frozen=True)
+class RotatedCkks:
+    """What :func:`rotate_ckks` wrote: the new and the previous CKKS fingerprints and the files."""
+
+    fingerprint: str
+    previous: str | None
+    files: tuple[Path, ...]
+
+
+def _config_ckks_path(config_path: Path, config: dict[str, Any], default: str) -> Path:
+    section = config.get("ckks")
+    name = section.get("context") if isinstance(section, dict) else None
+    if not isinstance(name, str) or not name:
+        name = default
+    target = Path(name)
+    return target if target.is_absolute() else config_path.parent / target
+
+
+def rotate_ckks(directory: str | Path, preset: str | None = None) -> RotatedCkks:
+    """Give an existing federation folder fresh CKKS keys (``secure-fl provision --rotate-ckks``).
+
+    Generates a new secret key (and parameters of ``preset``; default: the preset of the current
+    keys, else ``n8192-add``) and writes, each atomically: ``ckks/`` (both artefacts, the secret
+    one mode 0600), the server's public context (0644), every site's secret context (0600), and
+    the new fingerprint in ``server/server.json`` and every ``sites/<name>/site.json`` (the
+    artefact path named by each config is kept). Parties holding the old keys are refused from
+    then on (fingerprint mismatch). Copy ``server/`` and each ``sites/<name>/`` again.
+
+    Guarantee: secrets are written with mode 0600 and never with a wider mode, even briefly.
+    Rotation cannot re-encrypt a server checkpoint that holds a CKKS-encrypted global model; such
+    a server refuses to resume (start it with a fresh ``state_dir``).
+
+    Errors: ConfigError when ``directory`` is not a provisioned federation, TenSEAL is missing,
+    or a config is unreadable.
+    """
+    from secure_fl.atomic import atomic_write
+
+    root = Path(directory)
+    server_path = root / "server" / "server.json"
+    if not (root / "roster.json").exists() or not server_path.exists():
+        raise ConfigError(f"{root} is not a provisioned federation (no roster.json / server.json)")
+    provisioner = ckks_provisioner()
+    if provisioner is None:
+        raise ConfigError("CKKS keys need secure_fl.he and TenSEAL: pip install tenseal==0.3.18")
+    from secure_fl.he import PublicContext
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} is not a JSON object")
+        return data
+
+    server = read(server_path)
+    site_paths = sorted((root / "sites").glob("*/site.json"))
+    sites = {path: read(path) for path in site_paths}
+    public_path = _config_ckks_path(server_path, server, "ckks-public.ctx")
+    previous: str | None = None
+    old_section = server.get("ckks")
+    if isinstance(old_section, dict) and isinstance(old_section.get("fingerprint"), str):
+        previous = old_section["fingerprint"]
+    if preset is None and public_path.exists():
+        try:
+            preset = PublicContext.load(public_path).preset.name
+        except ConfigError:
+            preset = None
+    ckks_dir = root / "ckks"
+    _mkdir_private(ckks_dir)
+    made = provisioner(ckks_dir, preset, overwrite=True)
+    secret = Path(made.secret_path).read_bytes()
+    written: list[Path] = [Path(made.secret_path), Path(made.public_path)]
+    atomic_write(public_path, Path(made.public_path).read_bytes(), mode=0o644)
+    written.append(public_path)
+    for path, config in sites.items():
+        target = _config_ckks_path(path, config, "ckks-secret.ctx")
+        atomic_write(target, secret, mode=0o600)
+        written.append(target)
+    del secret
+    for path, config in [(server_path, server), *sites.items()]:
+        default = "ckks-public.ctx" if path == server_path else "ckks-secret.ctx"
+        section = config.get("ckks")
+        context = section.get("context") if isinstance(section, dict) else None
+        config["ckks"] = {
+            "context": context if isinstance(context, str) and context else default,
+            "fingerprint": made.fingerprint,
+        }
+        atomic_write(path, json.dumps(config, indent=2) + "\n", mode=0o644)
+        written.append(path)
+    return RotatedCkks(fingerprint=made.fingerprint, previous=previous, files=tuple(written))
 
 
 def load_signing_key(path: Path) -> SigningKey:

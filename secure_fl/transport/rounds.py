@@ -1,7 +1,8 @@
 """Round logic shared by the server, the sites and the in-process reference: the initial model,
 the encoding plan, the secure-aggregation configuration, per-party randomness and model updates.
 
-Randomness: by default every random choice comes from the OS CSPRNG. With an
+Randomness: by default every random choice comes from the OS CSPRNG (the server makes none that
+protect anything: a sparse SecAgg+ graph comes from the sites' committed nonces). With an
 ``insecure_test_seed`` each party's randomness is a :class:`DeterministicRandom` stream (or a
 NumPy generator for stochastic rounding) derived from the seed, the party and the round, so that
 the network round and :func:`secure_fl.transport.simulation.simulate_round` encode bit-identical
@@ -41,13 +42,6 @@ def sha256(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def server_randbytes(test_seed: int | None, round_id: int) -> RandomBytes:
-    """The server's randomness for round ``round_id`` (the SecAgg+ graph)."""
-    if test_seed is None:
-        return os.urandom
-    return DeterministicRandom(f"secure_fl/transport/test/{test_seed}/server/{round_id}".encode())
-
-
 def site_randbytes(test_seed: int | None, site_id: int, round_id: int) -> RandomBytes:
     """A site's protocol randomness (keys, shares, self-mask seed) for round ``round_id``."""
     if test_seed is None:
@@ -83,10 +77,11 @@ def round_config(
     vector_length: int,
     bits: int,
     round_id: int,
-    randbytes: RandomBytes,
     verify_keys: Mapping[int, bytes] | None = None,
 ) -> SecAggConfig:
-    """The SecAggConfig of one round among ``site_ids``. Errors: ConfigError."""
+    """The SecAggConfig of one round among ``site_ids`` (the server proposes it; every site
+    checks it against its own policy, and a sparse SecAgg+ graph is derived by the sites in the
+    round, not chosen here). Errors: ConfigError."""
     return make_config(
         list(site_ids),
         vector_length=vector_length,
@@ -99,7 +94,6 @@ def round_config(
         corrupt_fraction=settings.corrupt_fraction,
         active=settings.active,
         verify_keys=verify_keys if settings.active else None,
-        randbytes=randbytes,
     )
 
 

@@ -11,10 +11,11 @@ Guarantees:
   closes when every expected site answered or at its deadline; a site that misses it is a dropout
   for the protocol, which recovers the sum of the others while at least the threshold remain.
 * **CKKS.** With ``ckks`` the server holds only the public context (it refuses to start with the
-  secret one): it collects each site's complete, checked ciphertext upload, adds the uploads of
-  the sites that completed theirs chunk by chunk (a partial upload is discarded, never added),
-  and has one surviving site (the first in roster order; the next one if it fails) decrypt the
-  sum and send back the mean.
+  secret one) and never receives anything decrypted: it collects each site's complete, checked
+  ciphertext upload (its encrypted, weight-scaled new local model), adds the uploads of the sites
+  that completed theirs chunk by chunk (a partial upload is discarded, never added), and the sum
+  *is* the new global model, encrypted. Every site downloads and decrypts it itself
+  (:mod:`.ckks`); the server's checkpoint and final model are ciphertexts.
 * **Bad messages do not disturb a round.** A malformed, oversized, out-of-phase, duplicate or
   wrongly addressed message is refused with a gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
   FAILED_PRECONDITION, PERMISSION_DENIED) and the round goes on.
@@ -25,8 +26,14 @@ Guarantees:
 * **Bounded resources.** Message size, HTTP/2 streams per connection, concurrent calls in total and
   per site, and a per-site call rate are limited (:class:`~secure_fl.transport.config.Limits`).
 
+* **Fresh round ids.** Every attempt runs under a round id never used before by this federation
+  (``state_dir/round_ids.json``, written before any site hears of it): sites refuse a round id
+  that is not fresh. A round record is named by the federation round index and holds both.
+
 The server also serves the standard gRPC health service (``grpc.health.v1.Health``) on the same
-port and writes JSON-lines logs (:mod:`.logs`).
+port, to rostered, authenticated sites only (:class:`.tls.RosterHealthServicer`), and writes
+JSON-lines logs (:mod:`.logs`). A federation that stopped after 0 rounds exits 1 with an ERROR
+event ``federation-not-trained``.
 """
 
 from __future__ import annotations
@@ -46,9 +53,10 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secure_fl import __version__
+from secure_fl.atomic import atomic_write
 from secure_fl.errors import (
     ConfigError,
     CryptoError,
@@ -59,6 +67,7 @@ from secure_fl.errors import (
 from secure_fl.secagg import (
     ConsistencyRequest,
     KeyRoster,
+    RevealSet,
     SecAggServer,
     ServerPhase,
     ShareDelivery,
@@ -73,7 +82,7 @@ from secure_fl.transport.chunks import iter_chunk_bytes, receive_raw
 from secure_fl.transport.config import FEDERATION_PROTOCOL, RosterEntry, ServerConfig
 from secure_fl.transport.errors import RejectedError
 from secure_fl.transport.limits import SiteLimiter
-from secure_fl.transport.tls import Authenticator, server_credentials
+from secure_fl.transport.tls import Authenticator, RosterHealthServicer, server_credentials
 
 SERVICE = "secure_fl.federation.v1.Federation"
 M = TypeVar("M", bound=Message)
@@ -96,10 +105,6 @@ class _CkksRound:
     layout: Any  # secure_fl.he.Layout
     factors: dict[int, float]
     frames: dict[int, list[bytes]] = field(default_factory=dict)
-    sum_chunks: list[bytes] = field(default_factory=list)
-    sum_digest: bytes = b""
-    decryptor: int | None = None
-    mean: np.ndarray | None = None
 
 
 @dataclass
@@ -107,8 +112,9 @@ class _Attempt:
     """One attempt at a round. Mutated only under the server's condition lock."""
 
     attempt: int
-    round_id: int
+    round_id: int  # the protocol's round id: fresh for every attempt (sites refuse reuse)
     participants: dict[int, str]
+    index: int = 0  # the federation round this attempt tries to complete
     stage: str = "update"  # update -> secagg -> done
     weights: dict[int, float] = field(default_factory=dict)
     plain_updates: dict[int, tensors.Tensors] = field(default_factory=dict)
@@ -172,14 +178,21 @@ class FederationServer:
         self._ledger: dict[str, Any] | None = None
         self._completed = 0
         self._model: tensors.Tensors = {}
+        # CKKS: once a CKKS round completed, the global model is the encrypted one (self._blob is
+        # its CKKS_MODEL payload and self._model is empty); its public structure is kept here.
+        self._encrypted = False
+        self._structure: ckks_wire.Structure = ()
         self._blob = b""
         self._model_chunks: list[bytes] = []
         self._digest = b""
         self._grpc: grpc.Server | None = None
-        self._health = health.HealthServicer(experimental_non_blocking=True)
+        # Answers rostered, authenticated sites only (an off-roster identity learns nothing).
+        self._health = RosterHealthServicer(self._auth)
         self._driver = threading.Thread(target=self._drive, name="round-driver", daemon=True)
         self._done = threading.Event()
         self._downloads = 0  # model downloads in flight (the server lingers for them at the end)
+        self._warned_two_sites = False
+        self._model_round_id = 0  # the round id whose result the current model is
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -191,8 +204,13 @@ class FederationServer:
         if restored is not None:
             self._completed = restored.completed_rounds
             self._history = [dict(h) for h in restored.history]
+            last = self._history[-1].get("round_id") if self._history else None
+            self._model_round_id = last if isinstance(last, int) else max(0, self._completed - 1)
             self._ledger = dict(restored.ledger) if restored.ledger is not None else None
-            self._set_model(restored.model)
+            if restored.encrypted_model is not None:
+                self._set_encrypted_model(restored.encrypted_model)
+            else:
+                self._set_model(restored.model)
             self.log.info(
                 "resumed",
                 completed_rounds=self._completed,
@@ -278,8 +296,36 @@ class FederationServer:
     def _set_model(self, model: tensors.Tensors) -> None:
         blob, digest = ckpt.model_blob(model)
         self._model, self._blob, self._digest = model, blob, bytes.fromhex(digest)
+        self._encrypted, self._structure = False, ckks_wire.structure_of(model)
         # Every site downloads the same chunk stream: serialise (and hash) it once per model.
         header = pb.PayloadHeader(kind=pb.MODEL, length=len(model))
+        self._model_chunks = list(iter_chunk_bytes(header, blob, self.config.limits.chunk_bytes))
+
+    def _set_encrypted_model(self, blob: bytes) -> None:
+        """Hold the encrypted global model (a CKKS_MODEL payload); the server cannot decrypt it.
+
+        Errors: ConfigError when it is not a CKKS_MODEL payload of this federation's CKKS context
+        (for example a checkpoint written before the keys were rotated)."""
+        try:
+            encrypted = ckks_wire.decode_model(blob)
+        except RemoteProtocolError as exc:
+            raise ConfigError(f"the encrypted global model is unreadable: {exc}") from exc
+        public = self._ckks_public
+        if public is None or encrypted.fingerprint != public.fingerprint:
+            raise ConfigError(
+                "the checkpointed global model is encrypted under CKKS context "
+                f"{encrypted.fingerprint[:16]}..., not this federation's (were the keys rotated?); "
+                "the server cannot re-encrypt it: start from a fresh state_dir"
+            )
+        self._model, self._blob, self._digest = {}, blob, rounds.sha256(blob)
+        self._encrypted, self._structure = True, encrypted.structure
+        header = pb.PayloadHeader(
+            kind=pb.CKKS_MODEL,
+            length=len(encrypted.frames),
+            ckks=pb.CkksPayloadInfo(
+                context_sha256=ckks_wire.fingerprint_bytes(encrypted.fingerprint)
+            ),
+        )
         self._model_chunks = list(iter_chunk_bytes(header, blob, self.config.limits.chunk_bytes))
 
     # -- the round driver ---------------------------------------------------------------------
@@ -352,12 +398,33 @@ class FederationServer:
                     return
                 self._cond.wait(min(remaining, 1.0))
 
+    def _new_round_id(self) -> int:
+        """A round id never used before by this federation's server (persisted in
+        ``state_dir/round_ids.json`` before any site hears of it): sites refuse a round id that
+        is not greater than every one they contributed to, so a retried or resumed round runs
+        under a new id."""
+        path = self.config.state_dir / "round_ids.json"
+        used = [int(h["round_id"]) for h in self._history if isinstance(h.get("round_id"), int)]
+        next_id = max([self._completed, *(u + 1 for u in used)])
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("federation") == self.config.federation:
+                    next_id = max(next_id, int(saved["next"]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{path} is unreadable: {exc}") from exc
+        atomic_write(path, json.dumps({"federation": self.config.federation, "next": next_id + 1}))
+        return next_id
+
     def _run_attempt(self, participants: dict[int, str]) -> bool:
         cfg = self.config
         start = time.perf_counter()
+        round_id = self._new_round_id()
         with self._cond:
             self._attempt_counter += 1
-            rs = _Attempt(self._attempt_counter, self._completed, dict(participants))
+            rs = _Attempt(
+                self._attempt_counter, round_id, dict(participants), index=self._completed
+            )
             self._current = rs
             for site in sorted(participants):
                 self._post(
@@ -369,17 +436,20 @@ class FederationServer:
                         model_sha256=self._digest,
                         model_bytes=len(self._blob),
                         deadline_s=cfg.deadlines.update_s,
+                        model_round_id=self._model_round_id,
                     ),
                 )
             self._cond.notify_all()
         self.log.info(
             "round-start",
             round=rs.round_id,
+            index=rs.index,
             attempt=rs.attempt,
             participants=sorted(participants.values()),
         )
         record: dict[str, Any] = {
-            "round": rs.round_id,
+            "round": rs.index,
+            "round_id": rs.round_id,
             "attempt": rs.attempt,
             "aggregation": cfg.aggregation.protocol,
             "participants": {str(k): v for k, v in sorted(participants.items())},
@@ -399,11 +469,12 @@ class FederationServer:
                 raise _RoundFailedError(
                     f"only {len(reported)} sites reported an update, min_sites is {cfg.min_sites}"
                 )
+            encrypted: bytes | None = None
             if cfg.aggregation.protocol == "plain":
                 mean, survivors = self._aggregate_plain(rs, reported)
                 record.update(survivors=sorted(survivors), dropped=[])
             elif cfg.aggregation.protocol == "ckks":
-                mean, survivors = self._aggregate_ckks(rs, reported, record)
+                encrypted = self._aggregate_ckks(rs, reported, record)
             else:
                 mean, survivors = self._aggregate_secagg(rs, reported, record)
         except (
@@ -414,10 +485,18 @@ class FederationServer:
             CryptoError,
         ) as exc:
             return self._end_attempt(rs, record, start, completed=False, reason=str(exc))
+        if encrypted is not None:
+            # CKKS: the new global model is the encrypted sum; the server cannot read it.
+            with self._cond:
+                self._set_encrypted_model(encrypted)
+                self._completed += 1
+                self._model_round_id = rs.round_id
+            return self._end_attempt(rs, record, start, completed=True, reason="")
         new_model = rounds.apply_mean(self._model, mean)
         with self._cond:
             self._set_model(new_model)
             self._completed += 1
+            self._model_round_id = rs.round_id
         return self._end_attempt(rs, record, start, completed=True, reason="")
 
     def _end_attempt(
@@ -440,11 +519,12 @@ class FederationServer:
                 bytes_out_per_site={str(k): v for k, v in sorted(rs.bytes_out.items())},
                 rejected_calls=rs.rejected,
             )
-            model, blob, digest, completed_rounds = (
+            model, blob, digest, completed_rounds, encrypted = (
                 self._model,
                 self._blob,
                 self._digest,
                 self._completed,
+                self._encrypted,
             )
         # Only the driver changes the model and the history: no lock needed for the disk writes.
         state = self.config.state_dir
@@ -459,12 +539,13 @@ class FederationServer:
                     model_sha256=digest.hex(),
                     history=tuple(self._history),
                     ledger=self._ledger,
+                    encrypted_model=blob if encrypted else None,
                 ),
                 blob=blob,
             )
-            ckpt.save_round_record(state, f"round-{rs.round_id:06d}", record)
+            ckpt.save_round_record(state, f"round-{rs.index:06d}", record)
         else:
-            ckpt.save_round_record(state, f"round-{rs.round_id:06d}-failed-{rs.attempt}", record)
+            ckpt.save_round_record(state, f"round-{rs.index:06d}-failed-{rs.attempt}", record)
         survivors = record.get("survivors", [])
         dropped = record.get("dropped", [])
         with self._cond:
@@ -526,13 +607,18 @@ class FederationServer:
             vector_length=rounds.model_size(self._model),
             bits=plan.bits,
             round_id=rs.round_id,
-            randbytes=rounds.server_randbytes(cfg.insecure_test_seed, rs.round_id),
             verify_keys=verify_keys,
         )
         secagg = SecAggServer(config)
+        if len(ids) == 2 and not self._warned_two_sites:
+            self._warned_two_sites = True
+            self.log.warning(
+                "two-site-round",
+                note="with two parties each can derive the other's update from the mean",
+            )
         record.update(
             threshold=config.threshold,
-            k=min(len(v) for v in config.graph.values()),
+            k=config.degree,
             bits=plan.bits,
             frac_bits=plan.frac_bits,
         )
@@ -580,6 +666,7 @@ class FederationServer:
         record.update(
             survivors=sorted(survivors),
             dropped=sorted(secagg.dropped),
+            excluded=sorted(secagg.excluded),
             sum_sha256=rounds.vector_sha256(total),
             secagg_seconds=round(time.perf_counter() - secagg_start, 4),
         )
@@ -588,9 +675,14 @@ class FederationServer:
 
     def _aggregate_ckks(
         self, rs: _Attempt, reported: dict[int, float], record: dict[str, Any]
-    ) -> tuple[np.ndarray, frozenset[int]]:
-        """CKKS: setup -> uploads (phase_s) -> homomorphic sum -> a site decrypts (phase_s)."""
-        from secure_fl.he import CiphertextSummer, Layout
+    ) -> bytes:
+        """CKKS: setup -> uploads (phase_s) -> homomorphic sum = the new encrypted global model.
+
+        Nothing is decrypted and no site is asked to decrypt anything for the server: the sum of
+        the contributors' encrypted, weight-scaled new local models, with their public share of
+        the weight, is the next global model (a CKKS_MODEL payload); every site decrypts it
+        itself. Returns that payload."""
+        from secure_fl.he import Layout
 
         cfg = self.config
         public = self._ckks_public
@@ -599,7 +691,7 @@ class FederationServer:
         ids = sorted(reported)
         total = math.fsum(reported.values())
         factors = {s: reported[s] / total for s in ids}
-        size = rounds.model_size(self._model)
+        size = ckks_wire.structure_size(self._structure)
         layout = Layout(size, preset.slots, cfg.aggregation.chunk_ciphertexts)
         phase_s = cfg.deadlines.phase_s
         ck = _CkksRound(layout=layout, factors=factors)
@@ -629,98 +721,59 @@ class FederationServer:
         with self._cond:
             rs.stage = "ckks_sum"  # uploads still streaming are refused from now on
             uploads = dict(ck.frames)
+            ck.frames.clear()
         if self._stopping:
             raise _RoundFailedError("server stopping")
         contributors = sorted(uploads)
         dropped = sorted(set(ids) - set(contributors))
         record.update(survivors=contributors, dropped=dropped)
         self.log.info("ckks-uploads-closed", round=rs.round_id, missing=dropped)
-        if len(contributors) < cfg.min_sites:
+        if len(contributors) < max(2, cfg.min_sites):
             raise _RoundFailedError(
                 f"only {len(contributors)} sites uploaded ciphertexts, min_sites is {cfg.min_sites}"
             )
         t0 = time.perf_counter()
         names = {s: rs.participants[s] for s in contributors}
-        summer = CiphertextSummer(
-            public, layout, round_id=rs.round_id, expected_fingerprint=public.fingerprint
+        # Every upload was checked completely on arrival; the sum uses the public context only.
+        sums = ckks_wire.sum_uploads(
+            public, layout, rs.round_id, {names[s]: uploads[s] for s in contributors}
         )
-        sums = []
-        for chunk in range(layout.chunks):
-            for site in contributors:  # every upload was checked completely on arrival
-                summer.add(names[site], uploads[site][chunk])
-            sums.append(summer.pop(chunk, expected=list(names.values())))
         del uploads
-        payload = ckks_wire.pack_frames(sums)
-        del sums
-        digest = rounds.sha256(payload)
-        header = pb.PayloadHeader(
-            kind=pb.CKKS_SUM,
-            round_id=rs.round_id,
-            length=layout.chunks,
-            ckks=pb.CkksPayloadInfo(context_sha256=fp, ciphertexts=layout.ciphertexts),
-        )
         share = math.fsum(factors[s] for s in contributors)
-        with self._cond:
-            ck.frames.clear()
-            ck.sum_chunks = list(iter_chunk_bytes(header, payload, cfg.limits.chunk_bytes))
-            ck.sum_digest = digest
+        blob = ckks_wire.encode_model(
+            ckks_wire.EncryptedModel(
+                fingerprint=public.fingerprint,
+                round_id=rs.round_id,
+                share=share,
+                contributors=len(contributors),
+                chunk_ciphertexts=layout.chunk_ciphertexts,
+                structure=self._structure,
+                frames=tuple(sums),
+            )
+        )
+        del sums
         record.update(
-            sum_sha256=digest.hex(),
-            ckks_sum_bytes=len(payload),
+            ckks_model_sha256=rounds.sha256(blob).hex(),
+            ckks_model_bytes=len(blob),
             ckks_share=share,
             ckks_sum_seconds=round(time.perf_counter() - t0, 4),
+            ckks_model_encrypted=True,
         )
-        roster_order = [e.site_id for e in cfg.roster if e.site_id in names]
-        mean: np.ndarray | None = None
-        for decryptor in roster_order:
-            with self._cond:
-                if decryptor in rs.excluded:
-                    continue
-                ck.decryptor = decryptor
-                rs.stage = "ckks_decrypt"
-                self._post(
-                    rs,
-                    decryptor,
-                    "ckks_decrypt",
-                    pb.CkksDecrypt(
-                        context_sha256=fp,
-                        contributors=contributors,
-                        share=share,
-                        sum_sha256=digest,
-                        sum_bytes=len(payload),
-                        chunks=layout.chunks,
-                        vector_length=size,
-                        chunk_ciphertexts=layout.chunk_ciphertexts,
-                        phase_deadline_s=phase_s,
-                    ),
-                )
-                self._cond.notify_all()
-            self.log.info("ckks-decrypt", round=rs.round_id, decryptor=names[decryptor])
-
-            def answered(d: int = decryptor) -> bool:
-                return ck.mean is not None or d in rs.excluded
-
-            self._wait_for(answered, phase_s)
-            with self._cond:
-                mean = ck.mean
-                ck.decryptor = None
-                rs.stage = "ckks_sum"
-            if self._stopping:
-                raise _RoundFailedError("server stopping")
-            if mean is not None:
-                record["ckks_decryptor"] = decryptor
-                break
-            self.log.warning("ckks-decryptor-missed", round=rs.round_id, site=names[decryptor])
-        with self._cond:
-            ck.sum_chunks = []
-        if mean is None:
-            raise _RoundFailedError("no site returned the decrypted mean")
-        return mean, frozenset(contributors)
+        self.log.info(
+            "ckks-sum",
+            round=rs.round_id,
+            contributors=len(contributors),
+            share=share,
+            note="the new global model is encrypted; every site decrypts it itself",
+        )
+        return blob
 
     @staticmethod
     def _instruction(message: ServerMessage) -> tuple[str, Message]:
         if isinstance(message, KeyRoster):
             return "key_roster", convert.roster_to_pb(message)
+        if isinstance(message, RevealSet):
+            return "reveal_set", convert.reveal_set_to_pb(message)
         if isinstance(message, ShareDelivery):
             return "share_delivery", convert.delivery_to_pb(message)
         if isinstance(message, ConsistencyRequest):
@@ -731,12 +784,21 @@ class FederationServer:
 
     def _finish(self) -> None:
         with self._cond:
+            if self._completed == 0:
+                self._failed = True  # nothing trained: every party exits non-zero
             self._finished = True
             self._cond.notify_all()
+        if self._completed == 0:
+            self.log.error(
+                "federation-not-trained",
+                reason="the federation stopped after 0 rounds; no model was trained",
+            )
         self.log.info(
             "federation-finished" if not self._failed else "federation-stopped",
             completed_rounds=self._completed,
             model_sha256=self._digest.hex(),
+            # CKKS: the server's final artefact is a ciphertext; the sites write the model.
+            model_encrypted=self._encrypted,
         )
         deadline = time.monotonic() + self.config.deadlines.linger_s
         quiet_since: float | None = None
@@ -764,6 +826,7 @@ class FederationServer:
             "Poll": self._poll,
             "ReportUpdateReady": self._report_ready,
             "SendAdvertiseKeys": self._advertise,
+            "SendRevealNonce": self._reveal,
             "SendShareKeys": self._share_keys,
             "SendConsistencySignature": self._consistency,
             "SendUnmaskResponse": self._unmask,
@@ -774,7 +837,6 @@ class FederationServer:
             "UploadMaskedInput": self._upload_masked,
             "UploadUpdate": self._upload_update,
             "UploadCiphertext": self._upload_ciphertext,
-            "UploadDecryptedMean": self._upload_mean,
         }
         methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for name, fn in unary.items():
@@ -788,9 +850,6 @@ class FederationServer:
         # Model chunks are serialised by iter_chunk_bytes (one copy of the data).
         methods["DownloadModel"] = grpc.unary_stream_rpc_method_handler(
             self._download, request_deserializer=None, response_serializer=None
-        )
-        methods["DownloadCiphertextSum"] = grpc.unary_stream_rpc_method_handler(
-            self._download_sum, request_deserializer=None, response_serializer=None
         )
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
@@ -903,7 +962,11 @@ class FederationServer:
             s.told_finished = True
             return pb.Instruction(
                 round_id=self._completed,
-                finished=pb.Finished(rounds_completed=self._completed, model_sha256=self._digest),
+                finished=pb.Finished(
+                    rounds_completed=self._completed,
+                    model_sha256=self._digest,
+                    model_round_id=self._model_round_id,
+                ),
             )
         if not s.queue:
             return None
@@ -1134,74 +1197,6 @@ class FederationServer:
         self._count(entry.site_id, nbytes, 0)
         return pb.Ack(round_id=header.round_id, phase="ckks_upload")
 
-    def _download_sum(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        who = "?"
-        try:
-            entry = self._auth.identify(context)
-            who = entry.name
-            request = _parse(pb.CiphertextSumRequest, raw)
-            with self._cond:
-                rs = self._ckks_stage(
-                    entry, "ckks_decrypt", request.round_id, "DownloadCiphertextSum"
-                )
-                assert rs.ckks is not None
-                if rs.ckks.decryptor != entry.site_id:
-                    raise RejectedError(
-                        "FAILED_PRECONDITION", "this site is not the designated decryptor"
-                    )
-                if request.sum_sha256 != rs.ckks.sum_digest:
-                    raise RejectedError(
-                        "FAILED_PRECONDITION", "the requested sum is not this round's"
-                    )
-                chunks = rs.ckks.sum_chunks
-            with self._limiter.admit(entry.name):
-                for chunk in chunks:
-                    self._count(entry.site_id, 0, len(chunk))
-                    yield chunk
-        except RejectedError as r:
-            self._reject(context, "DownloadCiphertextSum", who, r)
-
-    def _upload_mean(
-        self, entry: RosterEntry, stream: Iterator[bytes], context: grpc.ServicerContext
-    ) -> Message:
-        size = rounds.model_size(self._model)
-
-        def check(header: pb.PayloadHeader) -> None:
-            if header.kind != pb.CKKS_MEAN:
-                raise RejectedError(
-                    "INVALID_ARGUMENT", "UploadDecryptedMean carries CKKS_MEAN payloads"
-                )
-            with self._cond:
-                rs = self._ckks_stage(entry, "ckks_decrypt", header.round_id, "DecryptedMean")
-                assert rs.ckks is not None
-                if rs.ckks.decryptor != entry.site_id or rs.ckks.mean is not None:
-                    raise RejectedError(
-                        "FAILED_PRECONDITION", "this site is not the designated decryptor"
-                    )
-            if header.length != size or header.total_bytes != 8 * size:
-                raise RejectedError(
-                    "INVALID_ARGUMENT",
-                    f"the mean must be {size} float64 values ({8 * size} bytes), got "
-                    f"{header.length} in {header.total_bytes} bytes",
-                )
-
-        header, data, nbytes = self._receive(stream, check)
-        try:
-            mean = ckks_wire.mean_from_bytes(data, size)
-        except RemoteProtocolError as exc:
-            raise RejectedError("INVALID_ARGUMENT", str(exc)) from exc
-        with self._cond:
-            rs = self._ckks_stage(entry, "ckks_decrypt", header.round_id, "DecryptedMean")
-            assert rs.ckks is not None
-            if rs.ckks.decryptor != entry.site_id or rs.ckks.mean is not None:
-                raise RejectedError(
-                    "FAILED_PRECONDITION", "this site is not the designated decryptor"
-                )
-            rs.ckks.mean = mean
-            self._cond.notify_all()
-        self._count(entry.site_id, nbytes, 0)
-        return pb.Ack(round_id=header.round_id, phase="ckks_decrypt")
-
     def _receive(
         self, stream: Iterable[bytes], check: Callable[[pb.PayloadHeader], None]
     ) -> tuple[pb.PayloadHeader, bytearray, int]:
@@ -1260,6 +1255,10 @@ class FederationServer:
     def _advertise(self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext) -> Message:
         message = convert.advert_from_pb(_parse(pb.AdvertiseKeys, raw), entry.site_id)
         return self._deliver(entry, ServerPhase.COLLECT_KEYS, message, "AdvertiseKeys")
+
+    def _reveal(self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext) -> Message:
+        message = convert.reveal_from_pb(_parse(pb.RevealNonce, raw), entry.site_id)
+        return self._deliver(entry, ServerPhase.COLLECT_REVEALS, message, "RevealNonce")
 
     def _share_keys(self, entry: RosterEntry, raw: bytes, context: grpc.ServicerContext) -> Message:
         message = convert.share_keys_from_pb(

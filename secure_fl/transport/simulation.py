@@ -28,7 +28,6 @@ from secure_fl.transport.rounds import (
     model_size,
     plan_round,
     round_config,
-    server_randbytes,
 )
 from secure_fl.transport.tasks import SiteTask, TaskResult, check_result
 from secure_fl.transport.tensors import Tensors
@@ -93,7 +92,6 @@ def simulate_round(
         vector_length=model_size(model),
         bits=plan.bits,
         round_id=round_id,
-        randbytes=server_randbytes(test_seed, round_id),
         verify_keys=verify_keys,
     )
     inputs = {

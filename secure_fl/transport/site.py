@@ -13,30 +13,40 @@ Guarantees:
   same (recorded in ``state_dir/unmasked.json`` before answering, so it holds across restarts): a
   server that re-ran a round after a crash cannot obtain two sums over different survivor sets of
   the same inputs, which would reveal the difference.
-* CKKS: the site checks that the server's round uses the federation's fingerprint, encrypts its
-  update scaled by its normalised weight under the secret context, and uploads the ciphertexts
-  only. As the designated decryptor it decrypts only a sum of at least two sites, and at most one
-  contributor set per round number (``state_dir/decrypted.json``, the same guard as unmasking).
+* CKKS: nothing this site decrypts ever leaves it. The site downloads the encrypted global model
+  and decrypts it itself (checking fingerprint, round, tensors, layout, at least two contributors
+  and the value range), trains, and uploads only a fresh encryption of its new local model scaled
+  by its normalised weight. It never decrypts anything for the server: an instruction it does not
+  know (such as the removed CKKS decryption request of protocol versions before this one) is
+  refused and logged, never acted on.
 * A protocol violation by the server ends this site's part in the round (the client erases its
   secrets); the site keeps polling and joins the next round. When the server is unreachable the
   site reconnects with back-off until ``reconnect_timeout_s`` passes.
 
+* The site pins its own policy (``config.policy``, :mod:`.policy`): an aggregation it does not
+  accept (``plain`` unless explicitly allowed), the semi-honest variant unless it opted in, a
+  threshold below the minimum it derives itself, or a vector length other than the pinned one is
+  refused with a WARNING, and the site leaves the round without sending anything (no update, no
+  weight for a refused aggregation, no advertisement for a refused configuration).
+* Round ids must be fresh and a model's update is unmasked under one round id only
+  (:mod:`.replay`, ``state_dir/contributions.json``), so the per-round unmask guard above cannot
+  be sidestepped by renaming rounds.
+
 Exit status of :meth:`SiteRunner.run`: 0 when the federation finished, 3 when the server refuses
-this site's identity, 4 when the server stayed unreachable too long.
+this site's identity, 4 when the server stayed unreachable too long, 5 when the federation
+stopped after 0 rounds (nothing trained; no final model is written).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import numpy as np
 
 from secure_fl import __version__
 from secure_fl.atomic import atomic_write
@@ -45,24 +55,28 @@ from secure_fl.errors import (
     ConfigError,
     CryptoError,
     InvalidUpdateError,
+    PolicyError,
     ProtocolError,
     RemoteProtocolError,
 )
-from secure_fl.secagg import SecAggClient
+from secure_fl.secagg import RevealNonce, SecAggClient
+from secure_fl.secagg import SitePolicy as SecAggPolicy
 from secure_fl.transport import ckks as ckks_wire
-from secure_fl.transport import convert, logs, rounds, tensors
+from secure_fl.transport import convert, logs, policy, rounds, tensors
 from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport._generated.federation_pb2_grpc import FederationStub
 from secure_fl.transport.chunks import PayloadReceiver, iter_chunk_bytes
 from secure_fl.transport.config import FEDERATION_PROTOCOL, SiteConfig
 from secure_fl.transport.errors import RejectedError
 from secure_fl.transport.provision import load_signing_key
+from secure_fl.transport.replay import ContributionGuard
 from secure_fl.transport.tasks import SiteTask, TaskResult, check_result, load_task
 from secure_fl.transport.tls import channel_credentials
 
 EXIT_FINISHED = 0
 EXIT_REFUSED = 3
 EXIT_UNREACHABLE = 4
+EXIT_NOT_TRAINED = 5
 _CALL_TIMEOUT_S = 60.0
 
 
@@ -77,6 +91,7 @@ class _Round:
     attempt: int
     round_id: int
     aggregation: str
+    model_sha256: bytes = b""
     result: TaskResult | None = None
     client: SecAggClient | None = field(default=None, repr=False)
     bits: int = 32
@@ -107,18 +122,6 @@ class _RawCalls:
             request_serializer=None,
             response_deserializer=pb.Ack.FromString,
         )
-        self.download_sum: grpc.UnaryStreamMultiCallable[pb.CiphertextSumRequest, bytes] = (
-            channel.unary_stream(
-                path + "DownloadCiphertextSum",
-                request_serializer=pb.CiphertextSumRequest.SerializeToString,
-                response_deserializer=None,
-            )
-        )
-        self.upload_mean: grpc.StreamUnaryMultiCallable[bytes, pb.Ack] = channel.stream_unary(
-            path + "UploadDecryptedMean",
-            request_serializer=None,
-            response_deserializer=pb.Ack.FromString,
-        )
 
 
 def channel_options(config: SiteConfig) -> list[tuple[str, Any]]:
@@ -143,8 +146,13 @@ class SiteRunner:
         *,
         task: SiteTask | None = None,
         log: logs.EventLog | None = None,
+        crash_hook: Callable[[str, int], None] | None = None,
     ) -> None:
+        """``crash_hook`` (tests only) is called with a step name of
+        :data:`~secure_fl.transport.config.CRASH_POINTS` and the round id just before that step,
+        e.g. to kill the process there."""
         self.config = config
+        self._crash_hook = crash_hook
         self.log = log or logs.setup(f"site:{config.name}", config.log_file)
         self.site_id = config.site_id
         self.task = task if task is not None else load_task(config.task, config.name)
@@ -156,7 +164,11 @@ class SiteRunner:
         self._model_digest = b""
         self._round: _Round | None = None
         self._guard_path = config.state_dir / "unmasked.json"
-        self._decrypt_guard_path = config.state_dir / "decrypted.json"
+        self._contributions = ContributionGuard(
+            config.state_dir / "contributions.json", config.federation
+        )
+        self._planned_rounds = 0
+        self._warned_two_sites = False
         self._ckks_secret: Any = None  # secure_fl.he.SecretContext, loaded on first use
         self._last_ok = time.monotonic()
         self._channel: grpc.Channel | None = None
@@ -167,6 +179,7 @@ class SiteRunner:
         self._max_chunk = config.limits.chunk_bytes
         if config.insecure_test_seed is not None:
             self.log.warning("insecure-test-seed", note="this site's randomness is reproducible")
+        self.log.info("site-policy", **policy.describe(config.policy))
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -238,6 +251,7 @@ class SiteRunner:
         self._session = reply.session
         self._poll_wait_ms = max(100, reply.poll_wait_ms)
         self._max_chunk = min(self.config.limits.chunk_bytes, reply.max_chunk_bytes or 1 << 20)
+        self._planned_rounds = int(reply.rounds)
         self.log.info("joined", federation=reply.federation, next_round=reply.next_round)
         attempt, index = 0, 0
         while True:
@@ -257,6 +271,9 @@ class SiteRunner:
                 raise
             self._ok()
             kind = inst.WhichOneof("kind")
+            if kind is None and self._refuse_unknown(inst):
+                attempt, index = inst.attempt, inst.index + 1
+                continue
             if kind == "wait" or kind is None:
                 continue
             if kind == "finished":
@@ -277,7 +294,12 @@ class SiteRunner:
                 else:
                     self.log.info("skipping", instruction=kind, attempt=inst.attempt)
                 return
-            rs = self._round = _Round(inst.attempt, inst.round_id, inst.round_start.aggregation)
+            rs = self._round = _Round(
+                inst.attempt,
+                inst.round_id,
+                inst.round_start.aggregation,
+                bytes(inst.round_start.model_sha256),
+            )
         try:
             if kind == "round_start":
                 self._on_round_start(rs, inst.round_start)
@@ -287,15 +309,26 @@ class SiteRunner:
                 self.log.info("skipping", instruction=kind, round=rs.round_id)
             elif kind == "secagg_setup":
                 self._on_setup(rs, inst.secagg_setup)
-            elif kind in ("key_roster", "share_delivery", "consistency_request", "unmask_request"):
+            elif kind in (
+                "key_roster",
+                "reveal_set",
+                "share_delivery",
+                "consistency_request",
+                "unmask_request",
+            ):
                 self._on_secagg(rs, kind, inst)
             elif kind == "ckks_setup":
                 self._on_ckks_setup(rs, inst.ckks_setup)
-            elif kind == "ckks_decrypt":
-                self._on_ckks_decrypt(rs, inst.ckks_decrypt)
             else:
                 self.log.warning("unsupported-instruction", instruction=kind)
                 rs.failed = True
+        except PolicyError as exc:
+            # The server asked for something this site's own policy refuses: leave the round
+            # without sending anything more.
+            rs.failed = True
+            rs.client = None
+            rs.result = None
+            self.log.warning("policy-refused", round=rs.round_id, instruction=kind, reason=str(exc))
         except ProtocolError as exc:
             rs.failed = True
             rs.client = None
@@ -319,18 +352,45 @@ class SiteRunner:
         self._round = None
 
     def _crash_point(self, point: str, round_id: int) -> None:
-        cfg = self.config
-        if cfg.test_crash_before == point and cfg.test_crash_round in (None, round_id):
-            self.log.warning("test-crash", point=point, round=round_id)
-            os.kill(os.getpid(), signal.SIGKILL)
+        """Call the injected test hook (``crash_hook``) just before step ``point``."""
+        if self._crash_hook is not None:
+            self._crash_hook(point, round_id)
 
-    def _ensure_model(self, digest: bytes) -> tensors.Tensors:
+    def _refuse_unknown(self, inst: pb.Instruction) -> bool:
+        """An instruction of a kind this site does not know (for example the CKKS decryption
+        request that protocol versions before this one sent): refuse it, never act on it. Returns
+        True when ``inst`` was such an instruction (False for an empty one, a plain wait)."""
+        from google.protobuf.unknown_fields import UnknownFieldSet
+
+        fields = UnknownFieldSet(inst)
+        unknown = sorted({fields[i].field_number for i in range(len(fields))})
+        if not unknown:
+            return False
+        rs = self._round
+        if rs is not None and rs.attempt == inst.attempt:
+            rs.failed = True
+            rs.result = None
+        self.log.warning(
+            "refused-unknown-instruction",
+            round=inst.round_id,
+            fields=unknown,
+            reason="an instruction this site does not know is never acted on (nothing decrypted "
+            "is ever sent to the server)",
+        )
+        return True
+
+    def _ensure_model(
+        self, digest: bytes, *, encrypted_round: int | None = None
+    ) -> tensors.Tensors:
+        """The global model named by ``digest``: downloaded, and decrypted here when it is the
+        encrypted CKKS model (which must be the result of round ``encrypted_round``). A decrypted
+        model stays at this site."""
         if self._model is not None and self._model_digest == digest:
             return self._model
         lim = self.config.limits
 
         def check(header: pb.PayloadHeader) -> None:
-            if header.kind != pb.MODEL:
+            if header.kind not in (pb.MODEL, pb.CKKS_MODEL):
                 raise RemoteProtocolError("the model download is not a MODEL payload")
 
         self._connect()
@@ -350,7 +410,20 @@ class SiteRunner:
         # The receiver checked the data against the trailer's SHA-256; it must be the one asked.
         if receiver.digest != digest:
             raise RemoteProtocolError("the downloaded model does not match its SHA-256")
-        self._model = tensors.loads(data)
+        if bytes(data[: len(ckks_wire.MODEL_MAGIC)]) == ckks_wire.MODEL_MAGIC:
+            # The encrypted global model: decrypted here, for this site only.
+            self._model = ckks_wire.decrypt_model(
+                self._secret(),
+                data,
+                expected_round=encrypted_round,
+                expected_structure=(
+                    ckks_wire.structure_of(self._model) if self._model is not None else None
+                ),
+                expected_size=self.config.policy.vector_length,
+            )
+            self.log.info("ckks-model-decrypted", round=encrypted_round, note="kept at this site")
+        else:
+            self._model = tensors.loads(data)
         self._model_digest = digest
         self._ok()
         return self._model
@@ -359,10 +432,20 @@ class SiteRunner:
         self.log.info(
             "round-start", round=rs.round_id, attempt=rs.attempt, aggregation=start.aggregation
         )
+        # Before anything is computed or sent: the aggregation must be one this site accepts,
+        # the round id fresh and the model not already released under another round id.
+        policy.check_aggregation(self.config.policy, start.aggregation)
+        self._contributions.check_fresh(rs.round_id, rs.model_sha256)
         self._crash_point("update", rs.round_id)
         if start.aggregation == "ckks":
             self._secret()  # no context, or the wrong one: do not report a weight at all
-        model = self._ensure_model(start.model_sha256)
+        if start.model_round_id >= rs.round_id > 0:
+            raise RemoteProtocolError(
+                f"the model is announced as the result of round {start.model_round_id}, not of "
+                f"a round before {rs.round_id}"
+            )
+        # Round ids are fresh per attempt: the model's round is announced, not round_id - 1.
+        model = self._ensure_model(start.model_sha256, encrypted_round=start.model_round_id)
         t0 = time.perf_counter()
         try:
             raw_result = self.task.compute_update(model, rs.round_id)
@@ -378,6 +461,7 @@ class SiteRunner:
             **{f"metric_{k}": v for k, v in result.metrics.items()},
         )
         stub = self._connect()
+        self._contributions.record_round(rs.round_id)
         if start.aggregation in ("secagg", "secagg+", "ckks"):
             stub.ReportUpdateReady(
                 pb.UpdateReady(round_id=rs.round_id, weight=float(result.weight)),
@@ -419,8 +503,25 @@ class SiteRunner:
             setup, rs.round_id, max_length=self.config.limits.max_vector_length
         )
         self._check_setup_against_roster(config)
+        policy.check_secagg_round(
+            self.config.policy,
+            announced=rs.aggregation,
+            protocol=config.protocol,
+            active=config.active,
+            num_sites=len(config.site_ids),
+            k=config.degree,
+            threshold=config.threshold,
+            vector_length=config.vector_length,
+            model_length=rounds.model_size(self._model),
+        )
         if config.active and self.signing_key is None:
             raise ConfigError("the active variant needs signing_key in the site config")
+        if len(config.site_ids) == 2 and not self._warned_two_sites:
+            self._warned_two_sites = True
+            self.log.warning(
+                "two-site-round",
+                note="with two parties each can derive the other's update from the mean",
+            )
         seed = self.config.insecure_test_seed
         values, clipped = rounds.encode_update(
             rs.result.update,
@@ -434,6 +535,11 @@ class SiteRunner:
         rs.client = SecAggClient(
             self.site_id,
             config,
+            # The core enforces the same threshold / variant policy (defence in depth).
+            policy=SecAggPolicy(
+                corrupt_fraction=self.config.policy.corrupt_fraction,
+                require_active=self.config.policy.require_active,
+            ),
             input_vector=values,
             signing_key=self.signing_key,
             randbytes=rounds.site_randbytes(seed, self.site_id, rs.round_id),
@@ -457,10 +563,18 @@ class SiteRunner:
         if client is None:
             raise RemoteProtocolError(f"{kind} before the secure-aggregation setup")
         stub = self._connect()
-        if kind == "key_roster":
-            reply = client.handle(convert.roster_from_pb(inst.key_roster))
-            self._crash_point("share_keys", rs.round_id)
-            stub.SendShareKeys(convert.share_keys_to_pb(reply), timeout=_CALL_TIMEOUT_S)
+        if kind in ("key_roster", "reveal_set"):
+            message = (
+                convert.roster_from_pb(inst.key_roster)
+                if kind == "key_roster"
+                else convert.reveal_set_from_pb(inst.reveal_set)
+            )
+            reply = client.handle(message)
+            if isinstance(reply, RevealNonce):  # a sparse graph: reveal before sharing keys
+                stub.SendRevealNonce(convert.reveal_to_pb(reply), timeout=_CALL_TIMEOUT_S)
+            else:
+                self._crash_point("share_keys", rs.round_id)
+                stub.SendShareKeys(convert.share_keys_to_pb(reply), timeout=_CALL_TIMEOUT_S)
         elif kind == "share_delivery":
             masked = client.handle(convert.delivery_from_pb(inst.share_delivery))
             self._crash_point("masked_input", rs.round_id)
@@ -481,6 +595,7 @@ class SiteRunner:
         else:
             request = convert.unmask_request_from_pb(inst.unmask_request)
             self._guard_unmask(rs.round_id, request.survivors)
+            self._contributions.record_release(rs.round_id, rs.model_sha256)
             self._crash_point("unmask", rs.round_id)
             reply = client.handle(request)
             stub.SendUnmaskResponse(convert.unmask_to_pb(reply), timeout=_CALL_TIMEOUT_S)
@@ -488,13 +603,10 @@ class SiteRunner:
         self._ok()
         self.log.info("answered", round=rs.round_id, instruction=kind)
 
-    def _guard_unmask(
-        self, round_id: int, survivors: frozenset[int], *, decrypt: bool = False
-    ) -> None:
-        """Refuse a second unmasking (or CKKS decryption) of ``round_id`` with another survivor
-        set (module doc)."""
-        path = self._decrypt_guard_path if decrypt else self._guard_path
-        what = "decrypt" if decrypt else "unmask"
+    def _guard_unmask(self, round_id: int, survivors: frozenset[int]) -> None:
+        """Refuse a second unmasking of ``round_id`` with another survivor set (module doc)."""
+        path = self._guard_path
+        what = "unmask"
         record: dict[str, Any] = {}
         if path.exists():
             try:
@@ -531,9 +643,8 @@ class SiteRunner:
         return secret
 
     def _on_ckks_setup(self, rs: _Round, setup: pb.CkksSetup) -> None:
-        from secure_fl.encoding import flatten
-        from secure_fl.he import Layout, SiteEncryptor
-
+        """Encrypt this site's new local model (global + update) scaled by its normalised weight,
+        with fresh randomness, and upload the ciphertexts: the only CKKS data this site sends."""
         if rs.result is None or self._model is None:
             raise RemoteProtocolError("CKKS setup before this site's update")
         secret = self._check_ckks_round(setup.context_sha256, setup.vector_length, "CkksSetup")
@@ -542,17 +653,18 @@ class SiteRunner:
             raise RemoteProtocolError("CkksSetup: the parameters are not the federation's")
         if not 0 < setup.weight <= 1:
             raise RemoteProtocolError(f"CkksSetup: weight {setup.weight!r} is not in (0, 1]")
-        if not 1 <= setup.chunk_ciphertexts <= 4096:
+        if not 1 <= setup.chunk_ciphertexts <= ckks_wire.MAX_CHUNK_CIPHERTEXTS:
             raise RemoteProtocolError("CkksSetup: chunk_ciphertexts out of range")
-        vector, _ = flatten(dict(rs.result.update))
+        vector = ckks_wire.local_model_vector(self._model, rs.result.update)
         rs.result = None  # the plain update is not kept past encryption
-        layout = Layout(int(vector.shape[0]), preset.slots, int(setup.chunk_ciphertexts))
-        encryptor = SiteEncryptor(secret, layout, expected_fingerprint=secret.fingerprint)
         t0 = time.perf_counter()
-        payload = ckks_wire.pack_frames(
-            encryptor.stream(
-                vector, factor=float(setup.weight), round_id=rs.round_id, site=self.config.name
-            )
+        payload, layout = ckks_wire.encrypt_local_model(
+            secret,
+            vector,
+            weight=float(setup.weight),
+            round_id=rs.round_id,
+            chunk_ciphertexts=int(setup.chunk_ciphertexts),
+            site=self.config.name,
         )
         del vector
         self.log.info(
@@ -582,81 +694,6 @@ class SiteRunner:
         self._ok()
         self.log.info("answered", round=rs.round_id, instruction="ckks_setup")
 
-    def _on_ckks_decrypt(self, rs: _Round, request: pb.CkksDecrypt) -> None:
-        from secure_fl.he import Layout, SumDecryptor
-
-        secret = self._check_ckks_round(
-            request.context_sha256, request.vector_length, "CkksDecrypt"
-        )
-        contributors = list(request.contributors)
-        if len(set(contributors)) != len(contributors) or any(
-            c not in self._roster for c in contributors
-        ):
-            raise RemoteProtocolError("CkksDecrypt: contributors not distinct roster sites")
-        if len(contributors) < 2:
-            # A "sum" of one site is that site's update: never decrypt it for the server.
-            raise RemoteProtocolError(
-                "CkksDecrypt: refusing to decrypt a sum of fewer than 2 sites"
-            )
-        if not (0 < request.share <= 1 + 1e-9):
-            raise RemoteProtocolError(f"CkksDecrypt: share {request.share!r} is not in (0, 1]")
-        if not 1 <= request.chunk_ciphertexts <= 4096:
-            raise RemoteProtocolError("CkksDecrypt: chunk_ciphertexts out of range")
-        layout = Layout(
-            int(request.vector_length), secret.preset.slots, int(request.chunk_ciphertexts)
-        )
-        if request.chunks != layout.chunks:
-            raise RemoteProtocolError("CkksDecrypt: the number of frames does not match")
-        self._guard_unmask(rs.round_id, frozenset(contributors), decrypt=True)
-        self._crash_point("ckks_decrypt", rs.round_id)
-        lim = self.config.limits
-        fp = request.context_sha256
-
-        def check(header: pb.PayloadHeader) -> None:
-            if (
-                header.kind != pb.CKKS_SUM
-                or header.round_id != rs.round_id
-                or header.length != layout.chunks
-                or header.ckks.context_sha256 != fp
-                or header.total_bytes != request.sum_bytes
-            ):
-                raise RemoteProtocolError("the sum download is not the announced CKKS_SUM payload")
-
-        self._connect()
-        assert self._raw is not None
-        stream = self._raw.download_sum(
-            pb.CiphertextSumRequest(round_id=rs.round_id, sum_sha256=request.sum_sha256),
-            timeout=_CALL_TIMEOUT_S * 10,
-        )
-        receiver = PayloadReceiver(
-            max_chunk=lim.max_message_bytes, max_total=lim.max_payload_bytes, check_header=check
-        )
-        try:
-            for raw in stream:
-                receiver.feed_raw(raw)
-            _, data = receiver.result()
-        except RejectedError as exc:
-            raise RemoteProtocolError(f"sum download rejected: {exc}") from exc
-        if receiver.digest != request.sum_sha256:
-            raise RemoteProtocolError("the downloaded sum does not match its SHA-256")
-        frames = ckks_wire.unpack_frames(data, layout.chunks)
-        del data
-        decryptor = SumDecryptor(
-            secret, layout, round_id=rs.round_id, expected_fingerprint=secret.fingerprint
-        )
-        mean = np.empty(layout.size, dtype=np.float64)
-        for chunk, frame in enumerate(frames):
-            start, stop = layout.chunk_range(chunk)
-            mean[start:stop] = decryptor.decrypt(frame, chunk=chunk, contributors=len(contributors))
-        mean /= request.share
-        header = pb.PayloadHeader(kind=pb.CKKS_MEAN, round_id=rs.round_id, length=layout.size)
-        self._raw.upload_mean(
-            iter_chunk_bytes(header, ckks_wire.mean_to_bytes(mean), self._max_chunk),
-            timeout=_CALL_TIMEOUT_S * 10,
-        )
-        self._ok()
-        self.log.info("answered", round=rs.round_id, instruction="ckks_decrypt")
-
     def _on_outcome(self, inst: pb.Instruction) -> None:
         out = inst.outcome
         self.log.info(
@@ -670,12 +707,22 @@ class SiteRunner:
         self._round = None
 
     def _finish(self, finished: pb.Finished) -> int:
+        if finished.rounds_completed == 0:
+            # Nothing was trained: do not write the initial model as if it were a result.
+            self.log.error(
+                "federation-not-trained",
+                reason="the federation stopped after 0 rounds; no model was trained",
+                planned=self._planned_rounds,
+            )
+            return EXIT_NOT_TRAINED
         self.log.info("federation-finished", rounds=finished.rounds_completed)
         out = self.config.output_model
         if out is not None and finished.model_sha256:
             try:
-                model = self._ensure_model(finished.model_sha256)
-            except (grpc.RpcError, RemoteProtocolError) as exc:
+                model = self._ensure_model(
+                    finished.model_sha256, encrypted_round=finished.model_round_id
+                )
+            except (grpc.RpcError, ProtocolError, CryptoError, ConfigError) as exc:
                 self.log.warning("final-model-unavailable", reason=str(exc))
             else:
                 atomic_write(out, tensors.dumps(model))

@@ -5,6 +5,10 @@ handshake otherwise). On every call :class:`Authenticator` then reads the peer's
 the TLS session and accepts it only if its common name is on the roster, it is valid for client
 authentication (extended key usage ``clientAuth``), and its SHA-256 fingerprint matches the
 roster entry when one is pinned. The site's identity is never taken from a message field.
+
+The standard gRPC health service (:class:`RosterHealthServicer`) goes through the same check: an
+identity off the roster (even with a certificate of the federation's CA) is refused with
+PERMISSION_DENIED and learns nothing, not even whether the server is serving.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health, health_pb2
 
 from secure_fl.errors import ConfigError
 from secure_fl.transport.config import RosterEntry, TlsFiles
@@ -144,3 +151,38 @@ class Authenticator:
                 f"certificate {name!r} is not the one pinned on the roster",
             )
         return entry
+
+
+class RosterHealthServicer(health.HealthServicer):
+    """``grpc.health.v1.Health`` for rostered, authenticated sites only (module docstring).
+
+    Errors: the call is aborted with the :class:`Authenticator`'s status (UNAUTHENTICATED or
+    PERMISSION_DENIED) for any other peer.
+    """
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__(experimental_non_blocking=True)
+        self._authenticator = authenticator
+
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        try:
+            self._authenticator.identify(context)
+        except RejectedError as r:
+            context.abort(getattr(grpc.StatusCode, r.code), r.message)
+
+    def Check(  # noqa: N802 - the gRPC method name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        self._admit(context)
+        return super().Check(request, context)
+
+    def Watch(  # noqa: N802 - the gRPC method name
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[..., Any] | None = None,
+    ) -> Any:
+        self._admit(context)
+        if send_response_callback is None:
+            return super().Watch(request, context)
+        return super().Watch(request, context, send_response_callback)

@@ -1,6 +1,7 @@
-"""CKKS rounds over gRPC, as real processes on loopback: the sites encrypt their weighted updates,
-the server (public context only) adds them and a site decrypts the mean; the global model equals
-the in-process reference within the CKKS tolerance of ``protocols/ckks.md``."""
+"""CKKS rounds over gRPC, as real processes on loopback: the sites encrypt their weight-scaled new
+local models, the server (public context only) adds them into the encrypted global model and
+never receives anything decrypted; every site decrypts the global model itself. The sites' final
+models equal the in-process reference within the CKKS tolerance of ``protocols/ckks.md``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transport_helpers import REPO, Federation, wait_until
 
 from secure_fl.encoding import flatten
 from secure_fl.errors import ConfigError
+from secure_fl.transport import ckks as ckks_wire
 from secure_fl.transport import tensors
 from secure_fl.transport.config import load_server_config
 from secure_fl.transport.rounds import apply_mean, initial_model, weighted_mean
@@ -127,25 +129,43 @@ def test_ckks_rounds_match_the_in_process_mean(federation: Callable[..., Federat
         record = fed.round_record(r)
         assert record["completed"] and record["aggregation"] == "ckks", record
         assert record["survivors"] == [1, 2, 3] and record["dropped"] == []
-        assert record["ckks_decryptor"] == 1  # the first survivor in roster order
+        assert "ckks_decryptor" not in record  # nobody decrypts for the server
+        assert record["ckks_model_encrypted"] is True
         assert record["ckks_share"] == pytest.approx(1.0)
         # Three uploads of 3 ciphertexts each, at about 7.6 bytes per value (ckks.md).
         assert record["bytes_in"] > 3 * 3 * 8192 * 7
-    for name in names:
-        assert_close(final_model(fed, name), expected, peak, 2)
+    finals = [final_model(fed, name) for name in names]
+    for got in finals:
+        assert_close(got, expected, peak, 2)
+        # Every site decrypted the same global model (it is one ciphertext).
+        for key in got:
+            np.testing.assert_array_equal(got[key], finals[0][key])
     for key in ["server", *names]:
         text = fed.log_text(key)
         assert '"level":"error"' not in text, text
-    # The server never held the secret key.
+    # The server never held the secret key, and its checkpoint is a ciphertext, not a model.
     assert not list(fed.server_config.parent.glob("*secret*"))
+    checkpoint = fed.checkpoint()
+    assert checkpoint is not None and checkpoint["model_format"] == "ckks-encrypted"
+    assert not list(fed.state_dir.glob("model-*.tensors"))
+    (blob_path,) = fed.state_dir.glob("model-*.ckks")
+    blob = blob_path.read_bytes()
+    assert blob.startswith(ckks_wire.MODEL_MAGIC)
+    assert '"model_encrypted":true' in fed.log_text("server")
+    # With the federation's key (as a site), the checkpoint decrypts to the sites' final model.
+    secret = SecretContext.load(keys / "ckks-secret.ctx")
+    decrypted = ckks_wire.decrypt_model(secret, blob, expected_round=1)
+    for key in decrypted:
+        np.testing.assert_array_equal(decrypted[key], finals[0][key])
 
 
+@pytest.mark.slow
 def test_site_killed_before_its_upload_is_a_dropout(
     federation: Callable[..., Federation],
 ) -> None:
-    """Site a (the first in roster order, which would decrypt) reports its weight, then kills
-    itself before uploading its ciphertexts: the upload step closes at its deadline, the sum of b
-    and c is decrypted by b, and the mean is renormalised over b and c."""
+    """Site a reports its weight, then kills itself before uploading its ciphertexts: the upload
+    step closes at its deadline, the encrypted global model is the sum of b and c with their share
+    of the weight, and b and c decrypt the mean renormalised over b and c."""
     names = ["a", "b", "c"]
     fed = ckks_federation(federation, names, rounds=1, deadlines={"phase_s": 3.0})
     keys = add_ckks(fed)
@@ -160,11 +180,11 @@ def test_site_killed_before_its_upload_is_a_dropout(
     record = fed.round_record(0)
     assert record["completed"], record
     assert record["survivors"] == [2, 3] and record["dropped"] == [1]
-    assert record["ckks_decryptor"] == 2
     weights = {s: t.weight for s, t in fed.tasks().items()}
     assert record["ckks_share"] == pytest.approx((weights[2] + weights[3]) / sum(weights.values()))
     expected, peak = reference(fed, 1, [["b", "c"]], keys)
     assert_close(final_model(fed, "b"), expected, peak, 1)
+    assert_close(final_model(fed, "c"), expected, peak, 1)
 
 
 def test_site_with_another_ckks_key_is_left_out(federation: Callable[..., Federation]) -> None:
@@ -228,23 +248,24 @@ def test_server_refuses_a_secret_context_and_a_wrong_fingerprint(
     FederationServer(load_server_config(fed.server_config))
 
 
-def test_server_checks_uploads_and_falls_back_to_the_next_decryptor(
+def test_server_checks_uploads(
     federation: Callable[..., Federation],
 ) -> None:
     """Site a is driven by hand: uploads under another fingerprint, scaled by another weight, or
     of garbage frames are refused (INVALID_ARGUMENT) and change nothing; its honest upload is then
-    accepted. It ignores the decryption request, so b decrypts after the deadline."""
+    accepted, and no instruction ever asks it to decrypt anything."""
     import grpc
     from transport_helpers import site_channel
 
     from secure_fl.he import Layout, SiteEncryptor
-    from secure_fl.transport import ckks as ckks_wire
     from secure_fl.transport._generated import federation_pb2 as pb
     from secure_fl.transport._generated.federation_pb2_grpc import FederationStub
     from secure_fl.transport.chunks import iter_chunks
     from secure_fl.transport.config import FEDERATION_PROTOCOL
 
-    fed = ckks_federation(federation, ["a", "b"], rounds=1, deadlines={"phase_s": 3.0})
+    # A generous phase deadline: under CPU load the four refused uploads must not push site a past
+    # it (it would become a dropout and the round would be retried with other instruction indices).
+    fed = ckks_federation(federation, ["a", "b"], rounds=1, deadlines={"phase_s": 60.0})
     keys = add_ckks(fed)
     fed.start_server()
     fed.start_site("b")
@@ -301,14 +322,14 @@ def test_server_checks_uploads_and_falls_back_to_the_next_decryptor(
         with pytest.raises(grpc.RpcError) as again:
             upload(good)
         assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert poll(2, "ckks_decrypt").ckks_decrypt.contributors == [1, 2]
-        # a never answers: b decrypts once a's turn has passed.
+        outcome = poll(2, "outcome").outcome
+        assert outcome.completed and list(outcome.survivors) == [1, 2]
         codes = {"server": fed.wait("server", 60), "b": fed.wait("b", 30)}
     assert codes == {"server": 0, "b": 0}, fed.all_logs()
     record = fed.round_record(0)
     assert record["completed"] and record["survivors"] == [1, 2], record
-    assert record["ckks_decryptor"] == 2
-    assert record["rejected_calls"] >= 5
+    # The four bad uploads (the duplicate may arrive after the round has already closed).
+    assert record["rejected_calls"] >= 4
     # The mean: a's constant 0.25 and b's update, weighted 10 : b's weight.
     model = initial_model(load_server_config(fed.server_config).model)
     b = fed.tasks()[2].compute_update(model, 0)
@@ -319,3 +340,207 @@ def test_server_checks_uploads_and_falls_back_to_the_next_decryptor(
     expected = apply_mean(model, want)
     got = tensors.loads((fed.site_dir("b") / "final_model.tensors").read_bytes())
     assert_close(got, expected, float(np.max(np.abs(want))), 1)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_rotate_ckks_replaces_every_key_and_fingerprint(tmp_path: Path) -> None:
+    """``secure-fl provision DIR --rotate-ckks``: fresh keys for the server and every site (secrets
+    0600), new fingerprints in every config; the old secret and public contexts are refused under
+    the new configs, and frames encrypted under the old key are refused by the new server."""
+    from secure_fl.errors import RemoteProtocolError
+    from secure_fl.he import CiphertextSummer, Layout, SiteEncryptor
+    from secure_fl.transport.cli import main as cli_main
+    from secure_fl.transport.config import load_site_config
+    from secure_fl.transport.provision import provision
+
+    root = tmp_path / "fed"
+    done = provision(root, ["a", "b"], protocol="ckks", ckks=True, listen="127.0.0.1:0")
+    old_fp = json.loads(done.server_config.read_text())["ckks"]["fingerprint"]
+    old_secret = (root / "sites" / "a" / "ckks-secret.ctx").read_bytes()
+    old_public = (root / "server" / "ckks-public.ctx").read_bytes()
+
+    assert cli_main(["provision", str(root), "--rotate-ckks"]) == 0
+    server = json.loads(done.server_config.read_text())
+    new_fp = server["ckks"]["fingerprint"]
+    assert new_fp != old_fp and server["ckks"]["context"] == "ckks-public.ctx"
+    assert server["roster"] and server["aggregation"]["protocol"] == "ckks"  # the rest is kept
+    for name in ("a", "b"):
+        site = load_site_config(done.site_configs[name])
+        assert site.ckks is not None and site.ckks.fingerprint == new_fp
+        assert _mode(site.ckks.context) == 0o600
+        assert site.ckks.context.read_bytes() != old_secret
+        ckks_wire.load_secret(site.ckks)  # the new key loads
+    assert _mode(root / "ckks" / "ckks-secret.ctx") == 0o600
+    assert _mode(root / "server" / "ckks-public.ctx") == 0o644
+    public = ckks_wire.load_public(load_server_config(done.server_config).ckks)
+    assert public.fingerprint == new_fp
+
+    # A site that kept its old key file (the config names the new fingerprint): refused.
+    stale = root / "sites" / "a" / "ckks-secret.ctx"
+    stale.write_bytes(old_secret)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        ckks_wire.load_secret(load_site_config(done.site_configs["a"]).ckks)
+    # The old public context under the new server config: refused.
+    (root / "server" / "ckks-public.ctx").write_bytes(old_public)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        ckks_wire.load_public(load_server_config(done.server_config).ckks)
+    # Ciphertexts under the old key: refused by a server holding the new public context.
+    old = SecretContext.from_bytes(old_secret)
+    layout = Layout(10, old.preset.slots)
+    (frame,) = SiteEncryptor(old, layout).stream(np.zeros(10), factor=0.5, round_id=0)
+    with pytest.raises(RemoteProtocolError, match="context"):
+        CiphertextSummer(public, layout, round_id=0).add("a", frame)
+    # Rotation needs a provisioned folder.
+    with pytest.raises(ConfigError, match="not a provisioned federation"):
+        from secure_fl.transport.provision import rotate_ckks
+
+        rotate_ckks(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_rotation_between_runs_and_a_site_with_the_old_key_is_left_out(
+    federation: Callable[..., Federation],
+) -> None:
+    """A federation runs one round, its keys are rotated, site c misses the rotation (it keeps
+    its old key file while its config names the new fingerprint): a restarted federation with a
+    fresh state_dir completes with a and b; c refuses to take part. A server asked to resume a
+    checkpoint encrypted under the old key refuses to start."""
+    from secure_fl.transport.provision import rotate_ckks
+    from secure_fl.transport.server import FederationServer
+
+    names = ["a", "b", "c"]
+    # c refuses before it reports a weight: the update step closes at update_s.
+    deadlines = {"phase_s": 3.0, "update_s": 4.0}
+    fed = ckks_federation(federation, names, rounds=1, deadlines=deadlines)
+    add_ckks(fed)
+    fed.start_all()
+    assert fed.wait_all(timeout=60) == dict.fromkeys(["server", *names], 0), fed.all_logs()
+    old_c = (fed.site_dir("c") / "ckks-secret.ctx").read_bytes()
+
+    rotated = rotate_ckks(fed.root)
+    assert rotated.previous is not None and rotated.previous != rotated.fingerprint
+    # The checkpoint holds the global model encrypted under the old key: no resume.
+    with pytest.raises(ConfigError, match="rotated"):
+        FederationServer(load_server_config(fed.server_config)).start()
+    shutil.rmtree(fed.state_dir)
+    (fed.site_dir("c") / "ckks-secret.ctx").write_bytes(old_c)
+    for name in names:
+        shutil.rmtree(fed.site_dir(name) / "state", ignore_errors=True)
+        (fed.site_dir(name) / "final_model.tensors").unlink()
+    fed.start_all()
+    codes = fed.wait_all(timeout=60)
+    assert codes == dict.fromkeys(["server", *names], 0), fed.all_logs()
+    record = fed.round_record(0)
+    assert record["completed"] and record["survivors"] == [1, 2], record
+    assert record["ckks_fingerprint"] == rotated.fingerprint
+    assert "fingerprint" in fed.log_text("c")
+    assert not (fed.site_dir("c") / "final_model.tensors").exists()
+    keys = fed.root / "ckks"  # the rotated artefacts
+    expected, peak = reference(fed, 1, [["a", "b"]], keys)
+    assert_close(final_model(fed, "a"), expected, peak, 1)
+
+
+def test_server_resumes_from_its_encrypted_checkpoint(
+    federation: Callable[..., Federation],
+) -> None:
+    """The server stops after round 0 holding only the encrypted global model; a restarted
+    server (now configured for 2 rounds) resumes from that ciphertext and the sites decrypt it."""
+    names = ["a", "b"]
+    fed = ckks_federation(federation, names, rounds=1)
+    keys = add_ckks(fed)
+    fed.start_all()
+    assert fed.wait_all(timeout=60) == dict.fromkeys(["server", *names], 0), fed.all_logs()
+    fed.patch_server(rounds=2)
+    fed.start_all()
+    assert fed.wait_all(timeout=60) == dict.fromkeys(["server", *names], 0), fed.all_logs()
+    assert '"completed_rounds":1' in fed.log_text("server").replace(" ", "")
+    expected, peak = reference(fed, 2, [names, names], keys)
+    assert_close(final_model(fed, "a"), expected, peak, 2)
+
+
+def test_a_site_checks_the_encrypted_model_before_it_decrypts() -> None:
+    """decrypt_model (the site's only decryption): another key, another round, other tensors,
+    fewer than 2 contributors, frames missing or of another kind, a lying share that pushes the
+    values out of range, and junk are refused; the honest model decrypts to the weighted mean."""
+    from secure_fl.errors import DecryptionError, RemoteProtocolError
+    from secure_fl.he import Layout, SiteEncryptor
+    from secure_fl.he.wire import decode_frame, encode_frame
+
+    secret, other = SecretContext.generate(), SecretContext.generate()
+    structure = (("w", "float32", (30, 200)), ("b", "float64", (7,)))
+    size = ckks_wire.structure_size(structure)
+    layout = Layout(size, secret.preset.slots, 1)  # 2 ciphertexts, 2 frames
+    rng = np.random.default_rng(5)
+    models = {"a": rng.standard_normal(size), "b": rng.standard_normal(size)}
+    factors = {"a": 0.25, "b": 0.5}  # a third site (0.25) dropped: share 0.75
+
+    def payload(ctx: SecretContext = secret, share: float = 0.75, **changes: object) -> bytes:
+        uploads = {
+            n: list(SiteEncryptor(ctx, layout).stream(v, factor=factors[n], round_id=4))
+            for n, v in models.items()
+        }
+        frames = ckks_wire.sum_uploads(ctx.public(), layout, 4, uploads)
+        fields: dict[str, object] = {
+            "fingerprint": ctx.fingerprint,
+            "round_id": 4,
+            "share": share,
+            "contributors": 2,
+            "chunk_ciphertexts": 1,
+            "structure": structure,
+            "frames": tuple(frames),
+            **changes,
+        }
+        return ckks_wire.encode_model(ckks_wire.EncryptedModel(**fields))  # type: ignore[arg-type]
+
+    good = payload()
+    got = ckks_wire.decrypt_model(secret, good, expected_round=4, expected_structure=structure)
+    assert [(k, str(v.dtype), v.shape) for k, v in got.items()] == [
+        (name, dtype, shape) for name, dtype, shape in structure
+    ]
+    flat = np.concatenate([v.astype(np.float64).ravel() for v in got.values()])
+    want = (0.25 * models["a"] + 0.5 * models["b"]) / 0.75
+    np.testing.assert_allclose(flat, want.astype(np.float32).astype(np.float64), atol=1e-6)
+
+    refused: list[tuple[bytes, dict[str, object], str]] = [
+        (good, {"expected_round": 3}, "round 4"),
+        (
+            good,
+            {"expected_structure": (("w", "float32", (6000,)), ("b", "float64", (7,)))},
+            "tensors",
+        ),
+        (good, {"expected_size": 6006}, "expects 6006"),
+        (payload(contributors=1), {}, "at least 2"),
+        (payload(frames=()), {}, "frames"),
+        (good[:-5], {}, "digest|truncated|runs past"),
+        (b"junk" * 10, {}, "magic"),
+    ]
+    for data, options, match in refused:
+        with pytest.raises(RemoteProtocolError, match=match):
+            ckks_wire.decrypt_model(secret, data, **options)  # type: ignore[arg-type]
+    with pytest.raises(RemoteProtocolError, match="not the federation's"):
+        ckks_wire.decrypt_model(secret, payload(ctx=other))
+    # A forged fingerprint over another key's ciphertexts: caught when decrypting (out of range).
+    with pytest.raises((DecryptionError, RemoteProtocolError)):
+        ckks_wire.decrypt_model(secret, payload(ctx=other, fingerprint=secret.fingerprint))
+    # A site frame presented as the model (kind 1): refused by the frame check.
+    model = ckks_wire.decode_model(good)
+    site_frames = tuple(
+        encode_frame(
+            kind=1,
+            fingerprint=f.fingerprint,
+            round_id=f.round_id,
+            chunk=f.chunk,
+            values=f.values,
+            contributors=2,
+            blobs=list(f.blobs),
+        )
+        for f in map(decode_frame, model.frames)
+    )
+    with pytest.raises(RemoteProtocolError, match="not a sum"):
+        ckks_wire.decrypt_model(secret, payload(frames=site_frames))
+    # A lying share that blows the values past the preset's bound.
+    with pytest.raises(DecryptionError, match="beyond the bound"):
+        ckks_wire.decrypt_model(secret, payload(share=1e-6))

@@ -19,14 +19,16 @@ def test_secagg_plus_rounds_match_the_simulation_bit_for_bit(
     federation: Callable[..., Federation],
 ) -> None:
     names = ["a", "b", "c", "d", "e"]
-    # k=2 on 5 sites: a sparse Harary graph, drawn by the server from its (test) seed. 60 500
+    # k=2 on 5 sites: a sparse Harary graph, derived by the sites from their committed and
+    # revealed nonces (the reveal phase travels over gRPC). 60 500
     # parameters: models and masked vectors travel in several 64 KiB chunks.
     fed = federation(
         names,
         protocol="secagg+",
         rounds=2,
         shapes=[[200, 300], [500]],
-        aggregation={"k": 2, "threshold": 2},
+        # No dropouts and no corrupt sites assumed: the sites' own minimum degree is then 2.
+        aggregation={"k": 2, "threshold": 2, "dropout_rate": 0.0},
         limits={"max_message_bytes": 256 * 1024, "chunk_bytes": 64 * 1024},
     )
     fed.start_server()
@@ -42,7 +44,7 @@ def test_secagg_plus_rounds_match_the_simulation_bit_for_bit(
     assert codes == dict.fromkeys(["server", *names], 0), fed.all_logs()
 
     expected = fed.simulate(2)
-    assert min(len(v) for v in expected[0].config.graph.values()) == 2  # really sparse
+    assert expected[0].config.sparse and fed.round_record(0)["k"] == 2  # really sparse
     assert_matches(fed, expected)
     record = fed.round_record(1)
     assert record["dropped"] == []
@@ -62,7 +64,8 @@ def test_secagg_plus_rounds_match_the_simulation_bit_for_bit(
 def test_site_killed_mid_round_is_a_dropout_and_rejoins(
     federation: Callable[..., Federation],
 ) -> None:
-    """Active SecAgg (signed adverts, consistency check) with 4 sites; site c kills itself
+    """Active SecAgg (signed adverts, consistency check) with 4 sites, threshold 3 (the sites'
+    own minimum for n = 4); site c kills itself
     (SIGKILL) just before sending its masked input in round 0. The masked-input phase closes at
     its deadline, the round completes with the three survivors (c's masks are recovered), and c,
     restarted after the round, takes part in round 1."""
@@ -71,7 +74,7 @@ def test_site_killed_mid_round_is_a_dropout_and_rejoins(
         names,
         protocol="secagg",
         rounds=2,
-        aggregation={"active": True, "threshold": 2},
+        aggregation={"active": True, "threshold": 3},
         deadlines={"phase_s": 5.0},
     )
     fed.patch_site("c", test_crash_before="masked_input", test_crash_round=0)
@@ -164,6 +167,46 @@ def test_round_below_threshold_aborts_and_is_retried(federation: Callable[..., F
     assert codes == dict.fromkeys(["server", *names], 0), fed.all_logs()
     assert fed.round_record(0)["attempt"] == 2
     assert_matches(fed, fed.simulate(1))
+
+
+@pytest.mark.parametrize("protocol", ["secagg", "secagg+"])
+def test_two_site_federation_trains_over_grpc(
+    federation: Callable[..., Federation], protocol: str
+) -> None:
+    """Two sites: t = 2, no dropout tolerance, the active variant by default; each party is
+    warned once that it can derive the other's update from the mean."""
+    names = ["a", "b"]
+    fed = federation(names, protocol=protocol, rounds=2)
+    fed.start_all()
+    codes = fed.wait_all(timeout=90)
+    assert codes == dict.fromkeys(["server", *names], 0), fed.all_logs()
+    assert_matches(fed, fed.simulate(2))
+    assert fed.round_record(0)["threshold"] == 2
+    for key in ["server", *names]:
+        text = fed.log_text(key)
+        assert text.count('"event":"two-site-round"') == 1, text
+        assert "derive the other" in text
+
+
+def test_zero_round_federation_exits_non_zero_everywhere(
+    federation: Callable[..., Federation],
+) -> None:
+    """A federation that stops after 0 rounds: the server and every site exit non-zero with a
+    clear message, and no site writes the untrained model as its final model."""
+    names = ["a", "b", "c"]
+    fed = federation(names, protocol="secagg", rounds=1, deadlines={"update_s": 2.0})
+    fed.patch_server(max_attempts=1)
+    # One site does not accept this federation's aggregation: the round cannot complete.
+    fed.patch_site("c", policy={"aggregations": ["ckks"]})
+    fed.patch_server(min_sites=3)
+    fed.start_all()
+    codes = fed.wait_all(timeout=60)
+    assert codes["server"] == 1 and all(codes[n] == 5 for n in names), (codes, fed.all_logs())
+    for key in ["server", *names]:
+        assert "stopped after 0 rounds" in fed.log_text(key)
+    for name in names:
+        assert not (fed.site_dir(name) / "final_model.tensors").exists()
+    assert "policy-refused" in fed.log_text("c")
 
 
 @pytest.mark.slow

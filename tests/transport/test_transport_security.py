@@ -28,7 +28,7 @@ from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport._generated.federation_pb2_grpc import FederationStub
 from secure_fl.transport.chunks import iter_chunks
 from secure_fl.transport.config import FEDERATION_PROTOCOL
-from secure_fl.transport.provision import issue_site_certificate, new_ca
+from secure_fl.transport.provision import issue_site_certificate, load_signing_key, new_ca
 from secure_fl.transport.tasks import TaskResult
 
 SERVICE = "/secure_fl.federation.v1.Federation/"
@@ -159,7 +159,7 @@ def test_malformed_oversized_and_out_of_phase_messages_do_not_disturb_the_round(
         [*real, "rogue"],
         protocol="secagg+",
         rounds=1,
-        aggregation={"threshold": 2},
+        aggregation={"threshold": 3},  # n = 4: the complete graph; the sites' minimum is 3
         deadlines={"phase_s": 6.0, "linger_s": 1.0},
         limits={"max_message_bytes": 256 * 1024, "chunk_bytes": 64 * 1024},
     )
@@ -251,7 +251,10 @@ def test_malformed_oversized_and_out_of_phase_messages_do_not_disturb_the_round(
         # Now play the protocol correctly for a while, with the real core.
         config, _ = convert.setup_from_pb(setup, r, max_length=10**6)
         client = SecAggClient(
-            rogue, config, input_vector=np.zeros(config.vector_length, dtype=np.uint32)
+            rogue,
+            config,
+            input_vector=np.zeros(config.vector_length, dtype=np.uint32),
+            signing_key=load_signing_key(fed.site_dir("rogue") / "signing.key"),
         )
         stub.SendAdvertiseKeys(convert.advert_to_pb(client.start()), timeout=20)
         expect(grpc.StatusCode.FAILED_PRECONDITION, stub.SendAdvertiseKeys, advert)  # duplicate

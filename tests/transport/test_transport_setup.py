@@ -96,17 +96,26 @@ def test_server_config_errors_name_the_field(tmp_path: Path, patch: dict, words:
         load_server_config(path)
 
 
-def test_site_config_crash_hook_needs_test_mode(tmp_path: Path) -> None:
+def test_site_config_has_no_test_hooks(tmp_path: Path) -> None:
+    """The self-kill switch is an injected hook (SiteRunner(crash_hook=...)), never a config key:
+    a config carrying one is refused."""
+    from secure_fl.transport.site import SiteRunner
+
     done = provision(tmp_path / "fed", ["a", "b"])
     path = done.site_configs["a"]
     config = json.loads(path.read_text())
     config["test_crash_before"] = "masked_input"
-    path.write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="insecure_test_seed"):
-        load_site_config(path)
     config["insecure_test_seed"] = 1
     path.write_text(json.dumps(config))
-    assert load_site_config(path).test_crash_before == "masked_input"
+    with pytest.raises(ConfigError, match=r"unknown keys.*test_crash_before"):
+        load_site_config(path)
+    del config["test_crash_before"]
+    path.write_text(json.dumps(config))
+    calls: list[tuple[str, int]] = []
+    runner = SiteRunner(load_site_config(path), crash_hook=lambda p, r: calls.append((p, r)))
+    runner._crash_point("unmask", 7)
+    assert calls == [("unmask", 7)]
+    SiteRunner(load_site_config(path))._crash_point("unmask", 7)  # no hook: nothing happens
     config["name"] = "zed"
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="not on the roster"):

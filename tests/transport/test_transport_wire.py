@@ -13,8 +13,12 @@ from secure_fl.secagg import (
     ConsistencyRequest,
     KeyRoster,
     MaskedInput,
+    RevealNonce,
+    RevealSet,
     ShareDelivery,
+    SitePolicy,
     UnmaskRequest,
+    UnmaskResponse,
     make_config,
     run_round,
 )
@@ -124,29 +128,62 @@ def test_tensors_round_trip_and_refuse_malformed_input() -> None:
 
 
 def _round_messages():
-    """Real protocol messages from an in-process round of 4 sites."""
-    config = make_config([1, 2, 3, 4], vector_length=5, bits=32, protocol="secagg", threshold=2)
+    """Real protocol messages from an in-process sparse SecAgg+ round of 7 sites (k = 2, so
+    adverts carry graph commitments and a reveal phase runs)."""
+    config = make_config(
+        list(range(1, 8)), vector_length=5, bits=32, protocol="secagg+", k=2, threshold=2
+    )
+    policy = SitePolicy(require_active=False)  # the semi-honest variant, by name
     clients = {
-        s: SecAggClient(s, config, input_vector=np.full(5, s, dtype=np.uint32))
+        s: SecAggClient(s, config, policy=policy, input_vector=np.full(5, s, dtype=np.uint32))
         for s in config.site_ids
     }
     adverts = {s: c.start() for s, c in clients.items()}
     return config, clients, adverts
 
 
+def _wire(message, cls):  # any protobuf message and its class
+    return cls.FromString(message.SerializeToString())
+
+
 def test_protocol_messages_survive_the_wire() -> None:
     _, clients, adverts = _round_messages()
     for s, advert in adverts.items():
-        wire = pb.AdvertiseKeys.FromString(convert.advert_to_pb(advert).SerializeToString())
+        assert len(advert.graph_commitment) == 32
+        wire = _wire(convert.advert_to_pb(advert), pb.AdvertiseKeys)
         assert convert.advert_from_pb(wire, s) == advert
     roster = KeyRoster(0, tuple(adverts[s] for s in sorted(adverts)))
-    wire_roster = pb.KeyRoster.FromString(convert.roster_to_pb(roster).SerializeToString())
+    wire_roster = _wire(convert.roster_to_pb(roster), pb.KeyRoster)
     assert convert.roster_from_pb(wire_roster) == roster
-    share = clients[1].handle(roster)
-    back = convert.share_keys_from_pb(convert.share_keys_to_pb(share), 1, max_entries=4)
+    reveals = {s: c.handle(roster) for s, c in clients.items()}
+    for s, reveal in reveals.items():
+        assert isinstance(reveal, RevealNonce)
+        assert convert.reveal_from_pb(_wire(convert.reveal_to_pb(reveal), pb.RevealNonce), s) == (
+            reveal
+        )
+    reveal_set = RevealSet(0, tuple((s, r.nonce) for s, r in sorted(reveals.items())))
+    assert convert.reveal_set_from_pb(
+        _wire(convert.reveal_set_to_pb(reveal_set), pb.RevealSet)
+    ) == (reveal_set)
+    share = clients[1].handle(reveal_set)
+    assert share.commitments
+    back = convert.share_keys_from_pb(
+        _wire(convert.share_keys_to_pb(share), pb.ShareKeys), 1, max_entries=6
+    )
     assert back == share
-    delivery = ShareDelivery(0, ((2, b"c" * 110), (3, b"d" * 110)))
-    assert convert.delivery_from_pb(convert.delivery_to_pb(delivery)) == delivery
+    delivery = ShareDelivery(
+        0,
+        ((2, b"c" * 110), (3, b"d" * 110)),
+        ((2, b"m" * 32, b"s" * 32), (3, b"n" * 32, b"t" * 32)),
+    )
+    assert convert.delivery_from_pb(_wire(convert.delivery_to_pb(delivery), pb.ShareDelivery)) == (
+        delivery
+    )
+    response = UnmaskResponse(
+        0, 2, ((1, b"a" * 37, b"x" * 32),), ((3, b"b" * 37, b"y" * 32),), rejected=(4,)
+    )
+    wire_response = _wire(convert.unmask_to_pb(response), pb.UnmaskResponse)
+    assert convert.unmask_from_pb(wire_response, 2, max_entries=8) == response
     request = ConsistencyRequest(0, frozenset({1, 2, 3}))
     assert convert.consistency_from_pb(convert.consistency_to_pb(request)) == request
     unmask = UnmaskRequest(0, frozenset({1, 2}), frozenset({3}), ((1, b"s" * 64),))
@@ -189,6 +226,31 @@ def test_site_to_server_messages_are_checked_before_the_core_sees_them() -> None
         convert.unmask_from_pb(
             pb.UnmaskResponse(self_mask_shares=[pb.OwnedShare(owner=1, share=b"x")]), 1, 8
         )
+    with pytest.raises(RejectedError, match="salts must be 32 bytes"):
+        convert.unmask_from_pb(
+            pb.UnmaskResponse(
+                self_mask_shares=[pb.OwnedShare(owner=1, share=b"x" * 37, salt=b"s")]
+            ),
+            1,
+            8,
+        )
+    with pytest.raises(RejectedError, match="graph_commitment"):
+        convert.advert_from_pb(
+            pb.AdvertiseKeys(
+                enc_public=b"a" * 32, mask_public=b"b" * 32, graph_commitment=b"c" * 31
+            ),
+            5,
+        )
+    with pytest.raises(RejectedError, match="nonce must be 32 bytes"):
+        convert.reveal_from_pb(pb.RevealNonce(nonce=b"n" * 31), 5)
+    with pytest.raises(RejectedError, match="certificate"):
+        convert.reveal_from_pb(pb.RevealNonce(sender=4, nonce=b"n" * 32), 5)
+    with pytest.raises(RejectedError, match="commitments must be 32 bytes"):
+        convert.share_keys_from_pb(
+            pb.ShareKeys(commitments=[pb.ShareCommitment(site=1, mask_key_commitment=b"m")]),
+            1,
+            max_entries=4,
+        )
     with pytest.raises(RejectedError, match="64 bytes"):
         convert.signature_from_pb(pb.ConsistencySignature(signature=b"x"), 1)
 
@@ -196,6 +258,12 @@ def test_site_to_server_messages_are_checked_before_the_core_sees_them() -> None
 def test_server_to_site_messages_refuse_duplicates() -> None:
     with pytest.raises(RemoteProtocolError, match="twice"):
         convert.unmask_request_from_pb(pb.UnmaskRequest(survivors=[1, 1], dropped=[]))
+    twice = pb.RevealSet(reveals=[pb.SiteNonce(site=1, nonce=b"a"), pb.SiteNonce(site=1)])
+    with pytest.raises(RemoteProtocolError, match="twice"):
+        convert.reveal_set_from_pb(twice)
+    setup = pb.SecAggSetup(protocol="secagg", site_ids=[1, 1, 2], k=1, threshold=2)
+    with pytest.raises(RemoteProtocolError, match="twice"):
+        convert.setup_from_pb(setup, 0, max_length=10)
 
 
 def test_round_configuration_travels_exactly() -> None:
@@ -207,7 +275,9 @@ def test_round_configuration_travels_exactly() -> None:
         convert.setup_to_pb(config, codec, 0.125, 9.0).SerializeToString()
     )
     back, back_codec = convert.setup_from_pb(setup, 0, max_length=100)
-    assert back == config and dict(back.graph) == dict(config.graph)
+    # No graph travels: only the degree; the sites derive a sparse graph themselves.
+    assert back == config and back.k == 2 and back.sparse
+    assert "graph" not in {f.name for f in pb.SecAggSetup.DESCRIPTOR.fields}
     assert back_codec == codec and setup.weight == 0.125
     with pytest.raises(RemoteProtocolError, match="limit"):
         convert.setup_from_pb(setup, 0, max_length=8)

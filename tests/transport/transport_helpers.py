@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from secure_fl.crypto import SigningKey
 from secure_fl.secagg import Phase
 from secure_fl.transport.checkpoint import model_blob
 from secure_fl.transport.config import load_server_config
@@ -62,17 +63,29 @@ class Federation:
         self.names = sites
         self.seed = seed
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # name -> (step, round id): sites started with the test-only crash hook.
+        self.crashes: dict[str, tuple[str, int]] = {}
         self.logs = root / "logs"
+        agg = dict(aggregation or {})
+        # Provision writes the same settings into the server config and every site's policy.
         done = provision(
-            root, sites, rounds=rounds, protocol=protocol, listen="127.0.0.1:0", ckks=False
+            root,
+            sites,
+            rounds=rounds,
+            protocol=protocol,
+            listen="127.0.0.1:0",
+            ckks=False,
+            active=bool(agg.get("active", True)),
+            corrupt_fraction=float(agg.get("corrupt_fraction", 0.0)),
+            dropout_rate=float(agg.get("dropout_rate", 0.1)),
+            model_shapes=shapes or [[6, 5], [7]],
         )
         self.server_config = done.server_config
         self.site_configs = done.site_configs
         self.ids = {name: i for i, name in enumerate(sites, start=1)}
         server = json.loads(self.server_config.read_text())
         server["insecure_test_seed"] = seed
-        server["model"] = {"shapes": shapes or [[6, 5], [7]]}
-        server["aggregation"].update(aggregation or {})
+        server["aggregation"].update(agg)
         server["deadlines"] = {
             "wait_for_sites_s": 60.0,
             "update_s": 60.0,
@@ -99,6 +112,15 @@ class Federation:
     # -- configs ------------------------------------------------------------------------------
 
     def patch_site(self, name: str, **values: Any) -> None:
+        """Set (or, with None, remove) keys of a site's config. ``test_crash_before`` /
+        ``test_crash_round`` are not config keys: they choose the test-only launcher
+        (``crashing_site.py``, an injected crash hook) for the site's next start."""
+        step = values.pop("test_crash_before", "keep")
+        crash_round = values.pop("test_crash_round", None)
+        if step is None:
+            self.crashes.pop(name, None)
+        elif step != "keep":
+            self.crashes[name] = (step, -1 if crash_round is None else int(crash_round))
         path = self.site_configs[name]
         config = json.loads(path.read_text())
         for key, value in values.items():
@@ -122,11 +144,13 @@ class Federation:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def _spawn(self, key: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, key: str, args: list[str], command: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{key}.log", "ab")  # noqa: SIM115 - closed with the process
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "secure_fl.transport.cli", *args],
+            [*(command or [sys.executable, "-m", "secure_fl.transport.cli"]), *args],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -153,6 +177,11 @@ class Federation:
         return proc
 
     def start_site(self, name: str) -> subprocess.Popen[bytes]:
+        crash = self.crashes.get(name)
+        if crash is not None:
+            launcher = [sys.executable, str(Path(__file__).with_name("crashing_site.py"))]
+            args = [str(self.site_configs[name]), crash[0], str(crash[1])]
+            return self._spawn(name, args, launcher)
         return self._spawn(name, ["site", str(self.site_configs[name])])
 
     def start_all(self) -> None:
@@ -194,9 +223,15 @@ class Federation:
 
     # -- results ------------------------------------------------------------------------------
 
-    def round_record(self, round_id: int) -> dict[str, Any]:
-        path = self.state_dir / "rounds" / f"round-{round_id:06d}.json"
+    def round_record(self, index: int) -> dict[str, Any]:
+        """The record of federation round ``index`` (its protocol round id is ``round_id``)."""
+        path = self.state_dir / "rounds" / f"round-{index:06d}.json"
         return json.loads(path.read_text())
+
+    def round_ids(self, rounds: int) -> list[int]:
+        """The protocol round ids the server used for federation rounds 0 .. rounds-1 (fresh
+        for every attempt, so a retried round has a larger id than its index)."""
+        return [int(self.round_record(r)["round_id"]) for r in range(rounds)]
 
     def checkpoint(self) -> dict[str, Any] | None:
         path = self.state_dir / "checkpoint.json"
@@ -221,21 +256,25 @@ class Federation:
         sites: list[str] | None = None,
     ) -> list[SimulatedRound]:
         """The in-process reference of ``rounds`` rounds: every site reports its update, with
-        ``dropouts[round]`` and ``extra[round]`` (results of parties that are not real sites)."""
+        ``dropouts[round]`` and ``extra[round]`` (results of parties that are not real sites).
+        Each round runs under the protocol round id the server used (from its records).
+        ``signing_keys`` defaults to fresh keys (the active variant; keys do not enter the sum)."""
         config = load_server_config(self.server_config)
         model: Tensors = initial_model(config.model)
         tasks = self.tasks()
         if sites is not None:
             tasks = {self.ids[n]: tasks[self.ids[n]] for n in sites}
+        if signing_keys is None and config.aggregation.active:
+            signing_keys = {self.ids[n]: SigningKey.generate() for n in self.names}
         out = []
-        for r in range(rounds):
-            results = {s: t.compute_update(model, r) for s, t in tasks.items()}
+        for r, round_id in enumerate(self.round_ids(rounds)):
+            results = {s: t.compute_update(model, round_id) for s, t in tasks.items()}
             results.update((extra or {}).get(r, {}))
             sim = simulate_round(
                 model,
                 results,
                 config.aggregation,
-                r,
+                round_id,
                 test_seed=self.seed,
                 dropouts=(dropouts or {}).get(r),
                 signing_keys=signing_keys,

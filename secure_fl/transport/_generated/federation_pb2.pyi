@@ -50,10 +50,11 @@ class _PayloadKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayloadKi
     """A site's CKKS frames (secure_fl/he/wire.py, kind 1), each preceded by its length (u64,
     big-endian); `length` is the number of frames.
     """
-    CKKS_SUM: _PayloadKind.ValueType  # 5
-    """The server's CKKS sum frames (kind 2), framed as CKKS_CIPHERTEXT."""
-    CKKS_MEAN: _PayloadKind.ValueType  # 6
-    """The decrypted weighted mean: `length` little-endian float64 values."""
+    CKKS_MODEL: _PayloadKind.ValueType  # 5
+    """The encrypted global model (secure_fl/transport/ckks.py: a header naming the tensors, the
+    round, the contributors' share of the weight, then the server's sum frames, kind 2);
+    `length` is the number of frames. Sites decrypt it; it is never decrypted for the server.
+    """
 
 class PayloadKind(_PayloadKind, metaclass=_PayloadKindEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------
@@ -73,10 +74,11 @@ CKKS_CIPHERTEXT: PayloadKind.ValueType  # 4
 """A site's CKKS frames (secure_fl/he/wire.py, kind 1), each preceded by its length (u64,
 big-endian); `length` is the number of frames.
 """
-CKKS_SUM: PayloadKind.ValueType  # 5
-"""The server's CKKS sum frames (kind 2), framed as CKKS_CIPHERTEXT."""
-CKKS_MEAN: PayloadKind.ValueType  # 6
-"""The decrypted weighted mean: `length` little-endian float64 values."""
+CKKS_MODEL: PayloadKind.ValueType  # 5
+"""The encrypted global model (secure_fl/transport/ckks.py: a header naming the tensors, the
+round, the contributors' share of the weight, then the server's sum frames, kind 2);
+`length` is the number of frames. Sites decrypt it; it is never decrypted for the server.
+"""
 Global___PayloadKind: _TypeAlias = PayloadKind  # noqa: Y015
 
 @_typing.final
@@ -205,7 +207,7 @@ class Instruction(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     CKKS_SETUP_FIELD_NUMBER: _builtins.int
-    CKKS_DECRYPT_FIELD_NUMBER: _builtins.int
+    REVEAL_SET_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     index: _builtins.int
     round_id: _builtins.int
@@ -230,7 +232,9 @@ class Instruction(_message.Message):
     @_builtins.property
     def ckks_setup(self) -> Global___CkksSetup: ...
     @_builtins.property
-    def ckks_decrypt(self) -> Global___CkksDecrypt: ...
+    def reveal_set(self) -> Global___RevealSet:
+        """Sparse SecAgg+ graphs only: every revealed nonce (the site derives the graph itself)."""
+
     def __init__(
         self,
         *,
@@ -247,13 +251,13 @@ class Instruction(_message.Message):
         outcome: Global___RoundOutcome | None = ...,
         finished: Global___Finished | None = ...,
         ckks_setup: Global___CkksSetup | None = ...,
-        ckks_decrypt: Global___CkksDecrypt | None = ...,
+        reveal_set: Global___RevealSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ckks_decrypt", b"ckks_decrypt", "ckks_setup", b"ckks_setup", "consistency_request", b"consistency_request", "finished", b"finished", "key_roster", b"key_roster", "kind", b"kind", "outcome", b"outcome", "round_start", b"round_start", "secagg_setup", b"secagg_setup", "share_delivery", b"share_delivery", "unmask_request", b"unmask_request", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ckks_setup", b"ckks_setup", "consistency_request", b"consistency_request", "finished", b"finished", "key_roster", b"key_roster", "kind", b"kind", "outcome", b"outcome", "reveal_set", b"reveal_set", "round_start", b"round_start", "secagg_setup", b"secagg_setup", "share_delivery", b"share_delivery", "unmask_request", b"unmask_request", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ckks_decrypt", b"ckks_decrypt", "ckks_setup", b"ckks_setup", "consistency_request", b"consistency_request", "finished", b"finished", "index", b"index", "key_roster", b"key_roster", "kind", b"kind", "outcome", b"outcome", "round_id", b"round_id", "round_start", b"round_start", "secagg_setup", b"secagg_setup", "share_delivery", b"share_delivery", "unmask_request", b"unmask_request", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ckks_setup", b"ckks_setup", "consistency_request", b"consistency_request", "finished", b"finished", "index", b"index", "key_roster", b"key_roster", "kind", b"kind", "outcome", b"outcome", "reveal_set", b"reveal_set", "round_id", b"round_id", "round_start", b"round_start", "secagg_setup", b"secagg_setup", "share_delivery", b"share_delivery", "unmask_request", b"unmask_request", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["wait", "round_start", "secagg_setup", "key_roster", "share_delivery", "consistency_request", "unmask_request", "outcome", "finished", "ckks_setup", "ckks_decrypt"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["wait", "round_start", "secagg_setup", "key_roster", "share_delivery", "consistency_request", "unmask_request", "outcome", "finished", "ckks_setup", "reveal_set"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -288,12 +292,17 @@ class RoundStart(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
     MODEL_BYTES_FIELD_NUMBER: _builtins.int
     DEADLINE_S_FIELD_NUMBER: _builtins.int
+    MODEL_ROUND_ID_FIELD_NUMBER: _builtins.int
     aggregation: _builtins.str
     """"secagg", "secagg+", "plain" or "ckks"."""
     model_sha256: _builtins.bytes
     model_bytes: _builtins.int
     deadline_s: _builtins.float
     """Seconds the site has, from now, to report its update."""
+    model_round_id: _builtins.int
+    """The round id whose result the model is (0 for the initial model). Round ids are fresh for
+    every attempt, so this is not always round_id - 1; an encrypted (CKKS) model must carry it.
+    """
     def __init__(
         self,
         *,
@@ -301,10 +310,11 @@ class RoundStart(_message.Message):
         model_sha256: _builtins.bytes = ...,
         model_bytes: _builtins.int = ...,
         deadline_s: _builtins.float = ...,
+        model_round_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "deadline_s", b"deadline_s", "model_bytes", b"model_bytes", "model_sha256", b"model_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "deadline_s", b"deadline_s", "model_bytes", b"model_bytes", "model_round_id", b"model_round_id", "model_sha256", b"model_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -312,7 +322,10 @@ Global___RoundStart: _TypeAlias = RoundStart  # noqa: Y015
 
 @_typing.final
 class SecAggSetup(_message.Message):
-    """The secure-aggregation round configuration (SecAggConfig) and the encoding plan."""
+    """The secure-aggregation round configuration (SecAggConfig) and the encoding plan. Each site
+    checks it against its own policy (aggregation, active variant, its own minimum threshold,
+    vector length) before it sends anything (protocols/federation.md).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -321,7 +334,8 @@ class SecAggSetup(_message.Message):
     VECTOR_LENGTH_FIELD_NUMBER: _builtins.int
     BITS_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
-    GRAPH_FIELD_NUMBER: _builtins.int
+    SITE_IDS_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
     VERIFY_KEYS_FIELD_NUMBER: _builtins.int
     FRAC_BITS_FIELD_NUMBER: _builtins.int
     CLIP_RANGE_FIELD_NUMBER: _builtins.int
@@ -334,6 +348,10 @@ class SecAggSetup(_message.Message):
     bits: _builtins.int
     """32 or 64."""
     active: _builtins.bool
+    k: _builtins.int
+    """The masking degree: n - 1 for the complete graph (SecAgg), an even number in [2, n - 2]
+    for a sparse SecAgg+ graph.
+    """
     frac_bits: _builtins.int
     """Fixed-point encoding (secure_fl.encoding.FixedPointCodec) and this site's normalised weight."""
     clip_range: _builtins.float
@@ -341,8 +359,8 @@ class SecAggSetup(_message.Message):
     phase_deadline_s: _builtins.float
     """Seconds each protocol phase stays open."""
     @_builtins.property
-    def graph(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbourhood]:
-        """The masking graph over the participants (every participant appears once)."""
+    def site_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The participants, ascending."""
 
     @_builtins.property
     def verify_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerifyKey]:
@@ -358,7 +376,8 @@ class SecAggSetup(_message.Message):
         vector_length: _builtins.int = ...,
         bits: _builtins.int = ...,
         active: _builtins.bool = ...,
-        graph: _abc.Iterable[Global___Neighbourhood] | None = ...,
+        site_ids: _abc.Iterable[_builtins.int] | None = ...,
+        k: _builtins.int = ...,
         verify_keys: _abc.Iterable[Global___VerifyKey] | None = ...,
         frac_bits: _builtins.int = ...,
         clip_range: _builtins.float = ...,
@@ -367,34 +386,11 @@ class SecAggSetup(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bits", b"bits", "clip_range", b"clip_range", "frac_bits", b"frac_bits", "graph", b"graph", "phase_deadline_s", b"phase_deadline_s", "protocol", b"protocol", "threshold", b"threshold", "vector_length", b"vector_length", "verify_keys", b"verify_keys", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bits", b"bits", "clip_range", b"clip_range", "frac_bits", b"frac_bits", "k", b"k", "phase_deadline_s", b"phase_deadline_s", "protocol", b"protocol", "site_ids", b"site_ids", "threshold", b"threshold", "vector_length", b"vector_length", "verify_keys", b"verify_keys", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SecAggSetup: _TypeAlias = SecAggSetup  # noqa: Y015
-
-@_typing.final
-class Neighbourhood(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SITE_FIELD_NUMBER: _builtins.int
-    NEIGHBOURS_FIELD_NUMBER: _builtins.int
-    site: _builtins.int
-    @_builtins.property
-    def neighbours(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
-    def __init__(
-        self,
-        *,
-        site: _builtins.int = ...,
-        neighbours: _abc.Iterable[_builtins.int] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["neighbours", b"neighbours", "site", b"site"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Neighbourhood: _TypeAlias = Neighbourhood  # noqa: Y015
 
 @_typing.final
 class VerifyKey(_message.Message):
@@ -420,8 +416,9 @@ Global___VerifyKey: _TypeAlias = VerifyKey  # noqa: Y015
 
 @_typing.final
 class CkksSetup(_message.Message):
-    """CKKS round configuration, sent to every site that reported its weight: encrypt the update
-    scaled by `weight` and upload it (UploadCiphertext) within `phase_deadline_s`.
+    """CKKS round configuration, sent to every site that reported its weight: encrypt the new local
+    model (global model + update) scaled by `weight` and upload it (UploadCiphertext) within
+    `phase_deadline_s`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -462,82 +459,6 @@ class CkksSetup(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CkksSetup: _TypeAlias = CkksSetup  # noqa: Y015
-
-@_typing.final
-class CkksDecrypt(_message.Message):
-    """CKKS aggregation, to the designated decryptor: download the encrypted sum of `contributors`
-    (DownloadCiphertextSum), decrypt it, divide by `share` and upload the mean
-    (UploadDecryptedMean) within `phase_deadline_s`.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CONTEXT_SHA256_FIELD_NUMBER: _builtins.int
-    CONTRIBUTORS_FIELD_NUMBER: _builtins.int
-    SHARE_FIELD_NUMBER: _builtins.int
-    SUM_SHA256_FIELD_NUMBER: _builtins.int
-    SUM_BYTES_FIELD_NUMBER: _builtins.int
-    CHUNKS_FIELD_NUMBER: _builtins.int
-    VECTOR_LENGTH_FIELD_NUMBER: _builtins.int
-    CHUNK_CIPHERTEXTS_FIELD_NUMBER: _builtins.int
-    PHASE_DEADLINE_S_FIELD_NUMBER: _builtins.int
-    context_sha256: _builtins.bytes
-    share: _builtins.float
-    """The contributors' total normalised weight (sum of their CkksSetup weights)."""
-    sum_sha256: _builtins.bytes
-    """SHA-256 and size of the sum payload, and its frames."""
-    sum_bytes: _builtins.int
-    chunks: _builtins.int
-    vector_length: _builtins.int
-    chunk_ciphertexts: _builtins.int
-    phase_deadline_s: _builtins.float
-    @_builtins.property
-    def contributors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Site ids whose ciphertexts are in the sum, ascending."""
-
-    def __init__(
-        self,
-        *,
-        context_sha256: _builtins.bytes = ...,
-        contributors: _abc.Iterable[_builtins.int] | None = ...,
-        share: _builtins.float = ...,
-        sum_sha256: _builtins.bytes = ...,
-        sum_bytes: _builtins.int = ...,
-        chunks: _builtins.int = ...,
-        vector_length: _builtins.int = ...,
-        chunk_ciphertexts: _builtins.int = ...,
-        phase_deadline_s: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ciphertexts", b"chunk_ciphertexts", "chunks", b"chunks", "context_sha256", b"context_sha256", "contributors", b"contributors", "phase_deadline_s", b"phase_deadline_s", "share", b"share", "sum_bytes", b"sum_bytes", "sum_sha256", b"sum_sha256", "vector_length", b"vector_length"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CkksDecrypt: _TypeAlias = CkksDecrypt  # noqa: Y015
-
-@_typing.final
-class CiphertextSumRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ROUND_ID_FIELD_NUMBER: _builtins.int
-    SUM_SHA256_FIELD_NUMBER: _builtins.int
-    round_id: _builtins.int
-    sum_sha256: _builtins.bytes
-    """As named by CkksDecrypt."""
-    def __init__(
-        self,
-        *,
-        round_id: _builtins.int = ...,
-        sum_sha256: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "sum_sha256", b"sum_sha256"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CiphertextSumRequest: _TypeAlias = CiphertextSumRequest  # noqa: Y015
 
 @_typing.final
 class UpdateReady(_message.Message):
@@ -611,17 +532,21 @@ class Finished(_message.Message):
 
     ROUNDS_COMPLETED_FIELD_NUMBER: _builtins.int
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    MODEL_ROUND_ID_FIELD_NUMBER: _builtins.int
     rounds_completed: _builtins.int
     model_sha256: _builtins.bytes
+    model_round_id: _builtins.int
+    """As RoundStart.model_round_id."""
     def __init__(
         self,
         *,
         rounds_completed: _builtins.int = ...,
         model_sha256: _builtins.bytes = ...,
+        model_round_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_sha256", b"model_sha256", "rounds_completed", b"rounds_completed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_round_id", b"model_round_id", "model_sha256", b"model_sha256", "rounds_completed", b"rounds_completed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -685,12 +610,15 @@ class AdvertiseKeys(_message.Message):
     ENC_PUBLIC_FIELD_NUMBER: _builtins.int
     MASK_PUBLIC_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    GRAPH_COMMITMENT_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     sender: _builtins.int
     enc_public: _builtins.bytes
     mask_public: _builtins.bytes
     signature: _builtins.bytes
     """Empty unless the active variant (Ed25519, 64 bytes)."""
+    graph_commitment: _builtins.bytes
+    """Sparse SecAgg+ graphs only: SHA-256 commitment (32 bytes) to the nonce revealed next."""
     def __init__(
         self,
         *,
@@ -699,14 +627,115 @@ class AdvertiseKeys(_message.Message):
         enc_public: _builtins.bytes = ...,
         mask_public: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        graph_commitment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enc_public", b"enc_public", "mask_public", b"mask_public", "round_id", b"round_id", "sender", b"sender", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enc_public", b"enc_public", "graph_commitment", b"graph_commitment", "mask_public", b"mask_public", "round_id", b"round_id", "sender", b"sender", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdvertiseKeys: _TypeAlias = AdvertiseKeys  # noqa: Y015
+
+@_typing.final
+class RevealNonce(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    sender: _builtins.int
+    nonce: _builtins.bytes
+    """32 bytes."""
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        sender: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "round_id", b"round_id", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealNonce: _TypeAlias = RevealNonce  # noqa: Y015
+
+@_typing.final
+class SiteNonce(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    site: _builtins.int
+    nonce: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        site: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteNonce: _TypeAlias = SiteNonce  # noqa: Y015
+
+@_typing.final
+class RevealSet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    REVEALS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    @_builtins.property
+    def reveals(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteNonce]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        reveals: _abc.Iterable[Global___SiteNonce] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reveals", b"reveals", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealSet: _TypeAlias = RevealSet  # noqa: Y015
+
+@_typing.final
+class ShareCommitment(_message.Message):
+    """The commitments to the two shares one holder keeps of one owner's secrets: `site` is the
+    holder in ShareKeys and the owner in ShareDelivery.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    MASK_KEY_COMMITMENT_FIELD_NUMBER: _builtins.int
+    SEED_COMMITMENT_FIELD_NUMBER: _builtins.int
+    site: _builtins.int
+    mask_key_commitment: _builtins.bytes
+    seed_commitment: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        site: _builtins.int = ...,
+        mask_key_commitment: _builtins.bytes = ...,
+        seed_commitment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mask_key_commitment", b"mask_key_commitment", "seed_commitment", b"seed_commitment", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareCommitment: _TypeAlias = ShareCommitment  # noqa: Y015
 
 @_typing.final
 class KeyRoster(_message.Message):
@@ -764,20 +793,26 @@ class ShareKeys(_message.Message):
     ROUND_ID_FIELD_NUMBER: _builtins.int
     SENDER_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    COMMITMENTS_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     sender: _builtins.int
     @_builtins.property
     def ciphertexts(self) -> _containers.RepeatedCompositeFieldContainer[Global___EncryptedShare]: ...
+    @_builtins.property
+    def commitments(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShareCommitment]:
+        """One per holder, the sender itself included."""
+
     def __init__(
         self,
         *,
         round_id: _builtins.int = ...,
         sender: _builtins.int = ...,
         ciphertexts: _abc.Iterable[Global___EncryptedShare] | None = ...,
+        commitments: _abc.Iterable[Global___ShareCommitment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "round_id", b"round_id", "sender", b"sender"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "commitments", b"commitments", "round_id", b"round_id", "sender", b"sender"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -789,18 +824,24 @@ class ShareDelivery(_message.Message):
 
     ROUND_ID_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    COMMITMENTS_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     @_builtins.property
     def ciphertexts(self) -> _containers.RepeatedCompositeFieldContainer[Global___EncryptedShare]: ...
+    @_builtins.property
+    def commitments(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShareCommitment]:
+        """One per sender in `ciphertexts`."""
+
     def __init__(
         self,
         *,
         round_id: _builtins.int = ...,
         ciphertexts: _abc.Iterable[Global___EncryptedShare] | None = ...,
+        commitments: _abc.Iterable[Global___ShareCommitment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "round_id", b"round_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "commitments", b"commitments", "round_id", b"round_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -913,17 +954,21 @@ class OwnedShare(_message.Message):
 
     OWNER_FIELD_NUMBER: _builtins.int
     SHARE_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
     owner: _builtins.int
     share: _builtins.bytes
+    salt: _builtins.bytes
+    """The salt of the owner's commitment to this share (32 bytes)."""
     def __init__(
         self,
         *,
         owner: _builtins.int = ...,
         share: _builtins.bytes = ...,
+        salt: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "share", b"share"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "salt", b"salt", "share", b"share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -937,12 +982,17 @@ class UnmaskResponse(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     SELF_MASK_SHARES_FIELD_NUMBER: _builtins.int
     MASK_KEY_SHARES_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     sender: _builtins.int
     @_builtins.property
     def self_mask_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnedShare]: ...
     @_builtins.property
     def mask_key_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnedShare]: ...
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Owners whose share failed its commitment when this site received it (withheld)."""
+
     def __init__(
         self,
         *,
@@ -950,10 +1000,11 @@ class UnmaskResponse(_message.Message):
         sender: _builtins.int = ...,
         self_mask_shares: _abc.Iterable[Global___OwnedShare] | None = ...,
         mask_key_shares: _abc.Iterable[Global___OwnedShare] | None = ...,
+        rejected: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mask_key_shares", b"mask_key_shares", "round_id", b"round_id", "self_mask_shares", b"self_mask_shares", "sender", b"sender"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mask_key_shares", b"mask_key_shares", "rejected", b"rejected", "round_id", b"round_id", "self_mask_shares", b"self_mask_shares", "sender", b"sender"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -974,14 +1025,14 @@ class PayloadHeader(_message.Message):
     round_id: _builtins.int
     total_bytes: _builtins.int
     length: _builtins.int
-    """Elements (MASKED_INPUT, CKKS_MEAN), tensors (MODEL, PLAIN_UPDATE) or frames (CKKS_*)."""
+    """Elements (MASKED_INPUT), tensors (MODEL, PLAIN_UPDATE) or frames (CKKS_*)."""
     bits: _builtins.int
     """MASKED_INPUT: 32 or 64."""
     weight: _builtins.float
     """PLAIN_UPDATE: the site's weight (sample count)."""
     @_builtins.property
     def ckks(self) -> Global___CkksPayloadInfo:
-        """CKKS_CIPHERTEXT only."""
+        """CKKS_CIPHERTEXT and CKKS_MODEL."""
 
     def __init__(
         self,

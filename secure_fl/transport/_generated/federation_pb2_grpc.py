@@ -65,19 +65,14 @@ class FederationStub:
                 request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
                 response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
                 _registered_method=True)
-        self.DownloadCiphertextSum = channel.unary_stream(
-                '/secure_fl.federation.v1.Federation/DownloadCiphertextSum',
-                request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.CiphertextSumRequest.SerializeToString,
-                response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.FromString,
-                _registered_method=True)
-        self.UploadDecryptedMean = channel.stream_unary(
-                '/secure_fl.federation.v1.Federation/UploadDecryptedMean',
-                request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
-                response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
-                _registered_method=True)
         self.SendAdvertiseKeys = channel.unary_unary(
                 '/secure_fl.federation.v1.Federation/SendAdvertiseKeys',
                 request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.AdvertiseKeys.SerializeToString,
+                response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
+                _registered_method=True)
+        self.SendRevealNonce = channel.unary_unary(
+                '/secure_fl.federation.v1.Federation/SendRevealNonce',
+                request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.RevealNonce.SerializeToString,
                 response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
                 _registered_method=True)
         self.SendShareKeys = channel.unary_unary(
@@ -122,7 +117,9 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadModel(self, request, context):
-        """The global model named by a RoundStart, as a chunk stream (kind MODEL).
+        """The global model named by a RoundStart, as a chunk stream (kind MODEL; with CKKS, once a
+        CKKS round has completed, kind CKKS_MODEL: the encrypted global model, which every site
+        decrypts itself).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,22 +140,9 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadCiphertext(self, request_iterator, context):
-        """CKKS aggregation: the site's encrypted, weight-scaled update (kind CKKS_CIPHERTEXT).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DownloadCiphertextSum(self, request, context):
-        """CKKS aggregation, designated decryptor only: the encrypted sum named by a CkksDecrypt
-        instruction, as a chunk stream (kind CKKS_SUM).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def UploadDecryptedMean(self, request_iterator, context):
-        """CKKS aggregation, designated decryptor only: the decrypted mean (kind CKKS_MEAN).
+        """CKKS aggregation: the site's encrypted, weight-scaled new local model (kind
+        CKKS_CIPHERTEXT). No call carries anything a site decrypted: the server never receives a
+        CKKS decryption (protocols/ckks.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +151,13 @@ class FederationServicer:
     def SendAdvertiseKeys(self, request, context):
         """---- SecAgg / SecAgg+ phases (protocols/secagg.md) ----
         Phase 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendRevealNonce(self, request, context):
+        """Reveal phase (sparse SecAgg+ graphs only): the nonce behind the advert's graph commitment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,19 +224,14 @@ def add_FederationServicer_to_server(servicer, server):
                     request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.FromString,
                     response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.SerializeToString,
             ),
-            'DownloadCiphertextSum': grpc.unary_stream_rpc_method_handler(
-                    servicer.DownloadCiphertextSum,
-                    request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.CiphertextSumRequest.FromString,
-                    response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
-            ),
-            'UploadDecryptedMean': grpc.stream_unary_rpc_method_handler(
-                    servicer.UploadDecryptedMean,
-                    request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.FromString,
-                    response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.SerializeToString,
-            ),
             'SendAdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.SendAdvertiseKeys,
                     request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.AdvertiseKeys.FromString,
+                    response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.SerializeToString,
+            ),
+            'SendRevealNonce': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendRevealNonce,
+                    request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.RevealNonce.FromString,
                     response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.SerializeToString,
             ),
             'SendShareKeys': grpc.unary_unary_rpc_method_handler(
@@ -443,60 +429,6 @@ class Federation:
             _registered_method=True)
 
     @staticmethod
-    def DownloadCiphertextSum(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/secure_fl.federation.v1.Federation/DownloadCiphertextSum',
-            secure__fl_dot_transport_dot___generated_dot_federation__pb2.CiphertextSumRequest.SerializeToString,
-            secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def UploadDecryptedMean(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/secure_fl.federation.v1.Federation/UploadDecryptedMean',
-            secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
-            secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def SendAdvertiseKeys(request,
             target,
             options=(),
@@ -512,6 +444,33 @@ class Federation:
             target,
             '/secure_fl.federation.v1.Federation/SendAdvertiseKeys',
             secure__fl_dot_transport_dot___generated_dot_federation__pb2.AdvertiseKeys.SerializeToString,
+            secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendRevealNonce(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secure_fl.federation.v1.Federation/SendRevealNonce',
+            secure__fl_dot_transport_dot___generated_dot_federation__pb2.RevealNonce.SerializeToString,
             secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -54,23 +54,25 @@ class FederationStub:
     Poll: _grpc.UnaryUnaryMultiCallable[_federation_pb2.PollRequest, _federation_pb2.Instruction]
     """Long poll: the next instruction for this site, or Wait when none arrives in time."""
     DownloadModel: _grpc.UnaryStreamMultiCallable[_federation_pb2.ModelRequest, _federation_pb2.Chunk]
-    """The global model named by a RoundStart, as a chunk stream (kind MODEL)."""
+    """The global model named by a RoundStart, as a chunk stream (kind MODEL; with CKKS, once a
+    CKKS round has completed, kind CKKS_MODEL: the encrypted global model, which every site
+    decrypts itself).
+    """
     ReportUpdateReady: _grpc.UnaryUnaryMultiCallable[_federation_pb2.UpdateReady, _federation_pb2.Ack]
     """Secure aggregation: the site's update is ready; reports its public weight (sample count)."""
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
     """Plain (insecure baseline) aggregation: the update itself, in the clear (kind PLAIN_UPDATE)."""
     UploadCiphertext: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
-    """CKKS aggregation: the site's encrypted, weight-scaled update (kind CKKS_CIPHERTEXT)."""
-    DownloadCiphertextSum: _grpc.UnaryStreamMultiCallable[_federation_pb2.CiphertextSumRequest, _federation_pb2.Chunk]
-    """CKKS aggregation, designated decryptor only: the encrypted sum named by a CkksDecrypt
-    instruction, as a chunk stream (kind CKKS_SUM).
+    """CKKS aggregation: the site's encrypted, weight-scaled new local model (kind
+    CKKS_CIPHERTEXT). No call carries anything a site decrypted: the server never receives a
+    CKKS decryption (protocols/ckks.md).
     """
-    UploadDecryptedMean: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
-    """CKKS aggregation, designated decryptor only: the decrypted mean (kind CKKS_MEAN)."""
     SendAdvertiseKeys: _grpc.UnaryUnaryMultiCallable[_federation_pb2.AdvertiseKeys, _federation_pb2.Ack]
     """---- SecAgg / SecAgg+ phases (protocols/secagg.md) ----
     Phase 0.
     """
+    SendRevealNonce: _grpc.UnaryUnaryMultiCallable[_federation_pb2.RevealNonce, _federation_pb2.Ack]
+    """Reveal phase (sparse SecAgg+ graphs only): the nonce behind the advert's graph commitment."""
     SendShareKeys: _grpc.UnaryUnaryMultiCallable[_federation_pb2.ShareKeys, _federation_pb2.Ack]
     """Phase 1."""
     UploadMaskedInput: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
@@ -92,23 +94,25 @@ class FederationAsyncStub(FederationStub):
     Poll: _aio.UnaryUnaryMultiCallable[_federation_pb2.PollRequest, _federation_pb2.Instruction]  # type: ignore[assignment]
     """Long poll: the next instruction for this site, or Wait when none arrives in time."""
     DownloadModel: _aio.UnaryStreamMultiCallable[_federation_pb2.ModelRequest, _federation_pb2.Chunk]  # type: ignore[assignment]
-    """The global model named by a RoundStart, as a chunk stream (kind MODEL)."""
+    """The global model named by a RoundStart, as a chunk stream (kind MODEL; with CKKS, once a
+    CKKS round has completed, kind CKKS_MODEL: the encrypted global model, which every site
+    decrypts itself).
+    """
     ReportUpdateReady: _aio.UnaryUnaryMultiCallable[_federation_pb2.UpdateReady, _federation_pb2.Ack]  # type: ignore[assignment]
     """Secure aggregation: the site's update is ready; reports its public weight (sample count)."""
     UploadUpdate: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
     """Plain (insecure baseline) aggregation: the update itself, in the clear (kind PLAIN_UPDATE)."""
     UploadCiphertext: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
-    """CKKS aggregation: the site's encrypted, weight-scaled update (kind CKKS_CIPHERTEXT)."""
-    DownloadCiphertextSum: _aio.UnaryStreamMultiCallable[_federation_pb2.CiphertextSumRequest, _federation_pb2.Chunk]  # type: ignore[assignment]
-    """CKKS aggregation, designated decryptor only: the encrypted sum named by a CkksDecrypt
-    instruction, as a chunk stream (kind CKKS_SUM).
+    """CKKS aggregation: the site's encrypted, weight-scaled new local model (kind
+    CKKS_CIPHERTEXT). No call carries anything a site decrypted: the server never receives a
+    CKKS decryption (protocols/ckks.md).
     """
-    UploadDecryptedMean: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
-    """CKKS aggregation, designated decryptor only: the decrypted mean (kind CKKS_MEAN)."""
     SendAdvertiseKeys: _aio.UnaryUnaryMultiCallable[_federation_pb2.AdvertiseKeys, _federation_pb2.Ack]  # type: ignore[assignment]
     """---- SecAgg / SecAgg+ phases (protocols/secagg.md) ----
     Phase 0.
     """
+    SendRevealNonce: _aio.UnaryUnaryMultiCallable[_federation_pb2.RevealNonce, _federation_pb2.Ack]  # type: ignore[assignment]
+    """Reveal phase (sparse SecAgg+ graphs only): the nonce behind the advert's graph commitment."""
     SendShareKeys: _aio.UnaryUnaryMultiCallable[_federation_pb2.ShareKeys, _federation_pb2.Ack]  # type: ignore[assignment]
     """Phase 1."""
     UploadMaskedInput: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
@@ -145,7 +149,10 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         request: _federation_pb2.ModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_federation_pb2.Chunk], _abc.AsyncIterator[_federation_pb2.Chunk]]:
-        """The global model named by a RoundStart, as a chunk stream (kind MODEL)."""
+        """The global model named by a RoundStart, as a chunk stream (kind MODEL; with CKKS, once a
+        CKKS round has completed, kind CKKS_MODEL: the encrypted global model, which every site
+        decrypts itself).
+        """
 
     @_abc_1.abstractmethod
     def ReportUpdateReady(
@@ -169,25 +176,10 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_federation_pb2.Chunk],
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
-        """CKKS aggregation: the site's encrypted, weight-scaled update (kind CKKS_CIPHERTEXT)."""
-
-    @_abc_1.abstractmethod
-    def DownloadCiphertextSum(
-        self,
-        request: _federation_pb2.CiphertextSumRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_federation_pb2.Chunk], _abc.AsyncIterator[_federation_pb2.Chunk]]:
-        """CKKS aggregation, designated decryptor only: the encrypted sum named by a CkksDecrypt
-        instruction, as a chunk stream (kind CKKS_SUM).
+        """CKKS aggregation: the site's encrypted, weight-scaled new local model (kind
+        CKKS_CIPHERTEXT). No call carries anything a site decrypted: the server never receives a
+        CKKS decryption (protocols/ckks.md).
         """
-
-    @_abc_1.abstractmethod
-    def UploadDecryptedMean(
-        self,
-        request_iterator: _MaybeAsyncIterator[_federation_pb2.Chunk],
-        context: _ServicerContext,
-    ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
-        """CKKS aggregation, designated decryptor only: the decrypted mean (kind CKKS_MEAN)."""
 
     @_abc_1.abstractmethod
     def SendAdvertiseKeys(
@@ -198,6 +190,14 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         """---- SecAgg / SecAgg+ phases (protocols/secagg.md) ----
         Phase 0.
         """
+
+    @_abc_1.abstractmethod
+    def SendRevealNonce(
+        self,
+        request: _federation_pb2.RevealNonce,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
+        """Reveal phase (sparse SecAgg+ graphs only): the nonce behind the advert's graph commitment."""
 
     @_abc_1.abstractmethod
     def SendShareKeys(

@@ -1,0 +1,127 @@
+"""A site's own policy, checked against what the (untrusted) server announces.
+
+Guarantee (against a malicious server): a site computes, reports or sends nothing for a round
+whose aggregation its config does not accept (``plain`` only when explicitly allowed), and sends
+no SecAgg message (no advertisement, no masked input) for a round configuration that is not the
+active variant (unless the site opted out), whose threshold is below the minimum the site derives
+itself from ``n``, ``k`` and its own assumed corrupt fraction, whose sparse SecAgg+ degree ``k`` is
+below the one the site would choose itself from its own dropout rate and corrupt fraction, or
+whose vector length is not the model's (and the pinned one). Every refusal raises :class:`~secure_fl.errors.PolicyError` naming
+what was asked and what the policy allows; the site logs it at WARNING and leaves the round.
+
+The threshold rule (Bonawitz et al. 2017, section 6): with ``h = k + 1`` share holders per site of
+which ``c`` may be corrupt, the active variant needs ``2t > h + c`` (the server cannot collect ``t``
+shares of both secrets of one honest site), the semi-honest one ``t > c``; never below 2.
+:func:`secure_fl.secagg.graph.minimum_threshold` computes it (for SecAgg+ the number of corrupt
+holders is bounded statistically).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from secure_fl.errors import ConfigError, PolicyError
+from secure_fl.secagg.graph import minimum_threshold as _core_minimum_threshold
+from secure_fl.secagg.graph import secagg_plus_parameters
+from secure_fl.transport.config import SitePolicy
+
+
+def minimum_threshold(num_sites: int, k: int, corrupt_fraction: float, *, active: bool) -> int:
+    """The smallest threshold this site accepts in a round of ``num_sites`` sites where each
+    site has ``k`` neighbours (``k = n - 1`` for SecAgg): the SecAgg core's
+    :func:`~secure_fl.secagg.graph.minimum_threshold`. Errors: PolicyError when no threshold is
+    secure for this round (too many corrupt sites for the neighbourhood)."""
+    try:
+        return int(_core_minimum_threshold(num_sites, k, corrupt_fraction, active=active))
+    except ConfigError as exc:
+        raise PolicyError(f"no threshold is secure for this round: {exc}") from exc
+
+
+def minimum_degree(num_sites: int, dropout_rate: float, corrupt_fraction: float) -> int:
+    """The smallest SecAgg+ degree ``k`` this site accepts among ``num_sites`` sites: the one it
+    would choose itself (:func:`~secure_fl.secagg.graph.secagg_plus_parameters`, Bell et al.
+    2020). A smaller ``k`` raises the chance that all of a site's neighbours are corrupt or
+    dropped, which reveals its input. Errors: PolicyError when the rates admit no degree."""
+    try:
+        return int(
+            secagg_plus_parameters(
+                num_sites, dropout_rate=dropout_rate, corrupt_fraction=corrupt_fraction
+            ).k
+        )
+    except ConfigError as exc:
+        raise PolicyError(f"no SecAgg+ degree is secure for this round: {exc}") from exc
+
+
+def check_aggregation(policy: SitePolicy, aggregation: str) -> None:
+    """Refuse an aggregation the site's policy does not accept (PolicyError)."""
+    if aggregation == "plain" and not policy.accepts("plain"):
+        raise PolicyError(
+            "the server asks for 'plain' aggregation (this site's update in the clear); this "
+            "site's policy refuses it (set policy.allow_plain and list 'plain' to accept it)"
+        )
+    if not policy.accepts(aggregation):
+        raise PolicyError(
+            f"the server asks for aggregation {aggregation!r}; this site's policy accepts "
+            f"{list(policy.aggregations)}"
+        )
+
+
+def check_secagg_round(
+    policy: SitePolicy,
+    *,
+    announced: str,
+    protocol: str,
+    active: bool,
+    num_sites: int,
+    k: int,
+    threshold: int,
+    vector_length: int,
+    model_length: int,
+) -> None:
+    """Check a SecAgg / SecAgg+ round configuration against ``policy`` before anything is sent.
+
+    ``announced``: the aggregation of the round start; ``k``: the smallest neighbourhood in the
+    round (``num_sites - 1`` for SecAgg); ``model_length``: the size of the model the site
+    downloaded. Errors: PolicyError naming the field and what the policy allows.
+    """
+    check_aggregation(policy, protocol)
+    if protocol != announced:
+        raise PolicyError(
+            f"the round started as {announced!r} but its configuration is {protocol!r}"
+        )
+    if policy.require_active and not active:
+        raise PolicyError(
+            "the server asks for the semi-honest SecAgg variant (active=false); this site's "
+            "policy requires the active variant (policy.require_active)"
+        )
+    expected = policy.vector_length if policy.vector_length is not None else model_length
+    if vector_length != expected or vector_length != model_length:
+        raise PolicyError(
+            f"the round's vector_length is {vector_length}; this site expects {expected} "
+            f"(the model has {model_length} values)"
+        )
+    if k < num_sites - 1:
+        min_k = minimum_degree(num_sites, policy.dropout_rate, policy.corrupt_fraction)
+        if k < min_k:
+            raise PolicyError(
+                f"the round's masking degree k={k} is below this site's minimum {min_k} (n="
+                f"{num_sites}, dropout_rate={policy.dropout_rate}, corrupt_fraction="
+                f"{policy.corrupt_fraction})"
+            )
+    minimum = minimum_threshold(num_sites, k, policy.corrupt_fraction, active=active)
+    if threshold < minimum:
+        raise PolicyError(
+            f"the round's threshold {threshold} is below this site's minimum {minimum} (n="
+            f"{num_sites}, k={k}, corrupt_fraction={policy.corrupt_fraction}, active={active})"
+        )
+
+
+def describe(policy: SitePolicy) -> dict[str, Any]:
+    """Log fields describing ``policy`` (no secrets)."""
+    return {
+        "aggregations": list(policy.aggregations),
+        "require_active": policy.require_active,
+        "corrupt_fraction": policy.corrupt_fraction,
+        "dropout_rate": policy.dropout_rate,
+        "vector_length": policy.vector_length,
+    }
