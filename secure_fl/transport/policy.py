@@ -18,6 +18,7 @@ holders is bounded statistically).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from secure_fl.errors import ConfigError, PolicyError
@@ -77,12 +78,20 @@ def check_secagg_round(
     threshold: int,
     vector_length: int,
     model_length: int,
+    roster_size: int | None = None,
 ) -> None:
     """Check a SecAgg / SecAgg+ round configuration against ``policy`` before anything is sent.
 
     ``announced``: the aggregation of the round start; ``k``: the smallest neighbourhood in the
     round (``num_sites - 1`` for SecAgg); ``model_length``: the size of the model the site
-    downloaded. Errors: PolicyError naming the field and what the policy allows.
+    downloaded; ``roster_size``: the number of sites in the federation as provisioned.
+
+    The number of sites that may collude with the server is ``c = ceil(corrupt_fraction *
+    roster_size)`` *whatever the size of the round*: the server chooses who takes part, and a
+    server that invites only a few sites must not thereby shrink the number of colluders the site
+    assumes (c colluders among a small round are a large fraction of it). The thresholds and
+    degree are then checked at the round's own fraction ``c / num_sites``.
+    Errors: PolicyError naming the field and what the policy allows.
     """
     check_aggregation(policy, protocol)
     if protocol != announced:
@@ -100,20 +109,33 @@ def check_secagg_round(
             f"the round's vector_length is {vector_length}; this site expects {expected} "
             f"(the model has {model_length} values)"
         )
+    fraction = round_corrupt_fraction(policy.corrupt_fraction, num_sites, roster_size)
     if k < num_sites - 1:
-        min_k = minimum_degree(num_sites, policy.dropout_rate, policy.corrupt_fraction)
+        min_k = minimum_degree(num_sites, policy.dropout_rate, fraction)
         if k < min_k:
             raise PolicyError(
                 f"the round's masking degree k={k} is below this site's minimum {min_k} (n="
                 f"{num_sites}, dropout_rate={policy.dropout_rate}, corrupt_fraction="
-                f"{policy.corrupt_fraction})"
+                f"{fraction:g} of this round)"
             )
-    minimum = minimum_threshold(num_sites, k, policy.corrupt_fraction, active=active)
+    minimum = minimum_threshold(num_sites, k, fraction, active=active)
     if threshold < minimum:
         raise PolicyError(
             f"the round's threshold {threshold} is below this site's minimum {minimum} (n="
-            f"{num_sites}, k={k}, corrupt_fraction={policy.corrupt_fraction}, active={active})"
+            f"{num_sites}, k={k}, corrupt_fraction={fraction:g} of this round, from "
+            f"policy.corrupt_fraction={policy.corrupt_fraction} of {roster_size or num_sites} "
+            f"rostered sites, active={active})"
         )
+
+
+def round_corrupt_fraction(
+    corrupt_fraction: float, num_sites: int, roster_size: int | None
+) -> float:
+    """The fraction of a round's ``num_sites`` sites that may collude with the server when up to
+    ``ceil(corrupt_fraction * roster_size)`` sites of the whole federation may (at most 1)."""
+    total = max(num_sites, roster_size or num_sites)
+    colluders = math.ceil(corrupt_fraction * total - 1e-12)
+    return min(1.0, colluders / num_sites)
 
 
 def describe(policy: SitePolicy) -> dict[str, Any]:

@@ -513,6 +513,7 @@ class SiteRunner:
             threshold=config.threshold,
             vector_length=config.vector_length,
             model_length=rounds.model_size(self._model),
+            roster_size=len(self._roster),
         )
         if config.active and self.signing_key is None:
             raise ConfigError("the active variant needs signing_key in the site config")
@@ -537,7 +538,9 @@ class SiteRunner:
             config,
             # The core enforces the same threshold / variant policy (defence in depth).
             policy=SecAggPolicy(
-                corrupt_fraction=self.config.policy.corrupt_fraction,
+                corrupt_fraction=policy.round_corrupt_fraction(
+                    self.config.policy.corrupt_fraction, len(config.site_ids), len(self._roster)
+                ),
                 require_active=self.config.policy.require_active,
             ),
             input_vector=values,

@@ -281,7 +281,9 @@ def test_server_checks_uploads(
                     pb.PollRequest(session=session, attempt=1, next_index=index, wait_ms=1000),
                     timeout=10,
                 )
-                if inst.WhichOneof("kind") == kind:
+                if inst.WhichOneof("kind") in (kind, "finished"):
+                    # "finished" answers every poll once the federation is over: under load the
+                    # last round can end before this hand-driven site asks for its outcome.
                     return inst
             raise AssertionError(f"no {kind} instruction")
 
@@ -322,8 +324,11 @@ def test_server_checks_uploads(
         with pytest.raises(grpc.RpcError) as again:
             upload(good)
         assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        outcome = poll(2, "outcome").outcome
-        assert outcome.completed and list(outcome.survivors) == [1, 2]
+        last = poll(2, "outcome")
+        if last.WhichOneof("kind") == "outcome":
+            assert last.outcome.completed and list(last.outcome.survivors) == [1, 2]
+        else:  # the federation ended first; the round record below says the same
+            assert last.finished.rounds_completed == 1
         codes = {"server": fed.wait("server", 60), "b": fed.wait("b", 30)}
     assert codes == {"server": 0, "b": 0}, fed.all_logs()
     record = fed.round_record(0)

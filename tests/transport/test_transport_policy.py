@@ -194,3 +194,17 @@ def test_server_round_ids_are_fresh_across_attempts_and_restarts(tmp_path: Path)
     again = FederationServer(config)
     again._history = [{"round": 0, "round_id": 7}]
     assert again._new_round_id() == 8
+
+
+def test_a_small_round_does_not_shrink_the_colluders_a_site_assumes() -> None:
+    """A server that invites only 4 of 20 rostered sites must not thereby lower the number of
+    colluders the site assumes: corrupt_fraction 0.1 of 20 sites is 2 colluders, so a 4-site
+    round needs 2t > 4 + 2 (t >= 4), not the 2t > 4 + 1 that 0.1 of the round's 4 would give."""
+    p = SitePolicy(corrupt_fraction=0.1)
+    _check(p, num_sites=4, k=3, threshold=3)  # judged by the round alone: accepted
+    with pytest.raises(PolicyError, match="minimum 4"):
+        _check(p, num_sites=4, k=3, threshold=3, roster_size=20)
+    _check(p, num_sites=4, k=3, threshold=4, roster_size=20)
+    assert policy.round_corrupt_fraction(0.1, 4, 20) == 0.5
+    assert policy.round_corrupt_fraction(0.0, 4, 20) == 0.0
+    assert policy.round_corrupt_fraction(0.5, 4, 20) == 1.0
