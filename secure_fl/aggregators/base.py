@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -16,13 +17,110 @@ from secure_fl.errors import ConfigError, InvalidUpdateError
 #: What ``aggregate`` accepts as ``updates``: site name -> update, or (site name, update) pairs.
 Updates = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
+#: The logger of every aggregator (clipping warnings and the like).
+log = logging.getLogger("secure_fl.aggregators")
+
+
+@dataclass(frozen=True)
+class AggregationReport:
+    """What every aggregator reports about one aggregation: the one list of report keys.
+
+    Every aggregator's ``AggregationResult.report`` has exactly these keys (:data:`REPORT_KEYS`),
+    so that code reading reports never depends on which aggregator ran; a key that does not apply
+    to an aggregator is None, never absent.
+
+    Common to all:
+
+    * ``aggregator`` -- its name (``plain``, ``secagg``, ``secagg+``, ``ckks``);
+    * ``included`` -- sites whose update is in the mean; ``dropped`` -- sites that dropped out;
+    * ``clipped`` -- site -> number of values clipped to ``clip_range`` (0 where nothing is clipped
+      per value: ``plain`` never clips values, ``ckks`` refuses them); ``clipped_total`` their sum;
+    * ``clipped_updates`` -- sites whose whole update was clipped to ``l2_clip``;
+    * ``bytes_sent`` -- site -> bytes it sent; ``seconds`` -- wall time of the whole call;
+    * ``max_error`` -- bound (secagg) or measurement (ckks) of the largest absolute error of the
+      mean, 0.0 for ``plain``;
+    * ``expansion`` -- mean bytes sent per included site / float32 bytes of the update.
+
+    Measured where the aggregator has the parts (else None): ``server_bytes_sent``,
+    ``site_seconds`` (site -> seconds), ``server_seconds``, ``decrypt_seconds`` (ckks),
+    ``max_rel_error`` (plain 0.0; ckks measured), ``round`` (the aggregator's round counter).
+
+    SecAgg / SecAgg+ only: ``threshold``, ``k`` (graph degree), ``active``, ``excluded`` (sites
+    the protocol excluded), ``bits``, ``frac_bits``, ``clip_range``.
+
+    CKKS only: ``preset``, ``poly_modulus_degree``, ``coeff_mod_bit_sizes``, ``scale_bits``,
+    ``max_abs``, ``ciphertexts``, ``chunks``, ``chunk_ciphertexts``, ``peak_pending_chunks``,
+    ``fingerprint``, ``workers``.
+    """
+
+    aggregator: str
+    included: list[str]
+    dropped: list[str]
+    clipped: dict[str, int]
+    clipped_total: int
+    clipped_updates: list[str]
+    bytes_sent: dict[str, int]
+    seconds: float
+    max_error: float
+    expansion: float | None = None
+    server_bytes_sent: int | None = None
+    site_seconds: dict[str, float] | None = None
+    server_seconds: float | None = None
+    decrypt_seconds: float | None = None
+    max_rel_error: float | None = None
+    round: int | None = None
+    threshold: int | None = None
+    k: int | None = None
+    active: bool | None = None
+    excluded: list[str] | None = None
+    bits: int | None = None
+    frac_bits: int | None = None
+    clip_range: float | None = None
+    preset: str | None = None
+    poly_modulus_degree: int | None = None
+    coeff_mod_bit_sizes: list[int] | None = None
+    scale_bits: int | None = None
+    max_abs: float | None = None
+    ciphertexts: int | None = None
+    chunks: int | None = None
+    chunk_ciphertexts: int | None = None
+    peak_pending_chunks: int | None = None
+    fingerprint: str | None = None
+    workers: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as the plain dict ``AggregationResult.report`` holds (every key present)."""
+        return asdict(self)
+
+
+#: The keys of every aggregator's report, in order (the fields of :class:`AggregationReport`).
+REPORT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(AggregationReport))
+
+
+def warn_clipped(aggregator: str, site: str, clipped: int, size: int, clip_range: float) -> None:
+    """Log at WARNING (logger ``secure_fl.aggregators``) that ``clipped`` of the ``size`` values
+    of ``site``'s update lay beyond ``clip_range`` and were clipped, so the mean is biased
+    (``plain`` would give the true mean, ``ckks`` refuses such values). Nothing when 0."""
+    if clipped <= 0:
+        return
+    log.warning(
+        "%s: site %r: %d of %d values lay outside [-%g, %g] (clip_range) and were clipped; "
+        "the mean is biased. Raise clip_range or clip updates in L2 (l2_clip).",
+        aggregator,
+        site,
+        clipped,
+        size,
+        clip_range,
+        clip_range,
+    )
+
 
 @dataclass(frozen=True)
 class AggregationResult:
     """``mean`` has the structure of one update (same container, keys, shapes, dtypes, framework).
 
-    ``report`` holds at least ``included`` (sites whose update is in the mean), ``dropped``,
-    ``clipped`` (site -> number of values clipped), ``bytes_sent`` (site -> bytes) and ``seconds``.
+    ``report`` has exactly the keys of :class:`AggregationReport` (:data:`REPORT_KEYS`), those that
+    do not apply to the aggregator set to None.
     """
 
     mean: Any = field(repr=False)

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
 from secure_fl.aggregators.base import (
+    AggregationReport,
     AggregationResult,
     Aggregator,
     Updates,
@@ -172,8 +173,9 @@ class CKKSAggregator(Aggregator):
     ) -> AggregationResult:
         """Weighted mean of the updates of all sites not in ``dropped``, computed under CKKS.
 
-        Sites in ``dropped`` send nothing; the others' weights are renormalised. The report holds
-        ``aggregator``, ``included``, ``dropped``, ``clipped`` (site -> 0: nothing is clipped per
+        Sites in ``dropped`` send nothing; the others' weights are renormalised. The report has the
+        keys of :class:`~secure_fl.aggregators.base.AggregationReport` (those of SecAgg, such as
+        ``threshold`` and ``bits``, are None); the ones that apply here are ``aggregator``, ``included``, ``dropped``, ``clipped`` (site -> 0: nothing is clipped per
         value), ``clipped_total``, ``clipped_updates`` (L2), ``bytes_sent`` (site -> frame bytes,
         0 for dropped sites), ``server_bytes_sent`` (the sum frames), ``site_seconds`` (encryption),
         ``server_seconds`` (checks, additions and serialising the sums), ``decrypt_seconds``, ``seconds`` (wall time of
@@ -213,33 +215,33 @@ class CKKSAggregator(Aggregator):
         size = prepared.spec.size
         sent = [stats.bytes_sent[s] for s in survivors]
         preset = self.preset
-        report = {
-            "aggregator": self.name,
-            "included": survivors,
-            "dropped": sorted(prepared.dropped),
-            "clipped": dict.fromkeys(prepared.sites, 0),
-            "clipped_total": 0,
-            "clipped_updates": clipped_updates,
-            "bytes_sent": {s: stats.bytes_sent.get(s, 0) for s in prepared.sites},
-            "server_bytes_sent": stats.server_bytes_sent,
-            "site_seconds": {s: stats.site_seconds.get(s, 0.0) for s in prepared.sites},
-            "server_seconds": stats.server_seconds,
-            "decrypt_seconds": stats.decrypt_seconds,
-            "expansion": (sum(sent) / len(sent)) / (4 * size) if size else 0.0,
-            "preset": preset.name,
-            "poly_modulus_degree": preset.poly_modulus_degree,
-            "coeff_mod_bit_sizes": list(preset.coeff_mod_bit_sizes),
-            "scale_bits": preset.scale_bits,
-            "max_abs": preset.max_abs,
-            "ciphertexts": stats.ciphertexts,
-            "chunks": stats.chunks,
-            "chunk_ciphertexts": self.chunk_ciphertexts,
-            "peak_pending_chunks": stats.peak_pending_chunks,
-            "fingerprint": self.fingerprint,
-            "round": round_id,
-            "workers": self.workers,
-            "max_error": stats.max_error,
-            "max_rel_error": stats.max_rel_error,
-        }
-        report["seconds"] = time.perf_counter() - start
-        return AggregationResult(unflatten(mean, prepared.spec), report)
+        report = AggregationReport(
+            aggregator=self.name,
+            included=survivors,
+            dropped=sorted(prepared.dropped),
+            clipped=dict.fromkeys(prepared.sites, 0),
+            clipped_total=0,
+            clipped_updates=clipped_updates,
+            bytes_sent={s: stats.bytes_sent.get(s, 0) for s in prepared.sites},
+            server_bytes_sent=stats.server_bytes_sent,
+            site_seconds={s: stats.site_seconds.get(s, 0.0) for s in prepared.sites},
+            server_seconds=stats.server_seconds,
+            decrypt_seconds=stats.decrypt_seconds,
+            expansion=(sum(sent) / len(sent)) / (4 * size) if size else 0.0,
+            preset=preset.name,
+            poly_modulus_degree=preset.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(preset.coeff_mod_bit_sizes),
+            scale_bits=preset.scale_bits,
+            max_abs=preset.max_abs,
+            ciphertexts=stats.ciphertexts,
+            chunks=stats.chunks,
+            chunk_ciphertexts=self.chunk_ciphertexts,
+            peak_pending_chunks=stats.peak_pending_chunks,
+            fingerprint=self.fingerprint,
+            round=round_id,
+            workers=self.workers,
+            max_error=stats.max_error,
+            max_rel_error=stats.max_rel_error,
+            seconds=time.perf_counter() - start,
+        )
+        return AggregationResult(unflatten(mean, prepared.spec), report.as_dict())

@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from secure_fl.aggregators.base import (
+    AggregationReport,
     AggregationResult,
     Aggregator,
     Updates,
     check_l2_clip,
     prepare,
+    warn_clipped,
 )
 from secure_fl.crypto import DeterministicRandom
 from secure_fl.encoding import l2_clip, plan_bit_width, unflatten
@@ -35,7 +37,9 @@ class MaskedAggregator(Aggregator):
 
     Options (keyword only):
 
-    * ``clip_range`` — per-coordinate bound; larger values are clipped and counted (default 10.0).
+    * ``clip_range`` — per-coordinate bound; larger values are clipped, counted in the report and
+      logged at WARNING (logger ``secure_fl.aggregators``) with the site and the count, since the
+      mean is then biased (default 10.0).
     * ``precision`` — largest acceptable fixed-point step (default 2**-24, about 6e-8).
     * ``bits`` — 32 or 64, or None to pick the smallest that cannot wrap (default None).
     * ``l2_clip`` — optional L2 bound on each whole update; clipped updates are counted.
@@ -120,6 +124,7 @@ class MaskedAggregator(Aggregator):
 
             signing_keys = {ids[s]: SigningKey.generate(randbytes) for s in sites}
             verify_keys = {i: key.public_bytes for i, key in signing_keys.items()}
+        round_id = self._round
         config = make_config(
             list(ids.values()),
             vector_length=prepared.spec.size,
@@ -149,6 +154,7 @@ class MaskedAggregator(Aggregator):
             encoded = codec.encode(vector, weight=norm[site], rng=rng)
             inputs[ids[site]] = encoded.values
             clipped[site] = encoded.clipped
+            warn_clipped(self.name, site, encoded.clipped, prepared.spec.size, plan.clip_range)
             encode_seconds[site] = time.perf_counter() - t0
 
         result = run_round(
@@ -165,27 +171,32 @@ class MaskedAggregator(Aggregator):
         t0 = time.perf_counter()
         mean = codec.decode(result.total) / surviving_weight
         decode_seconds = time.perf_counter() - t0
-        report = {
-            "aggregator": self.name,
-            "included": survivors,
-            "dropped": sorted(names[i] for i in result.dropped),
-            "clipped": clipped,
-            "clipped_total": sum(clipped.values()),
-            "clipped_updates": clipped_updates,
-            "bytes_sent": {names[i]: st.bytes_sent for i, st in result.clients.items()},
-            "server_bytes_sent": result.server.bytes_sent,
-            "site_seconds": {
+        bytes_sent = {names[i]: st.bytes_sent for i, st in result.clients.items()}
+        sent = [bytes_sent[s] for s in survivors if s in bytes_sent]
+        size = prepared.spec.size
+        report = AggregationReport(
+            aggregator=self.name,
+            included=survivors,
+            dropped=sorted(names[i] for i in result.dropped),
+            clipped=clipped,
+            clipped_total=sum(clipped.values()),
+            clipped_updates=clipped_updates,
+            bytes_sent=bytes_sent,
+            server_bytes_sent=result.server.bytes_sent,
+            site_seconds={
                 names[i]: st.seconds + encode_seconds[names[i]] for i, st in result.clients.items()
             },
-            "server_seconds": result.server.seconds + decode_seconds,
-            "seconds": time.perf_counter() - start,
-            "threshold": config.threshold,
-            "k": config.degree,
-            "active": config.active,
-            "excluded": sorted(names[i] for i in result.excluded),
-            "bits": plan.bits,
-            "frac_bits": plan.frac_bits,
-            "clip_range": plan.clip_range,
-            "max_error": plan.mean_error_bound(surviving_weight, len(survivors)),
-        }
-        return AggregationResult(unflatten(mean, prepared.spec), report)
+            server_seconds=result.server.seconds + decode_seconds,
+            seconds=time.perf_counter() - start,
+            max_error=plan.mean_error_bound(surviving_weight, len(survivors)),
+            expansion=(sum(sent) / len(sent)) / (4 * size) if sent and size else None,
+            round=round_id,
+            threshold=config.threshold,
+            k=config.degree,
+            active=config.active,
+            excluded=sorted(names[i] for i in result.excluded),
+            bits=plan.bits,
+            frac_bits=plan.frac_bits,
+            clip_range=plan.clip_range,
+        )
+        return AggregationResult(unflatten(mean, prepared.spec), report.as_dict())

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from secure_fl.aggregators.base import (
+    AggregationReport,
     AggregationResult,
     Aggregator,
     Updates,
@@ -21,7 +22,9 @@ class PlainAggregator(Aggregator):
     """Weighted mean in float64, no encoding, no masking.
 
     ``l2_clip`` (optional) clips each whole update to that L2 norm first; clipped updates are counted
-    in the report under ``clipped_updates``. ``bytes_sent`` is each site's update in float32.
+    in the report under ``clipped_updates``. ``bytes_sent`` is each site's update in float32. The
+    report has the keys of :class:`~secure_fl.aggregators.base.AggregationReport`; those of the
+    protocols (threshold, bits, preset, ...) are None.
     """
 
     name = "plain"
@@ -49,14 +52,17 @@ class PlainAggregator(Aggregator):
                     clipped_updates.append(site)
             total += prepared.weights[site] * vector
         total /= sum(prepared.weights[s] for s in survivors)
-        report = {
-            "aggregator": self.name,
-            "included": list(survivors),
-            "dropped": sorted(prepared.dropped),
-            "clipped": dict.fromkeys(prepared.sites, 0),
-            "clipped_updates": clipped_updates,
-            "bytes_sent": {s: 4 * prepared.spec.size for s in survivors},
-            "seconds": time.perf_counter() - start,
-            "max_error": 0.0,
-        }
-        return AggregationResult(unflatten(total, prepared.spec), report)
+        report = AggregationReport(
+            aggregator=self.name,
+            included=list(survivors),
+            dropped=sorted(prepared.dropped),
+            clipped=dict.fromkeys(prepared.sites, 0),
+            clipped_total=0,
+            clipped_updates=clipped_updates,
+            bytes_sent={s: 4 * prepared.spec.size for s in survivors},
+            seconds=time.perf_counter() - start,
+            max_error=0.0,
+            max_rel_error=0.0,
+            expansion=1.0,
+        )
+        return AggregationResult(unflatten(total, prepared.spec), report.as_dict())

@@ -9,6 +9,8 @@ are dictionaries of stacked tensors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from multiprocessing.pool import ThreadPool
+from typing import Any
 
 import torch
 from monai.data.dataloader import DataLoader
@@ -29,6 +31,33 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
+class _CacheDataset(CacheDataset):
+    """MONAI's ``CacheDataset`` whose caching progress bar is ours: named after the site, and
+    drawn only when :func:`secure_fl.training.progress.progress_enabled` says so."""
+
+    def __init__(self, *, progress: bool | None, progress_desc: str, **kwargs: Any) -> None:
+        self._progress_enabled = progress
+        self._progress_desc = progress_desc
+        super().__init__(progress=False, **kwargs)
+
+    def _fill_cache(self, indices: Sequence[int] | None = None) -> list[Any]:
+        from secure_fl.training.progress import track
+
+        if self.cache_num <= 0:
+            return []
+        chosen = list(range(self.cache_num)) if indices is None else list(indices)
+        with ThreadPool(self.num_workers) as pool:
+            return list(
+                track(
+                    pool.imap(self._load_cache_item, chosen),
+                    total=len(chosen),
+                    desc=self._progress_desc,
+                    unit="case",
+                    enabled=self._progress_enabled,
+                )
+            )
+
+
 def make_dataset(
     cases: Sequence[Case],
     cfg: PreprocessConfig,
@@ -37,6 +66,8 @@ def make_dataset(
     cache: bool = True,
     seed: int | None = None,
     cache_workers: int = 1,
+    progress: bool | None = None,
+    progress_desc: str = "caching cases",
 ) -> Dataset:
     """A dataset of ``cases`` preprocessed by :func:`train_transforms` (``train=True``: each item
     is a list of ``cfg.samples_per_volume`` patch dictionaries) or :func:`eval_transforms` (each
@@ -45,7 +76,9 @@ def make_dataset(
     ``cache=True`` gives a MONAI ``CacheDataset`` that loads and preprocesses every case once, at
     construction, with ``cache_workers`` threads (memory per case at a 48^3 grid: about 0.9 MB
     for evaluation, 1.3 MB for training, which also keeps the patch-sampling indices);
-    ``cache=False`` a plain ``Dataset`` that reads the files on every access. ``seed`` seeds the random patch sampling and augmentation; without it, the sequence
+    ``cache=False`` a plain ``Dataset`` that reads the files on every access. While caching, a
+    progress bar labelled ``progress_desc`` counts the cases (``progress``: True/False, or None
+    for only when stderr is a terminal; :mod:`secure_fl.training.progress`). ``seed`` seeds the random patch sampling and augmentation; without it, the sequence
     is fixed by :func:`monai.utils.set_determinism` or by the loader from :func:`make_loader`
     (which reseeds the transforms from its own seed). Evaluation datasets are deterministic.
 
@@ -71,13 +104,14 @@ def make_dataset(
         transform.set_random_state(seed=seed)
     data = [case.to_dict() for case in cases]
     if cache:
-        return CacheDataset(
+        return _CacheDataset(
             data=data,
             transform=transform,
             cache_rate=1.0,
             num_workers=cache_workers,
-            progress=False,
             copy_cache=True,
+            progress=progress,
+            progress_desc=progress_desc,
         )
     return Dataset(data=data, transform=transform)
 

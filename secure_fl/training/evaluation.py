@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from secure_fl.training.model import ModelConfig, State, build_unet, set_state
+from secure_fl.training.progress import track
 
 
 def dice_per_case(
@@ -16,12 +17,16 @@ def dice_per_case(
     roi_size: Sequence[int],
     device: Any,
     sw_batch_size: int = 4,
+    progress: bool | None = None,
+    progress_desc: str = "Dice",
 ) -> list[float]:
     """Whole-tumour Dice of each case of ``dataset``.
 
     With several ``states`` the prediction is their ensemble: the mean of the models' softmax
     probabilities (Chang et al. 2018). Inference slides a window of ``roi_size`` over the whole
-    volume. A case whose ground truth and prediction are both empty scores 1.0.
+    volume. A case whose ground truth and prediction are both empty scores 1.0. A progress bar
+    labelled ``progress_desc`` counts the cases (``progress``: True/False, or None for only when
+    stderr is a terminal; :mod:`secure_fl.training.progress`).
     """
     import torch
     from monai.inferers.utils import sliding_window_inference
@@ -36,7 +41,8 @@ def dice_per_case(
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
     scores: list[float] = []
     with torch.no_grad():
-        for index in range(len(dataset)):
+        cases = range(len(dataset))
+        for index in track(cases, desc=progress_desc, unit="case", enabled=progress):
             item = dataset[index]
             image = item["image"].unsqueeze(0).to(device)
             label = item["label"].unsqueeze(0).to(device)

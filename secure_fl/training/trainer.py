@@ -29,6 +29,8 @@ from secure_fl.training.model import (
     get_state,
     set_state,
 )
+from secure_fl.training.progress import Progress
+from secure_fl.training.threads import check_threads, set_torch_threads
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,14 @@ class SiteTrainer(ClientAlgo):
     ``get_weights()`` returns the full local weights with the number of executed steps.
     ``evaluate(data)`` returns the mean Dice over the site's held-out cases (of ``data.weights``,
     which are required under site-level DP: ``private`` without ``sample_dp``).
+
+    ``threads``: torch's intra-op threads for this process, set at :meth:`initialize` (None: the
+    ``SECURE_FL_THREADS`` environment variable, else every usable CPU; see
+    :mod:`secure_fl.training.threads`). ``progress``: progress bars for caching, local steps and
+    evaluation (None: only when stderr is a terminal; see :mod:`secure_fl.training.progress`);
+    under DP (``private`` or ``sample_dp``) the bar never shows the training loss.
+
+    Errors: ConfigError when there are no training cases or ``threads`` is not an int >= 1.
     """
 
     def __init__(
@@ -117,9 +127,14 @@ class SiteTrainer(ClientAlgo):
         train: TrainConfig,
         seed: int = 0,
         cache: bool = True,
+        threads: int | None = None,
+        progress: bool | None = None,
     ) -> None:
         if not train_cases:
             raise ConfigError(f"site {name!r} has no training cases")
+        self.threads = check_threads(threads)
+        #: Progress bars: True/False, or None for "only when stderr is a terminal".
+        self.progress = progress
         self.name = name
         self.train_cases = list(train_cases)
         self.val_cases = list(val_cases)
@@ -148,12 +163,25 @@ class SiteTrainer(ClientAlgo):
         import torch
         from monai.losses.dice import DiceCELoss
 
+        set_torch_threads(self.threads, who=f"site {self.name}")
         self.device = resolve_device(self.train_config.device)
         self.train_ds = make_dataset(
-            self.train_cases, self.preprocess, train=True, cache=self.cache
+            self.train_cases,
+            self.preprocess,
+            train=True,
+            cache=self.cache,
+            progress=self.progress,
+            progress_desc=f"{self.name}: caching training cases",
         )
         self.val_ds = (
-            make_dataset(self.val_cases, self.preprocess, train=False, cache=self.cache)
+            make_dataset(
+                self.val_cases,
+                self.preprocess,
+                train=False,
+                cache=self.cache,
+                progress=self.progress,
+                progress_desc=f"{self.name}: caching held-out cases",
+            )
             if self.val_cases
             else None
         )
@@ -215,27 +243,42 @@ class SiteTrainer(ClientAlgo):
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.network.train()
         steps, losses = 0, []
-        for _ in range(cfg.local_epochs):
-            for batch in loader:
-                image = batch["image"].to(self.device)
-                label = batch["label"].to(self.device)
-                optim.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, enabled=use_amp):
-                    loss = self.loss_fn(self.network(image), label)
-                    if anchor is not None:
-                        prox = sum(
-                            ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
-                        )
-                        loss = loss + 0.5 * mu * prox
-                scaler.scale(loss).backward()
-                scaler.step(optim)
-                scaler.update()
-                losses.append(float(loss.detach()))
-                steps += 1
+        total = cfg.local_epochs * len(loader)
+        if cfg.local_steps is not None:
+            total = min(total, cfg.local_steps)
+        show_loss = not (self.private or self.sample_dp is not None)  # never un-noised under DP
+        bar = Progress(
+            total=total,
+            desc=f"{self.name}: train round {round_id + 1}",
+            unit="step",
+            enabled=self.progress,
+        )
+        with bar:
+            for _ in range(cfg.local_epochs):
+                for batch in loader:
+                    image = batch["image"].to(self.device)
+                    label = batch["label"].to(self.device)
+                    optim.zero_grad(set_to_none=True)
+                    with torch.autocast(self.device.type, enabled=use_amp):
+                        loss = self.loss_fn(self.network(image), label)
+                        if anchor is not None:
+                            prox = sum(
+                                ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+                            )
+                            loss = loss + 0.5 * mu * prox
+                    scaler.scale(loss).backward()
+                    scaler.step(optim)
+                    scaler.update()
+                    losses.append(float(loss.detach()))
+                    steps += 1
+                    if show_loss:
+                        bar.update(loss=losses[-1])
+                    else:
+                        bar.update()
+                    if cfg.local_steps is not None and steps >= cfg.local_steps:
+                        break
                 if cfg.local_steps is not None and steps >= cfg.local_steps:
                     break
-            if cfg.local_steps is not None and steps >= cfg.local_steps:
-                break
         self.last_steps = steps
         self.last_loss = float(np.mean(losses)) if losses else float("nan")
 
@@ -289,4 +332,6 @@ class SiteTrainer(ClientAlgo):
             model_config=self.model_config,
             roi_size=self.preprocess.patch,
             device=self.device,
+            progress=self.progress,
+            progress_desc=f"{self.name}: Dice",
         )

@@ -64,3 +64,61 @@ def test_training_and_dice_on_real_scans() -> None:
     algo.train(ExchangeObject(weights=None), {"round": 0})
     dice = algo.evaluate(ExchangeObject(weights=algo.get_weights().weights)).metrics["val_dice"]
     assert 0.0 <= dice <= 1.0
+
+
+def _small_trainer(train, val, **kwargs) -> SiteTrainer:
+    return SiteTrainer(
+        "site-P",
+        train,
+        val,
+        preprocess=PreprocessConfig(grid=(24, 24, 24), patch=(16, 16, 16), samples_per_volume=1),
+        model=ModelConfig(channels=(4, 8, 16), num_res_units=1),
+        train=TrainConfig(lr=1e-2, local_steps=2, batch_size=1, device="cpu"),
+        seed=0,
+        **kwargs,
+    )
+
+
+def test_progress_bars_name_the_site_and_the_loss_is_hidden_under_dp(
+    tiny_datalist: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from secure_fl.training import progress
+
+    monkeypatch.setattr(progress, "MIN_INTERVAL_S", 0.0)  # draw every step
+
+    before = torch.get_num_threads()
+    cases = load_datalist(tiny_datalist)
+    train, val = split_by_site(cases, val_fraction=0.34, seed=0)["site-A"]
+    try:
+        algo = _small_trainer(train, val, progress=True, threads=1)
+        algo.initialize()
+        assert torch.get_num_threads() == 1
+        algo.train(ExchangeObject(weights=None), {"round": 4})
+        algo.evaluate(ExchangeObject(weights=None))
+        err = capsys.readouterr().err
+        for label in ("caching training cases", "caching held-out cases", "train round 5", "Dice"):
+            assert f"site-P: {label}" in err, label
+        assert "loss=" in err
+
+        algo.private = True  # under DP the un-noised training loss is never shown
+        algo.train(ExchangeObject(weights=None), {"round": 5})
+        err = capsys.readouterr().err
+        assert "site-P: train round 6" in err and "loss" not in err
+
+        quiet = _small_trainer(train, val)  # auto: no terminal under pytest
+        quiet.train(ExchangeObject(weights=None), {"round": 0})
+        quiet.evaluate(ExchangeObject(weights=None))
+        assert capsys.readouterr() == ("", "")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_count_is_validated(tiny_datalist: Path) -> None:
+    from secure_fl.errors import ConfigError
+
+    cases = load_datalist(tiny_datalist)
+    train, val = split_by_site(cases, val_fraction=0.34, seed=0)["site-A"]
+    with pytest.raises(ConfigError, match="threads"):
+        _small_trainer(train, val, threads=0)
