@@ -1,63 +1,155 @@
-"""The ``secure-fl`` command."""
+"""The ``secure-fl`` command.
+
+Every error is one ``error: ...`` line on stderr with exit status 2 (usage and configuration
+errors alike), never a traceback; ``--help`` of every command shows the defaults.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn, cast
 
 from secure_fl import __version__
 from secure_fl.errors import SecureFLError
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` after every option that has a real default, unless its help
+    already says it (a None or False default means "not given": nothing to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default == []
+            or action.default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        if isinstance(action.default, list | tuple):
+            return f"{text} (default: {' '.join(str(v) for v in action.default)})"
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of every secure-fl error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="secure-fl",
         description="Privacy-preserving federated learning for medical imaging.",
     )
     parser.add_argument("--version", action="version", version=f"secure-fl {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
         "demo",
         help="train a 3D-UNet across 4 synthetic sites with SecAgg+, then with DP-SGD; Dice, epsilon",
+        description="Train a 3D-UNet across 4 synthetic sites with SecAgg+, then with DP-SGD; "
+        "print Dice and epsilon. Run it again to resume.",
     )
-    demo.add_argument("--rounds", type=int, default=None, help="federated rounds (default 12)")
-    demo.add_argument("--run-dir", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument(
-        "--data-dir",
-        default="data/synthetic",
-        help="synthetic data folder (default data/synthetic)",
+        "--rounds", type=_positive_int, default=None, help="federated rounds (default: 12)"
     )
+    demo.add_argument("--run-dir", default="runs/demo", help="run folder")
+    demo.add_argument("--data-dir", default="data/synthetic", help="synthetic data folder")
     demo.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     demo.add_argument("--no-dp", action="store_true", help="train without differential privacy")
 
     simulate = commands.add_parser(
-        "simulate", help="run all sites of a federation on this machine from a TOML/YAML config"
+        "simulate",
+        help="run all sites of a federation on this machine from a TOML/YAML config",
+        description="Run every strategy of an experiment configuration, all sites on this "
+        "machine, into a run folder (config.json, metrics.jsonl, checkpoints, models, report). "
+        "Running the same command again resumes after the last finished round; --rounds with "
+        "more rounds than a finished run had extends it from its checkpoint.",
     )
-    simulate.add_argument("config", help="experiment configuration (.toml, .yaml or .json)")
-    simulate.add_argument("--run-dir", default=None, help="run folder (default runs/<name>)")
-    simulate.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    simulate.add_argument("config", help="experiment configuration (.toml, .yaml, .yml or .json)")
+    simulate.add_argument(
+        "--run-dir", default=None, help="run folder (default: runs/<the config's name>)"
+    )
+    simulate.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="number of rounds, replacing the config's rounds (default: the config's)",
+    )
+    simulate.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a key of the configuration, dotted for tables (train.lr=0.01, "
+        "aggregation.name=secagg+, preprocess.patch=[16,16,16]); the value is read as in a "
+        "TOML file and checked as the config file is; repeatable",
+    )
+    simulate.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over in the run folder instead of resuming (the privacy ledger is kept)",
+    )
 
     sdemo = commands.add_parser(
         "secagg-demo", help="secure aggregation demo: ten sites, one drops out, the exact sum"
     )
-    sdemo.add_argument("--sites", type=int, default=10, help="number of sites (>= 3, default 10)")
+    sdemo.add_argument("--sites", type=int, default=10, help="number of sites (>= 3)")
     sdemo.add_argument(
         "--protocol", choices=["secagg", "secagg+"], default="secagg+", help="masking protocol"
     )
     sdemo.add_argument("--seed", type=int, default=0, help="seed for the synthetic updates")
 
     data = commands.add_parser("data", help="datasets: synthetic federation, BraTS datalists")
-    data_cmds = data.add_subparsers(dest="data_command", required=True)
+    data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     synth = data_cmds.add_parser(
-        "synth", help="generate the synthetic multi-institution federation"
+        "synth",
+        help="generate the synthetic multi-institution federation",
+        description="Generate a synthetic multi-institution federation of T2-FLAIR-like volumes "
+        "with tumour labels (deterministic: the same options give the same files) and its "
+        "datalist. A folder that already holds the same federation is left as it is.",
     )
     synth.add_argument("out", help="output folder")
-    synth.add_argument("--sites", type=int, default=4)
-    synth.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48), metavar=("D", "H", "W"))
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--sites", type=int, default=4, help="number of sites (institutions)")
+    synth.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(48, 48, 48),
+        metavar=("D", "H", "W"),
+        help="volume size in voxels (each side 16..256)",
+    )
+    synth.add_argument("--seed", type=int, default=0, help="seed of the generator (>= 0)")
+    synth.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="regenerate a folder that holds another synthetic federation (deletes only the "
+        "files its manifest lists)",
+    )
     brats = data_cmds.add_parser(
         "brats", help="turn a BraTS-layout folder into a site-partitioned datalist"
     )
@@ -74,14 +166,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="read every scan of a datalist; list each bad case (file: reason), exit 2 if any",
     )
     check.add_argument("datalist", help="datalist JSON")
-    check.add_argument("--section", default="training", help="datalist section (default training)")
+    check.add_argument("--section", default="training", help="datalist section")
     check.add_argument(
         "--label-values",
         default="0,1,2,3,4",
-        help="allowed label values, comma-separated, or 'any' (default 0,1,2,3,4)",
+        help="allowed label values, comma-separated, or 'any'",
     )
     check.add_argument("--no-brainmask", action="store_true", help="skip the brain-mask files")
-    check.add_argument("--workers", type=int, default=1, help="reader threads (default 1)")
+    check.add_argument("--workers", type=_positive_int, default=1, help="reader threads")
     audit = commands.add_parser(
         "audit",
         help="verify a run's privacy ledger and recompute every site's epsilon "
@@ -96,7 +188,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     from secure_fl.transport.cli import add_subcommands as add_transport_commands
 
-    add_transport_commands(commands)  # provision, server, site (imports no grpc until run)
+    # provision, server, site (imports no grpc until run); their parsers are _Parser too
+    add_transport_commands(cast("argparse._SubParsersAction[argparse.ArgumentParser]", commands))
     return parser
 
 
@@ -131,13 +224,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from secure_fl.training import load_config, run_experiment
+    from secure_fl.training.config import parse_override
 
-    config = load_config(args.config)
+    overrides = [parse_override(text) for text in args.overrides]
+    if args.rounds is not None:
+        overrides.append(("rounds", args.rounds))
+    config = load_config(args.config, overrides)
     run_dir = args.run_dir or f"runs/{config.name}"
     summary = run_experiment(config, run_dir, resume=not args.no_resume)
     if summary.stopped is not None:  # a planned end, not an error: models and report are written
         print(
-            f"stopped by the privacy budget before round {summary.stopped.round + 1}/"
+            f"stopped by the privacy budget before round {summary.stopped.round}/"
             f"{config.rounds}; the models of "
             f"the last finished round and the report are in {run_dir}; "
             f"`secure-fl audit {run_dir}` explains the stop"
@@ -152,7 +249,11 @@ def _data(args: argparse.Namespace) -> int:
         return _data_check(args)
     if args.data_command == "synth":
         path = generate_federation(
-            Path(args.out), sites=args.sites, shape=tuple(args.shape), seed=args.seed
+            Path(args.out),
+            sites=args.sites,
+            shape=tuple(args.shape),
+            seed=args.seed,
+            overwrite=args.overwrite,
         )
         print(f"datalist: {path}")
         return 0
@@ -188,8 +289,16 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. Returns the process exit status (0 on success, 2 on a usage or config error)."""
-    args = _build_parser().parse_args(argv)
+    """Entry point. Returns the process exit status: 0 on success, 2 on a usage, configuration
+    or file error (one ``error: ...`` line on stderr), 130 when interrupted (resumable); the
+    audit adds 1 (FAIL) and 3 (NO DP)."""
+    # Idle OpenMP threads sleep instead of spinning: under CPU contention (several site processes
+    # on one machine) spinning made rounds 2-7x slower. Must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         if args.command == "secagg-demo":
             from secure_fl.demo import run_demo
@@ -213,6 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.handler(args))
     except SecureFLError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder the user named: unreadable, unwritable, missing
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -21,7 +21,7 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -340,6 +340,17 @@ def _resolve_counts(sites: int, cases_per_site: int | Sequence[int] | None) -> l
     return [_check_int(f"cases_per_site[{i}]", n, 1, 10_000) for i, n in enumerate(cases_per_site)]
 
 
+def _describe_params(old: Any, new: Mapping[str, Any]) -> str:
+    """``key: old -> new`` for each generator parameter that differs (the folder's -> asked)."""
+    old = old if isinstance(old, Mapping) else {}
+    diffs = [
+        f"{key}: {old.get(key, '(absent)')} -> {value}"
+        for key, value in new.items()
+        if old.get(key) != value
+    ]
+    return "; ".join(diffs) or "unreadable parameters"
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -433,13 +444,16 @@ def generate_federation(
     if not overwrite:
         if previous is not None and previous.get("params") != params:
             raise ConfigError(
-                f"out_dir {str(root)!r} holds a synthetic federation with other parameters "
-                f"({previous.get('params')}); pass overwrite=True or choose another out_dir"
+                f"{root} holds a synthetic federation with other parameters "
+                f"({_describe_params(previous.get('params'), params)}); choose another folder "
+                f"(data.synthetic_dir in a config), or regenerate this one with `secure-fl data "
+                f"synth {root} --overwrite` and the options you want (overwrite=True in Python)"
             )
         if previous is None and root.is_dir() and any(root.iterdir()):
             raise ConfigError(
-                f"out_dir {str(root)!r} is not empty and holds no synthetic-federation manifest; "
-                "pass overwrite=True or choose an empty folder"
+                f"{root} is not empty and holds no synthetic-federation manifest ({MANIFEST_NAME}); "
+                "choose an empty or new folder, or write into it anyway with `secure-fl data "
+                "synth --overwrite` (overwrite=True in Python; its other files are kept)"
             )
 
     profiles = site_profiles(n_sites, seed=seed)

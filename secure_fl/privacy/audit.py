@@ -37,8 +37,9 @@ What the audit checks (each failure is a :class:`Finding`):
   tail (``EPSILON_OVER_REPORTED``); a row claiming another delta or accountant
   (``REPORT_DELTA_MISMATCH``, ``REPORT_ACCOUNTANT_MISMATCH``); DP rows without a report
   (``EPSILON_NOT_REPORTED``, warning);
-* missing rounds: a metrics round without ledger records, ledger rounds not contiguous from 0, a
-  site missing from a round in which it trains (``MISSING_ROUND``);
+* missing rounds: a metrics round without ledger records, ledger rounds not contiguous from 1, a
+  site missing from a round in which it trains (``MISSING_ROUND``); a metrics round below 1
+  (``ROUND_NUMBERING``);
 * unconfirmed intents (a crash; counted in full) and confirmations with more steps than intended
   (``UNCONFIRMED_INTENT``, ``STEPS_ABOVE_INTENT``, warnings);
 * where the noise came from: a record drawn from a seeded generator is ``NOISE_PREDICTABLE``
@@ -50,6 +51,10 @@ What the audit checks (each failure is a :class:`Finding`):
   ``BUDGET_EXCEEDED``); a budget stop is explained (``BUDGET_STOP``, info, naming the round and
   the budget check's numbers) and a ledger that ends early without one is ``RUN_INCOMPLETE``
   (info).
+
+Rounds are numbered from 1 in everything the audit writes (findings, audit.md/.json, the plot),
+as in metrics.jsonl and stopped.json; the ledger stores the 0-based index (round - 1) and the
+audit maps one onto the other.
 
 What it cannot detect: a run folder rewritten *consistently* - config.json, datalist, ledger,
 head file and metrics together (keep the config and the ledger head outside the run folder, e.g.
@@ -259,15 +264,24 @@ class AuditResult:
         ]
         return "\n".join(lines)
 
-    def _plot(self, path: Path) -> None:
+    def figure(self) -> Any:
+        """The matplotlib figure of ``epsilon_vs_rounds.png``: the RDP epsilon per site against
+        rounds (numbered from 1; ``strategy:round`` labels when the ledger holds several
+        strategies), reported values as crosses, budgets as dashed lines, integer round ticks,
+        the legend beside the axes so that it hides no line."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
         labels = [p.label for p in self.curve]
-        x_of = {label: i for i, label in enumerate(labels)}
+        one_strategy = len({p.strategy for p in self.curve}) <= 1
+        if one_strategy:  # x is the round number itself
+            x_of = {p.label: float(p.round) for p in self.curve}
+        else:
+            x_of = {label: float(i + 1) for i, label in enumerate(labels)}
         sites = sorted({s for p in self.curve for s in p.epsilon})
         for site in sites:
             xs = [x_of[p.label] for p in self.curve if site in p.epsilon]
@@ -287,17 +301,38 @@ class AuditResult:
                 value = self.privacy.get(key)
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     ax.axhline(value, linestyle="--", linewidth=0.8, color="grey")
-                    ax.annotate(key, (0, value), fontsize=7, color="grey")
-        step = max(1, len(labels) // 12)
-        ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=30, fontsize=7)
+                    ax.annotate(
+                        key,
+                        (0.01, value),
+                        xycoords=("axes fraction", "data"),
+                        fontsize=7,
+                        color="grey",
+                        va="bottom",
+                    )
+        if one_strategy:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            step = max(1, len(labels) // 12)
+            ax.set_xticks(
+                [float(i + 1) for i in range(0, len(labels), step)],
+                labels[::step],
+                rotation=30,
+                fontsize=7,
+            )
         ax.set_xlabel("round")
         ax.set_ylabel(f"epsilon (delta={self.delta:g})")
         ax.set_title(f"Privacy spent per site - audit {self.status}")
         if sites:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        return fig
+
+    def _plot(self, path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
 
 
@@ -409,7 +444,10 @@ def audit_run(
     delta = pcfg.delta if pcfg else (_num((raw_privacy or {}).get("delta")) or 1e-5)
     config_accountant = pcfg.accountant if pcfg else "rdp"
     dp_enabled = pcfg.enabled if pcfg else True
-    rows = read_jsonl(run / "metrics.jsonl")
+    # metrics.jsonl numbers rounds from 1, the ledger from 0: every check below works on the
+    # ledger's index (row round - 1); findings are numbered from 1 again at the end.
+    raw_metrics = read_jsonl(run / "metrics.jsonl")
+    rows = [_to_index(row) for row in raw_metrics]
     privacy_dict = (
         pcfg.to_dict() if pcfg else (raw_privacy if isinstance(raw_privacy, dict) else None)
     )
@@ -486,6 +524,7 @@ def audit_run(
             findings.append(Finding("CHAIN_BROKEN", ERROR, str(exc)))
             records, raw_rows = [], []
 
+    _check_numbering(raw_metrics, findings)
     eps = _EpsilonCache()
     sites = sorted({r.entry.site for r in records})
     strategies_named = any(r.entry.strategy for r in records)
@@ -537,7 +576,7 @@ def audit_run(
     for row in rows:
         strategy = str(row.get("strategy") or "")
         rnd = _int_or_none(row.get("round"))
-        label = _label(strategy, rnd if rnd is not None else -1)
+        label = _label(strategy, rnd + 1 if rnd is not None else 0)
         where_row: dict[str, Any] = {"round": rnd, "strategy": strategy or None}
         priv = row.get("privacy")
         if not isinstance(priv, dict):
@@ -665,8 +704,9 @@ def audit_run(
             events = _select(records, site, None, upto_seq, derived)
             if canonical_events(events):
                 point[site] = eps(events, delta, "rdp")
-        curve.append(CurvePoint(_label(strategy, rnd), strategy, rnd, point))
+        curve.append(CurvePoint(_label(strategy, rnd + 1), strategy, rnd + 1, point))
     rank = {ERROR: 0, WARNING: 1, INFO: 2}
+    findings[:] = [f if f.round is None else replace(f, round=f.round + 1) for f in findings]
     findings.sort(key=lambda f: (rank.get(f.severity, 3), f.strategy or "", f.round or -1, f.code))
     return result(
         epsilon=epsilon,
@@ -938,7 +978,8 @@ def _check_stop(
         except (OSError, json.JSONDecodeError):
             stop = None
     if isinstance(stop, dict):
-        rnd = _int_or_none(stop.get("round"))
+        number = _int_or_none(stop.get("round"))  # numbered from 1, as in metrics.jsonl
+        rnd = None if number is None else number - 1
         strategy = _str_or_none(stop.get("strategy"))
         budgets = []
         if pcfg is not None:
@@ -953,7 +994,7 @@ def _check_stop(
                 "BUDGET_STOP",
                 INFO,
                 f"the run was stopped by its privacy budget ({', '.join(budgets) or '?'}) before "
-                f"round index {rnd} (round {'?' if rnd is None else rnd + 1} of {planned}), "
+                f"round {'?' if number is None else number} of {planned}, "
                 f"after spending ε={spent:.4g}: "
                 f"{stop.get('message', '')}",
                 round=rnd,
@@ -965,8 +1006,8 @@ def _check_stop(
                 Finding(
                     "STOP_INCONSISTENT",
                     WARNING,
-                    f"stopped.json says round {rnd} was refused, but the ledger records round "
-                    f"{last}",
+                    f"stopped.json says round {number} was refused, but the ledger records "
+                    f"round {last + 1}",
                     round=rnd,
                     strategy=strategy,
                 )
@@ -978,8 +1019,8 @@ def _check_stop(
             Finding(
                 "RUN_INCOMPLETE",
                 INFO,
-                f"the ledger ends at round {last} of the {planned} planned (rounds 0..{planned - 1})"
-                ": the run was interrupted or is still running; epsilon is what was spent so far",
+                f"the ledger ends at round {last + 1} of the {planned} planned: the run was "
+                "interrupted or is still running; epsilon is what was spent so far",
                 round=last,
             )
         )
@@ -994,8 +1035,31 @@ def _where(entry: LedgerEntry) -> dict[str, Any]:
     return {"site": entry.site, "round": entry.round, "strategy": entry.strategy or None}
 
 
-def _label(strategy: str, rnd: int) -> str:
-    return f"{strategy}:{rnd}" if strategy else str(rnd)
+def _label(strategy: str, number: int) -> str:
+    """The plot label of round ``number`` (numbered from 1) of ``strategy``."""
+    return f"{strategy}:{number}" if strategy else str(number)
+
+
+def _to_index(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row with its ``round`` (numbered from 1) turned into the ledger's 0-based index."""
+    rnd = _int_or_none(row.get("round"))
+    return row if rnd is None else {**row, "round": rnd - 1}
+
+
+def _check_numbering(rows: Sequence[dict[str, Any]], findings: list[Finding]) -> None:
+    """metrics.jsonl numbers rounds from 1; a row with round < 1 was written by an older
+    secure-fl (rounds from 0) or edited: its rows cannot be matched with the ledger's rounds."""
+    bad = [r["round"] for r in rows if isinstance(r.get("round"), int) and r["round"] < 1]
+    if bad:
+        findings.append(
+            Finding(
+                "ROUND_NUMBERING",
+                ERROR,
+                f"metrics.jsonl has round {bad[0]}: rounds are numbered from 1 (a run written "
+                "by a secure-fl that numbered them from 0, or an edited file); its rows are "
+                "compared with the ledger's round - 1",
+            )
+        )
 
 
 def _int_or_none(value: object) -> int | None:
@@ -1225,7 +1289,7 @@ def _check_rounds(
                 Finding(
                     "MISSING_ROUND",
                     ERROR,
-                    f"round {rnd} appears in metrics.jsonl but the ledger has no record of it",
+                    f"round {rnd + 1} appears in metrics.jsonl but the ledger has no record of it",
                     round=rnd,
                     strategy=str(row.get("strategy") or "") or None,
                 )
@@ -1238,8 +1302,8 @@ def _check_rounds(
                 Finding(
                     "MISSING_ROUND",
                     ERROR,
-                    f"the ledger has no record of round {gap} (rounds must be contiguous from 0; "
-                    f"recorded: {sorted(rounds)[:5]}...{max(rounds)})",
+                    f"the ledger has no record of round {gap + 1} (rounds must be contiguous from "
+                    f"1; recorded: {[r + 1 for r in sorted(rounds)[:5]]}...{max(rounds) + 1})",
                     round=gap,
                     strategy=s or None,
                 )
@@ -1253,7 +1317,7 @@ def _check_rounds(
                     Finding(
                         "ROUND_OUT_OF_RANGE",
                         WARNING,
-                        f"the ledger records round(s) {extra} but config.json plans "
+                        f"the ledger records round(s) {[r + 1 for r in extra]} but config.json plans "
                         f"{planned_rounds} rounds",
                         strategy=s or None,
                     )
@@ -1265,7 +1329,7 @@ def _check_rounds(
                     Finding(
                         "MISSING_ROUND",
                         ERROR,
-                        f"site {site!r} has no record in round {rnd}: site-level DP accounts "
+                        f"site {site!r} has no record in round {rnd + 1}: site-level DP accounts "
                         "every site in every round (Poisson participation)",
                         site=site,
                         round=rnd,
@@ -1279,7 +1343,7 @@ def _check_rounds(
                     Finding(
                         "MISSING_ROUND",
                         ERROR,
-                        f"site {site!r} trains in round {rnd} (config.json and the datalist) but "
+                        f"site {site!r} trains in round {rnd + 1} (config.json and the datalist) but "
                         "the ledger has no record of it there",
                         site=site,
                         round=rnd,
@@ -1333,7 +1397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = audit_run(args.run_dir, tolerance=args.tolerance, datalist=args.datalist)
     except ConfigError as exc:
-        print(f"secure-fl audit: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.no_report:
         paths = result.write_report()

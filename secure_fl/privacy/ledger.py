@@ -93,7 +93,9 @@ class LedgerEntry:
     ``noise_source``: ``"csprng"`` or ``"seeded"`` - where the DP randomness came from).
     ``survivors`` is the expected number of contributing sites, or None when not applicable.
     ``strategy`` names the training strategy (several strategies of one run all spend the same
-    patients' budget). Invalid values raise ConfigError naming the field.
+    patients' budget). ``round`` is the 0-based round index (metrics.jsonl, the console and
+    the audit number rounds from 1: ``round + 1``). Invalid values raise ConfigError naming the
+    field.
     """
 
     site: str
@@ -347,7 +349,9 @@ def _genesis(ledger_id: str) -> str:
 
 
 def _describe(row: Mapping[str, Any]) -> str:
-    return f"{row.get('kind')}, site {row.get('site')!r}, round {row.get('round')}"
+    rnd = row.get("round")  # the 0-based index; people read rounds numbered from 1
+    number = rnd + 1 if isinstance(rnd, int) and not isinstance(rnd, bool) else rnd
+    return f"{row.get('kind')}, site {row.get('site')!r}, round {number}"
 
 
 class PrivacyLedger:

@@ -6,13 +6,15 @@ Unknown keys, wrong types and missing data paths fail with a ConfigError that na
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,12 @@ class AggregationConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole simulated experiment: every strategy listed runs ``rounds`` rounds on the same data."""
+    """A whole simulated experiment: every strategy listed runs ``rounds`` rounds on the same data.
+
+    Rounds are numbered from 1 wherever a person reads or writes them: ``dropouts`` keys (the
+    round in which the listed sites drop out), metrics.jsonl, the console, the report and the
+    audit. Code inside the strategies and the privacy ledger uses the 0-based index ``round - 1``.
+    """
 
     name: str = "experiment"
     seed: int = 0
@@ -86,9 +93,9 @@ class ExperimentConfig:
         if len(set(self.strategies)) != len(self.strategies):
             raise ConfigError("strategies must not repeat")
         for key in self.dropouts:
-            if not key.isdigit() or int(key) >= self.rounds:
+            if not key.isdigit() or not 1 <= int(key) <= self.rounds:
                 raise ConfigError(
-                    f"dropouts: keys are round numbers in [0, {self.rounds - 1}], got {key!r}"
+                    f"dropouts: keys are round numbers from 1 to rounds={self.rounds}, got {key!r}"
                 )
         for i, (p, d) in enumerate(zip(self.preprocess.patch, self.preprocess.grid, strict=True)):
             if p % self.model.downsampling or p > d:
@@ -192,10 +199,92 @@ def config_from_mapping(values: Mapping[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, values, "")  # type: ignore[no-any-return]
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Load a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON configuration file.
+def parse_value(text: str) -> Any:
+    """A command-line value as a TOML scalar or array (``3``, ``0.01``, ``true``, ``"x"``,
+    ``[16, 16, 16]``); anything TOML cannot read is taken as a bare string (``secagg+``).
+    ``yes``/``no``/``on``/``off`` (YAML's booleans) are read as true/false too."""
+    if text.strip().lower() in ("yes", "on"):
+        return True
+    if text.strip().lower() in ("no", "off"):
+        return False
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
 
-    Relative ``data.datalist`` and ``data.synthetic_dir`` paths are taken relative to the file.
+
+_KEY = re.compile(r"[A-Za-z0-9_+-]+(\.[A-Za-z0-9_+-]+)*")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` (``--set``) as (dotted key, parsed value), see :func:`parse_value`.
+
+    Errors: ConfigError when there is no ``=`` or the key is not a dotted name.
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.fullmatch(key):
+        raise ConfigError(
+            f"--set expects key=value with a dotted key of the configuration "
+            f"(e.g. train.lr=0.01), got {text!r}"
+        )
+    return key, parse_value(value.strip())
+
+
+def _check_key(key: str) -> None:
+    """The dotted ``key`` must name a field of :class:`ExperimentConfig` (or lie inside a
+    mapping-valued field such as ``aggregation.options``)."""
+    cls: Any = ExperimentConfig
+    where = ""
+    for part in key.split("."):
+        if cls is None:
+            raise ConfigError(f"unknown key {key}: {where} is a value, not a table")
+        if not dataclasses.is_dataclass(cls):
+            return  # inside a mapping (options, dropouts): any key
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise ConfigError(
+                f"unknown key {key}; allowed keys{' in ' + where if where else ''}: "
+                f"{', '.join(names)}"
+            )
+        hint = typing.get_type_hints(cls)[part]
+        where = f"{where}.{part}" if where else part
+        table = dataclasses.is_dataclass(hint) or typing.get_origin(hint) is dict
+        cls = hint if table else None
+
+
+def apply_overrides(
+    values: Mapping[str, Any], overrides: Sequence[tuple[str, Any]]
+) -> dict[str, Any]:
+    """A copy of the parsed configuration ``values`` with each (dotted key, value) set.
+
+    Errors: ConfigError naming the key when it is not a key of the configuration; the values are
+    validated afterwards, exactly as the file's (:func:`config_from_mapping`).
+    """
+    out: dict[str, Any] = copy.deepcopy(dict(values))
+    for key, value in overrides:
+        _check_key(key)
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} must be a table/mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+_PATH_KEYS = ("data.datalist", "data.synthetic_dir")
+
+
+def load_config(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> ExperimentConfig:
+    """Load a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON configuration file, with
+    ``overrides`` ((dotted key, value) pairs, e.g. from ``simulate --set``) applied before the
+    whole is validated, exactly as if the file said so.
+
+    Relative ``data.datalist`` and ``data.synthetic_dir`` paths in the file are taken relative to
+    the file; in ``overrides``, relative to the current directory.
     Errors: ConfigError for a missing or unparsable file, unknown keys, wrong types, a datalist that
     does not exist.
     """
@@ -220,7 +309,16 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise ConfigError(f"cannot parse {p}: {exc}") from exc
     except Exception as exc:  # yaml.YAMLError without importing yaml at module level
         raise ConfigError(f"cannot parse {p}: {exc}") from exc
-    config = config_from_mapping(values or {})
+    values = values or {}
+    if overrides:
+        if not isinstance(values, Mapping):
+            raise ConfigError("the configuration must be a table/mapping at the top level")
+        resolved = [
+            (k, str(Path(v).resolve()) if k in _PATH_KEYS and isinstance(v, str) and v else v)
+            for k, v in overrides
+        ]
+        values = apply_overrides(values, resolved)
+    config = config_from_mapping(values)
     data = config.data
     changes: dict[str, Any] = {}
     if data.datalist and not Path(data.datalist).is_absolute():
@@ -232,3 +330,35 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if config.data.datalist and not Path(config.data.datalist).is_file():
         raise ConfigError(f"data.datalist: file not found: {config.data.datalist}")
     return config
+
+
+_ABSENT = "(absent)"
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The keys whose values differ between two resolved configurations (``to_dict()`` /
+    config.json), as (dotted key, old, new); a key missing on one side shows ``"(absent)"``."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b), key=str):
+                sub = f"{where}.{key}" if where else str(key)
+                walk(a.get(key, _ABSENT), b.get(key, _ABSENT), sub)
+        elif a != b:
+            out.append((where, a, b))
+
+    walk(old, new, "")
+    return out
+
+
+def describe_diff(diff: Sequence[tuple[str, Any, Any]], limit: int = 8) -> str:
+    """``key: old -> new; ...`` on one line (values as JSON), at most ``limit`` keys."""
+    parts = [f"{key}: {_show(old)} -> {_show(new)}" for key, old, new in diff[:limit]]
+    if len(diff) > limit:
+        parts.append(f"and {len(diff) - limit} more")
+    return "; ".join(parts)
+
+
+def _show(value: Any) -> str:
+    return value if value == _ABSENT else json.dumps(value)

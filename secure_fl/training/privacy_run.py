@@ -356,8 +356,8 @@ class PrivacyRound:
             if scale is None:
                 return (
                     f"resume: the ledger already holds (nearly) the whole target "
-                    f"epsilon={p.target_epsilon:g}; no noise lets rounds {start_round}.."
-                    f"{rounds - 1} fit, so the budget check will stop the run"
+                    f"epsilon={p.target_epsilon:g}; no noise lets rounds {start_round + 1}.."
+                    f"{rounds} fit, so the budget check will stop the run"
                 )
             if scale == 1.0:
                 continue
@@ -384,7 +384,7 @@ class PrivacyRound:
         if not notes:
             return None
         return (
-            f"resume: recalibrated the noise of rounds {start_round}..{rounds - 1} from the "
+            f"resume: recalibrated the noise of rounds {start_round + 1}..{rounds} from the "
             f"epsilon already spent, so that target epsilon={p.target_epsilon:g} holds "
             f"({', '.join(notes)})"
         )

@@ -60,46 +60,64 @@ def write_report(
         lines += [
             "",
             f"**Stopped by the privacy budget** before {stopped.get('strategy')} round "
-            f"{int(stopped.get('round', 0)) + 1}/{config.rounds} (round index "
-            f"{stopped.get('round')}): {stopped.get('message')}. The models are those of the "
-            "last finished round.",
+            f"{stopped.get('round')}/{config.rounds}: {stopped.get('message')}. The models are "
+            "those of the last finished round.",
         ]
     agg = [r for r in rows if r.get("aggregation")]
     if agg:
         last = agg[-1]["aggregation"]
         lines += [
             "",
-            f"Aggregation ({last.get('aggregator')}): threshold {last.get('threshold', '-')}, "
-            f"k {last.get('k', '-')}, {last.get('bits', '-')}-bit, values clipped "
-            f"{last.get('clipped_total', 0)}, max quantisation error {last.get('max_error', 0):.2e}.",
+            f"Aggregation ({last.get('aggregator')}): threshold {_dash(last.get('threshold'))}, "
+            f"k {_dash(last.get('k'))}, {_dash(last.get('bits'))}-bit, values clipped "
+            f"{last.get('clipped_total') or 0}, max quantisation error "
+            f"{last.get('max_error') or 0:.2e}.",
         ]
     lines += ["", "![Dice against rounds](dice_vs_rounds.png)", ""]
     (run / "report.md").write_text("\n".join(lines))
     _plot(run / "dice_vs_rounds.png", config, rows)
 
 
+def _dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _plot(path: Path, config: ExperimentConfig, rows: Sequence[dict[str, Any]]) -> None:
+def dice_figure(config: ExperimentConfig, rows: Sequence[dict[str, Any]]) -> Any:
+    """The matplotlib figure of pooled Dice against rounds (numbered from 1, as in
+    metrics.jsonl), one line per strategy, integer round ticks, the legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    plotted = False
     for name in config.strategies:
-        points = [(r["round"] + 1, r["pooled_dice"]) for r in rows if r["strategy"] == name]
+        points = [(r["round"], r["pooled_dice"]) for r in rows if r["strategy"] == name]
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o", label=name)
+            plotted = True
     ax.set_xlabel("round")
     ax.set_ylabel("pooled Dice (held-out cases)")
     ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
+    if plotted:  # beside the axes: a legend inside would hide the lines it names
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.set_title(config.name)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def _plot(path: Path, config: ExperimentConfig, rows: Sequence[dict[str, Any]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = dice_figure(config, rows)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

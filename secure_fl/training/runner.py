@@ -4,13 +4,16 @@ The run folder holds:
 
 * ``config.json`` — the resolved configuration;
 * ``metrics.jsonl`` — one JSON line per (strategy, round): Dice per site and pooled, loss, time,
-  the aggregation report;
+  the aggregation report. ``round`` is numbered from 1, as on the console, in the report, the
+  plots and the audit (the strategies, the seeds and the privacy ledger use the 0-based index
+  ``round - 1`` internally);
 * ``checkpoints/<strategy>.pt`` — the strategy's state after its last finished round;
 * ``models/<strategy>.pt`` — the final model(s) as torch state dicts;
 * ``report.md`` and ``dice_vs_rounds.png`` — a table of Dice per site and strategy, and a plot;
-* ``stopped.json`` — only when a privacy budget refused a round: which strategy and round, and the
-  budget check's message (spent, projected, budget, remaining). The run ends there gracefully:
-  the models of the last finished round and the report are written, nothing raises.
+* ``stopped.json`` — only when a privacy budget refused a round: which strategy and round
+  (numbered from 1), and the budget check's message (spent, projected, budget, remaining). The
+  run ends there gracefully: the models of the last finished round and the report are written,
+  nothing raises.
 
 Under differential privacy nothing computed on training patients without noise leaves a site:
 metrics.jsonl and the progress line carry no training loss (the per-site trainers are marked
@@ -21,6 +24,9 @@ training patients, but the held-out patients themselves are outside the DP guara
 Crash safety: a round's metrics line is appended, then its checkpoint is written atomically (a
 temporary file renamed over the old one). On resume the run continues after the last checkpointed
 round and drops metrics lines beyond it, so no finished round is lost and none is counted twice.
+A resume may change ``rounds`` and nothing else (``simulate --rounds N``): a finished run is then
+extended from its checkpoint (not under DP with ``target_epsilon``, whose noise was calibrated
+for the old count); any other change of the configuration is refused, listing what differs.
 Every round's randomness derives from (seed, strategy, site, round), so a resumed run produces the
 same models as an uninterrupted one. Under DP with ``target_epsilon``, a resume first recalibrates
 the noise of the remaining rounds from what the ledger already holds (an interrupted round's
@@ -44,7 +50,7 @@ from secure_fl.atomic import atomic_write
 from secure_fl.data import Case, generate_federation, load_datalist, split_by_site
 from secure_fl.errors import BudgetExceededError, ConfigError
 from secure_fl.jsonl import read_jsonl
-from secure_fl.training.config import ExperimentConfig
+from secure_fl.training.config import ExperimentConfig, config_diff, describe_diff
 from secure_fl.training.dp_fedavg import DPFedAvg, SiteDP
 from secure_fl.training.model import build_unet, derive_seed, get_state
 from secure_fl.training.privacy_run import PrivacyRound, privacy_summary_line
@@ -60,8 +66,9 @@ STOPPED_FILENAME = "stopped.json"
 
 @dataclass(frozen=True)
 class BudgetStop:
-    """A privacy budget refused round ``round`` of ``strategy`` before it ran: the run ended
-    after round ``round - 1`` (``message``: the budget check's spent/projected/budget/remaining)."""
+    """A privacy budget refused round ``round`` (numbered from 1) of ``strategy`` before it ran:
+    the run ended after round ``round - 1`` (``message``: the budget check's
+    spent/projected/budget/remaining)."""
 
     strategy: str
     round: int
@@ -184,6 +191,65 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _finished_rounds(run: Path, strategies: tuple[str, ...]) -> dict[str, int]:
+    """How many rounds each strategy's checkpoint in ``run`` has finished (0: none)."""
+    done = {}
+    for name in strategies:
+        ckpt = run / "checkpoints" / f"{name}.pt"
+        done[name] = _load_checkpoint(ckpt)[0] + 1 if ckpt.exists() else 0
+    return done
+
+
+def _check_resume(run: Path, config: ExperimentConfig, previous: Any, log: Log) -> None:
+    """Refuse to resume ``run`` with ``config`` unless config.json holds the same configuration,
+    or one that differs only in ``rounds`` (extending a run, or ending it earlier) with no round
+    beyond the new count already finished and no privacy target calibrated for the old count.
+
+    Errors: ConfigError listing every difference (``key: old -> new``) and what to do instead.
+    """
+    resolved = config.to_dict()
+    if previous == resolved:
+        return
+    diff = config_diff(previous if isinstance(previous, dict) else {}, resolved)
+    changes = describe_diff(diff)
+    if [key for key, _, _ in diff] != ["rounds"]:
+        raise ConfigError(
+            f"{run} holds a run with another configuration ({changes}); only rounds may change "
+            "when resuming: use another --run-dir, or --no-resume to start over in this one"
+        )
+    old_rounds = int(previous["rounds"])
+    finished = max(_finished_rounds(run, config.strategies).values(), default=0)
+    if config.rounds < finished:
+        raise ConfigError(
+            f"{run} has already finished {finished} round(s) ({changes}): --rounds must be at "
+            f"least {finished}, or use --no-resume to start over"
+        )
+    p = config.privacy
+    if p.enabled and p.target_epsilon is not None:
+        raise ConfigError(
+            f"{run} calibrated its noise so that target_epsilon={p.target_epsilon:g} holds "
+            f"over {old_rounds} rounds ({changes}): more or fewer rounds would not keep that "
+            "guarantee; start a new run (another --run-dir) with the rounds you want"
+        )
+    verb = "extending" if config.rounds > old_rounds else "shortening"
+    note = ""
+    if p.enabled:
+        note = "; the privacy budgets are checked before every new round"
+    log(
+        f"{verb} the run from {old_rounds} to {config.rounds} rounds ({finished} finished); "
+        f"the learning-rate schedule of the remaining rounds is planned over {config.rounds}"
+        f"{note}"
+    )
+
+
+def _check_numbering(metrics_path: Path, rows: list[dict[str, Any]]) -> None:
+    if any(isinstance(r.get("round"), int) and r["round"] < 1 for r in rows):
+        raise ConfigError(
+            f"{metrics_path} numbers rounds from 0 (written by an older secure-fl): it cannot "
+            "be resumed; use --no-resume to start over, or another --run-dir"
+        )
+
+
 def run_experiment(
     config: ExperimentConfig,
     run_dir: str | Path,
@@ -194,9 +260,12 @@ def run_experiment(
 ) -> RunSummary:
     """Run every strategy of ``config`` for ``config.rounds`` rounds, writing ``run_dir``.
 
-    ``resume`` continues a run folder written with the same configuration (ConfigError if it was
-    another one). ``stop_after=(strategy, round)`` stops right after that round is checkpointed, as a
-    crash would (for tests of resumption).
+    ``resume`` continues a run folder written with the same configuration, or with one that
+    differs only in ``rounds``: more rounds extend a finished run from its checkpoint (refused
+    under DP with ``target_epsilon``, whose noise was calibrated for the old count). Any other
+    difference is a ConfigError listing each ``key: old -> new``. ``stop_after=(strategy,
+    round)`` stops right after that round (numbered from 1) is checkpointed, as a crash would
+    (for tests of resumption).
 
     A round refused by a privacy budget (or by ``target_epsilon``, which is a budget too) ends the
     run gracefully: ``stopped.json``, the last models and the report are written and the summary's
@@ -208,15 +277,18 @@ def run_experiment(
     (run / "models").mkdir(exist_ok=True)
     resolved = config.to_dict()
     cfg_path = run / "config.json"
+    metrics_path = run / "metrics.jsonl"
     if cfg_path.exists() and resume:
-        previous = json.loads(cfg_path.read_text())
-        if previous != resolved:
+        try:
+            previous = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(
-                f"{run} holds a run with another configuration; choose another run folder "
-                "or pass resume=False (--no-resume) to start over"
-            )
+                f"{cfg_path} is unreadable ({exc}); use --no-resume to start over"
+            ) from exc
+        _check_resume(run, config, previous, log)
+        _check_numbering(metrics_path, read_jsonl(metrics_path))
     elif cfg_path.exists():
-        for old in [*(run / "checkpoints").glob("*.pt"), run / "metrics.jsonl"]:
+        for old in [*(run / "checkpoints").glob("*.pt"), metrics_path]:
             old.unlink(missing_ok=True)
     (run / STOPPED_FILENAME).unlink(missing_ok=True)
     atomic_write(cfg_path, json.dumps(resolved, indent=2).encode())
@@ -230,12 +302,12 @@ def run_experiment(
     sizes = ", ".join(f"{n}: {len(s.train_cases)}+{len(s.val_cases)}" for n, s in fed.sites.items())
     log(f"{len(fed.sites)} sites (train+held-out cases) {sizes}")
 
-    metrics_path = run / "metrics.jsonl"
     rows = read_jsonl(metrics_path)
     final_dice: dict[str, dict[str, float]] = {}
     final_pooled: dict[str, float] = {}
     stopped: BudgetStop | None = None
     private = config.privacy.enabled
+    total = config.rounds
     for strategy_name in config.strategies:
         strategy = _make_strategy(config, strategy_name)
         privacy = None
@@ -244,30 +316,36 @@ def run_experiment(
             privacy.open()
             privacy.prepare()
         ckpt = run / "checkpoints" / f"{strategy_name}.pt"
-        start, state = 0, strategy.init_state(fed)
+        # ``done``: rounds finished; round_id below is the 0-based index the strategies, the
+        # seeds and the ledger use; people read round_id + 1.
+        done, state = 0, strategy.init_state(fed)
         if ckpt.exists():
             last, state = _load_checkpoint(ckpt)
-            start = last + 1
-            log(f"[{strategy_name}] resuming after round {last}")
+            done = last + 1
+            if done >= total:
+                log(f"[{strategy_name}] already complete: {done}/{total} rounds; nothing to run")
+            else:
+                log(f"[{strategy_name}] resuming after round {done}/{total}")
         if privacy is not None:
-            note = privacy.recalibrate_for_resume(start)
+            note = privacy.recalibrate_for_resume(done)
             if note:
                 log(f"[{strategy_name}] {note}")
-        rows = [r for r in rows if r["strategy"] != strategy_name or r["round"] < start]
+        rows = [r for r in rows if r["strategy"] != strategy_name or r["round"] <= done]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        for round_id in range(start, config.rounds):
+        for round_id in range(done, total):
+            number = round_id + 1
             t0 = time.perf_counter()
             if privacy is not None:
                 try:
                     privacy.before_round(round_id)  # refuses the round when over budget
                 except BudgetExceededError as exc:
-                    stopped = BudgetStop(strategy_name, round_id, str(exc))
+                    stopped = BudgetStop(strategy_name, number, str(exc))
                     atomic_write(
                         run / STOPPED_FILENAME, json.dumps(stopped.to_dict(), indent=2).encode()
                     )
                     log(
                         f"[{strategy_name}] stopped by the privacy budget before round "
-                        f"{round_id + 1}/{config.rounds}: {exc}"
+                        f"{number}/{total}: {exc}"
                     )
                     break
             state, info = strategy.run_round(fed, state, round_id)
@@ -275,7 +353,7 @@ def run_experiment(
             dice, pooled = evaluate_strategy(strategy, fed, state)
             row = {
                 "strategy": strategy_name,
-                "round": round_id,
+                "round": number,
                 "dice": dice,
                 "pooled_dice": pooled,
                 "steps": info.steps,
@@ -294,11 +372,11 @@ def run_experiment(
             eps = privacy_summary_line(privacy_row) if privacy_row is not None else ""
             loss = "" if private else f"  loss {info.train_loss:.3f}"
             log(
-                f"[{strategy_name}] round {round_id + 1}/{config.rounds}{loss}  "
+                f"[{strategy_name}] round {number}/{total}{loss}  "
                 f"Dice pooled {pooled:.3f}  ({per_site}){eps}  {row['seconds']:.1f}s"
             )
-            if stop_after == (strategy_name, round_id):
-                raise KeyboardInterrupt(f"stopped after {strategy_name} round {round_id}")
+            if stop_after == (strategy_name, number):
+                raise KeyboardInterrupt(f"stopped after {strategy_name} round {number}")
         if privacy is not None:
             privacy.close()
         _save_models(run / "models" / f"{strategy_name}.pt", strategy.final_models(state))
@@ -314,7 +392,7 @@ def run_experiment(
 
 
 def _make_strategy(config: ExperimentConfig, name: str) -> Strategy:
-    dropouts = {int(k): v for k, v in config.dropouts.items()}
+    dropouts = {int(k) - 1: v for k, v in config.dropouts.items()}  # keys: rounds from 1
     if config.privacy.level == "site":
         p = config.privacy
         # The noise multiplier is resolved by PrivacyRound.prepare (calibration).

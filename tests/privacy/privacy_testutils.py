@@ -74,7 +74,7 @@ def write_run(
             rows.append(
                 {
                     "strategy": strategy,
-                    "round": rnd,
+                    "round": rnd + 1,  # metrics.jsonl numbers rounds from 1, the ledger from 0
                     "dice": {s: 0.5 for s in sites},
                     "privacy": {
                         "epsilon": eps,
@@ -86,7 +86,7 @@ def write_run(
             )
     n = rounds if metrics_rounds is None else metrics_rounds
     for rnd in range(rounds, n):  # metrics rows the ledger knows nothing about
-        rows.append({**rows[-1], "round": rnd})
+        rows.append({**rows[-1], "round": rnd + 1})
         rows[-1]["privacy"] = {k: v for k, v in rows[-1]["privacy"].items() if k != "ledger_head"}
     datalist = write_datalist(run / "data", sites, train_cases)
     config_json = {

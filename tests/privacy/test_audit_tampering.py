@@ -91,7 +91,7 @@ def rebuild_ledger(run: Path, change: Any) -> None:
         by_round.setdefault(r.entry.round, []).append(r)
     with PrivacyLedger(path) as new:
         for row in rows:
-            for r in by_round[row["round"]]:
+            for r in by_round[row["round"] - 1]:  # metrics from 1, the ledger's index from 0
                 intent = new.record_intent(change(r.entry))
                 new.confirm(intent, steps=change(r.entry).steps)
             row["privacy"]["epsilon"] = {s: new.spent(s, DELTA, "rdp") for s in new.sites()}

@@ -107,7 +107,8 @@ def test_lowered_noise_is_found(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", sample_config(), entry=entry)
     result = audit_run(run)
     (finding,) = [f for f in result.findings if f.code == "NOISE_BELOW_CONFIG"]
-    assert (finding.site, finding.round, finding.severity) == ("hospital-b", 1, "error")
+    # the ledger's round index 1 is round 2 for people (findings number rounds from 1)
+    assert (finding.site, finding.round, finding.severity) == ("hospital-b", 2, "error")
     assert "0.8" in finding.message
     assert main([str(run), "--no-report"]) == 1
 
@@ -136,7 +137,7 @@ def test_missing_round_is_found(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", sample_config(), entry=entry, rounds=3, metrics_rounds=4)
     result = audit_run(run)
     missing = sorted(f.round for f in result.findings if f.code == "MISSING_ROUND")
-    assert missing == [1, 3]  # a gap in the ledger, and a metrics round with no ledger record
+    assert missing == [2, 4]  # a gap in the ledger, and a metrics round with no ledger record
     assert main([str(run), "--no-report"]) == 1
 
 
@@ -146,7 +147,7 @@ def test_site_missing_from_a_site_level_round_is_found(tmp_path: Path) -> None:
 
     result = audit_run(write_run(tmp_path / "run", SITE_CONFIG, sites=SITES3, entry=entry))
     (finding,) = [f for f in result.findings if f.code == "MISSING_ROUND"]
-    assert (finding.site, finding.round) == ("b", 2)
+    assert (finding.site, finding.round) == ("b", 3)
 
 
 def test_under_reported_epsilon_is_found(tmp_path: Path) -> None:
@@ -156,7 +157,7 @@ def test_under_reported_epsilon_is_found(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", sample_config(), report=report)
     result = audit_run(run)
     (finding,) = [f for f in result.findings if f.code == "EPSILON_UNDER_REPORTED"]
-    assert (finding.site, finding.round) == ("hospital-a", 2)
+    assert (finding.site, finding.round) == ("hospital-a", 3)
     assert main([str(run), "--no-report"]) == 1
 
 
@@ -168,7 +169,7 @@ def test_distributed_noise_sized_below_config_is_found(tmp_path: Path) -> None:
 
     result = audit_run(write_run(tmp_path / "run", SITE_CONFIG, sites=SITES3, entry=entry))
     found = [f for f in result.findings if f.code == "NOISE_BELOW_CONFIG"]
-    assert sorted((f.site, f.round) for f in found) == [(s, 0) for s in SITES3]
+    assert sorted((f.site, f.round) for f in found) == [(s, 1) for s in SITES3]
 
 
 def test_survivors_below_threshold_are_found(tmp_path: Path) -> None:
@@ -179,7 +180,7 @@ def test_survivors_below_threshold_are_found(tmp_path: Path) -> None:
     result = audit_run(run)
     found = [f for f in result.findings if f.code == "SURVIVORS_BELOW_THRESHOLD"]
     assert sorted(f.site or "" for f in found) == list(SITES3)
-    assert all(f.round == 1 for f in found)
+    assert all(f.round == 2 for f in found)
     # ... and accounted with the smaller effective noise (the run reported the same)
     assert codes(result) == {"SURVIVORS_BELOW_THRESHOLD"}
     assert main([str(run), "--no-report"]) == 1
@@ -272,7 +273,7 @@ def test_a_run_without_dp_is_not_pass(tmp_path: Path, capsys: pytest.CaptureFixt
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"name": "t", "rounds": 2, "privacy": {}}))
-    (run / "metrics.jsonl").write_text(json.dumps({"strategy": "fedavg", "round": 0}) + "\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"strategy": "fedavg", "round": 1}) + "\n")
     result = audit_run(run)
     assert result.status == "NO DP" and not result.ok
     assert "NO_DP" in codes(result)
@@ -292,12 +293,13 @@ def test_a_budget_stop_is_explained_and_still_passes(tmp_path: Path) -> None:
     message = "round refused before it runs: site 'hospital-a': spent ε=1.2, remaining 0.1"
     (run / "stopped.json").write_text(
         json.dumps(
-            {"reason": "privacy_budget", "strategy": "fedavg", "round": 2, "message": message}
+            {"reason": "privacy_budget", "strategy": "fedavg", "round": 3, "message": message}
         )
     )
     result = audit_run(run)
     (stop,) = result.findings
-    assert (stop.code, stop.severity, stop.round) == ("BUDGET_STOP", "info", 2)
+    assert (stop.code, stop.severity, stop.round) == ("BUDGET_STOP", "info", 3)  # from 1
+    assert "before round 3 of 5" in stop.message
     assert "site_budget=20" in stop.message and "remaining 0.1" in stop.message
     assert result.status == "PASS"
     assert main([str(run), "--no-report"]) == 0

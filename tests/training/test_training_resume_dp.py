@@ -51,7 +51,7 @@ def test_resume_after_a_mid_round_interrupt_keeps_the_target(
     assert spent and max(spent.values()) <= TARGET + 1e-9, spent
     assert any("recalibrat" in line for line in lines), lines
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [1, 2, 3]  # numbered from 1
     assert rows[-1]["privacy"]["max_epsilon"] <= TARGET + 1e-9
     # the crashed round's intents are the only finding (a warning), the rest audits clean
     result = audit_run(run)
@@ -99,7 +99,7 @@ def test_a_budget_stop_ends_gracefully_and_the_audit_explains_it(
     run = tmp_path / "run"
     lines: list[str] = []
     summary = run_experiment(config, run, log=lines.append)
-    assert summary.stopped is not None and 0 < summary.stopped.round < 3
+    assert summary.stopped is not None and 1 < summary.stopped.round <= 3  # numbered from 1
     refused = summary.stopped.round
     assert "remaining" in summary.stopped.message
     assert any("stopped by the privacy budget" in line for line in lines)
@@ -123,7 +123,7 @@ def test_a_clean_resume_keeps_the_noise(tiny_datalist: Path, tmp_path: Path) -> 
     )
     run_experiment(config, tmp_path / "straight", log=lambda _: None)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, tmp_path / "resumed", log=lambda _: None, stop_after=("fedavg", 0))
+        run_experiment(config, tmp_path / "resumed", log=lambda _: None, stop_after=("fedavg", 1))
     lines: list[str] = []
     run_experiment(config, tmp_path / "resumed", log=lines.append)
     assert not any("recalibrat" in line for line in lines)

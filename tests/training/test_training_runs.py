@@ -24,8 +24,9 @@ def test_two_rounds_of_every_strategy(tiny_datalist: Path, tmp_path: Path) -> No
     lines: list[str] = []
     summary = run_experiment(config, tmp_path / "run", log=lines.append)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # rounds are numbered from 1 in metrics.jsonl
     assert {(r["strategy"], r["round"]) for r in rows} == {
-        (s, r) for s in STRATEGIES for r in range(2)
+        (s, r) for s in STRATEGIES for r in (1, 2)
     }
     for row in rows:
         assert 0.0 <= row["pooled_dice"] <= 1.0
@@ -55,7 +56,7 @@ def test_resume_after_interruption_gives_the_same_model(
     config = tiny_config(tiny_datalist, rounds=3)
     run_experiment(config, tmp_path / "straight", log=lambda _: None)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, tmp_path / "crashed", log=lambda _: None, stop_after=("fedavg", 0))
+        run_experiment(config, tmp_path / "crashed", log=lambda _: None, stop_after=("fedavg", 1))
     # a torn metrics line, as a crash in the middle of a write leaves it
     with open(tmp_path / "crashed" / "metrics.jsonl", "a") as f:
         f.write('{"strategy": "fedavg", "rou')
@@ -64,7 +65,7 @@ def test_resume_after_interruption_gives_the_same_model(
     resumed = _final_state(tmp_path / "crashed", "fedavg")
     assert state_digest(straight) == state_digest(resumed)
     rows = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["round"] for r in rows] == [0, 1, 2]
+    assert [json.loads(r)["round"] for r in rows] == [1, 2, 3]
 
 
 def test_resume_refuses_another_configuration(tiny_datalist: Path, tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_dropout_of_a_site_in_a_round(tiny_datalist: Path, tmp_path: Path) -> No
     config = tiny_config(
         tiny_datalist,
         rounds=1,
-        dropouts={"0": ["site-B"]},
+        dropouts={"1": ["site-B"]},  # site-B drops out of round 1
         aggregation=AggregationConfig(name="secagg", options={"seed": 2}),
     )
     run_experiment(config, tmp_path / "run", log=lambda _: None)
