@@ -26,6 +26,7 @@ from secure_fl.data import PreprocessConfig, load_datalist, split_by_site
 from secure_fl.data.checks import default_workers, require_valid
 from secure_fl.errors import ConfigError
 from secure_fl.training.model import ModelConfig, build_unet, derive_seed, get_state
+from secure_fl.training.threads import check_threads, set_torch_threads
 from secure_fl.training.trainer import SiteTrainer, TrainConfig
 
 
@@ -64,12 +65,23 @@ def unet_site_task(
     val_fraction: float = 0.0,
     seed: int = 0,
     device: str = "auto",
+    threads: int | None = None,
+    progress: bool | None = None,
 ) -> UNetSiteTask:
     """Build the training task of ``site_name`` (the factory named in a site's task config).
 
-    Errors: ConfigError when the datalist is missing or holds no case for the site; DataError
-    (every bad case, with its file and reason) when one of the site's scans is unreadable or unfit.
+    ``threads``: torch's CPU threads in this site process, set here, at process start (default:
+    the ``SECURE_FL_THREADS`` environment variable, else the CPUs this process may use, i.e. its
+    affinity capped by a cgroup quota; :mod:`secure_fl.training.threads`). When several site
+    processes share one machine, give each ``usable CPUs // sites`` (or pin each to its own cores
+    with ``taskset``, which the default follows). ``progress``: progress bars on stderr (default:
+    only when stderr is a terminal).
+
+    Errors: ConfigError when the datalist is missing or holds no case for the site, or
+    ``threads`` is not an integer >= 1; DataError (every bad case, with its file and reason) when
+    one of the site's scans is unreadable or unfit.
     """
+    set_torch_threads(check_threads(threads, "task.options.threads"), who=f"site {site_name}")
     path = Path(datalist)
     if not path.is_file():
         raise ConfigError(f"task.options.datalist: file not found: {path}")
@@ -89,6 +101,8 @@ def unet_site_task(
         model=ModelConfig(channels=tuple(channels)),
         train=TrainConfig(lr=lr, local_epochs=local_epochs, batch_size=batch_size, device=device),
         seed=seed,
+        threads=threads,
+        progress=progress,
     )
     return UNetSiteTask(trainer, rounds)
 

@@ -80,6 +80,50 @@ def add_subcommands(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=None,
         help="write CKKS keys (default: when secure_fl.he and TenSEAL are installed)",
     )
+    task = p.add_argument_group(
+        "site task",
+        "what each site computes: the synthetic test task, or the MONAI 3D-UNet trained on the "
+        "site's own datalist (writes the task section of every site.json and the server's "
+        "initial model)",
+    )
+    task.add_argument(
+        "--task",
+        choices=["synthetic", "unet"],
+        default="synthetic",
+        help="each site's task (default: %(default)s)",
+    )
+    task.add_argument(
+        "--datalist-template",
+        default=None,
+        metavar="PATH",
+        help="--task unet: each site's datalist path on its own machine, {site} replaced by the "
+        "site's name, e.g. /data/{site}/datalist.json (a relative path is relative to the "
+        "directory `secure-fl site` runs in)",
+    )
+    task.add_argument(
+        "--site-datalist",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="--task unet: the datalist of one site (repeatable; wins over the template)",
+    )
+    task.add_argument(
+        "--grid", default="48,48,48", help="--task unet: D,H,W (default: %(default)s)"
+    )
+    task.add_argument(
+        "--patch",
+        default="32,32,32",
+        help="--task unet: training patch D,H,W (default: %(default)s)",
+    )
+    task.add_argument(
+        "--channels",
+        default="16,32,64,128",
+        help="--task unet: UNet widths; 16,32,64,128 is 1.2 M parameters (default: %(default)s)",
+    )
+    task.add_argument("--lr", type=float, default=3e-3, help="--task unet (default: %(default)s)")
+    task.add_argument(
+        "--local-epochs", type=int, default=1, help="--task unet (default: %(default)s)"
+    )
     p.set_defaults(handler=_provision)
 
     s = subparsers.add_parser("server", help="run the federation server")
@@ -110,6 +154,7 @@ def _provision(args: argparse.Namespace) -> int:
     if not args.sites:
         raise ConfigError("--sites is required (unless --rotate-ckks)")
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    unet = _unet_task(args, sites)
     done = provision(
         args.federation_dir,
         sites,
@@ -123,14 +168,51 @@ def _provision(args: argparse.Namespace) -> int:
         active=args.variant == "active",
         corrupt_fraction=args.corrupt_fraction,
         dropout_rate=args.dropout_rate,
+        unet=unet,
     )
     print(f"federation provisioned in {done.root}")
     print(f"  server config: {done.server_config}")
     for name, path in done.site_configs.items():
         print(f"  site {name}: {path}")
     print(f"  CKKS keys: {done.ckks}")
+    if unet is not None:
+        print(f"  task: 3D-UNet, channels {list(unet.channels)}; initial model in server/")
+        for name, path in unet.datalists.items():
+            print(f"  site {name} reads its datalist {path}")
     print("keep ca/ca.key offline; copy server/ and sites/<name>/ to each machine")
     return 0
+
+
+def _ints(option: str, text: str) -> tuple[int, ...]:
+    from secure_fl.errors import ConfigError
+
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"{option} must be comma-separated integers, got {text!r}") from exc
+
+
+def _unet_task(args: argparse.Namespace, sites: list[str]) -> Any:
+    """The :class:`~secure_fl.transport.provision.UNetTask` of ``--task unet`` (else None).
+
+    Errors: ConfigError for datalist options without ``--task unet`` or a bad option."""
+    from secure_fl.errors import ConfigError
+    from secure_fl.transport.provision import UNetTask, site_datalists
+
+    if args.task != "unet":
+        if args.datalist_template or args.site_datalist:
+            raise ConfigError("--datalist-template / --site-datalist need --task unet")
+        return None
+    return UNetTask(
+        datalists=site_datalists(
+            sites, template=args.datalist_template, per_site=args.site_datalist
+        ),
+        grid=_ints("--grid", args.grid),
+        patch=_ints("--patch", args.patch),
+        channels=_ints("--channels", args.channels),
+        lr=args.lr,
+        local_epochs=args.local_epochs,
+    )
 
 
 def _server(args: argparse.Namespace) -> int:

@@ -342,7 +342,7 @@ class FederationServer:
                 else:
                     failures += 1
                     if failures >= self.config.max_attempts:
-                        self.log.error("giving-up", round=self._completed, attempts=failures)
+                        self.log.error("giving-up", round=self._completed + 1, attempts=failures)
                         self._failed = True
                         break
         except Exception:
@@ -442,8 +442,8 @@ class FederationServer:
             self._cond.notify_all()
         self.log.info(
             "round-start",
-            round=rs.round_id,
-            index=rs.index,
+            round=rs.index + 1,
+            round_id=rs.round_id,
             attempt=rs.attempt,
             participants=sorted(participants.values()),
         )
@@ -568,7 +568,8 @@ class FederationServer:
         if completed:
             self.log.info(
                 "round-completed",
-                round=rs.round_id,
+                round=rs.index + 1,
+                round_id=rs.round_id,
                 attempt=rs.attempt,
                 survivors=survivors,
                 dropped=dropped,
@@ -577,7 +578,13 @@ class FederationServer:
                 bytes_out=record["bytes_out"],
             )
         else:
-            self.log.warning("round-failed", round=rs.round_id, attempt=rs.attempt, reason=reason)
+            self.log.warning(
+                "round-failed",
+                round=rs.index + 1,
+                round_id=rs.round_id,
+                attempt=rs.attempt,
+                reason=reason,
+            )
         return completed
 
     def _aggregate_plain(
@@ -652,7 +659,8 @@ class FederationServer:
                     rs.closing = False
             self.log.info(
                 "phase-closed",
-                round=rs.round_id,
+                round=rs.index + 1,
+                round_id=rs.round_id,
                 phase=closing_phase,
                 missing=missing,
             )
@@ -727,7 +735,9 @@ class FederationServer:
         contributors = sorted(uploads)
         dropped = sorted(set(ids) - set(contributors))
         record.update(survivors=contributors, dropped=dropped)
-        self.log.info("ckks-uploads-closed", round=rs.round_id, missing=dropped)
+        self.log.info(
+            "ckks-uploads-closed", round=rs.index + 1, round_id=rs.round_id, missing=dropped
+        )
         if len(contributors) < max(2, cfg.min_sites):
             raise _RoundFailedError(
                 f"only {len(contributors)} sites uploaded ciphertexts, min_sites is {cfg.min_sites}"
@@ -761,7 +771,8 @@ class FederationServer:
         )
         self.log.info(
             "ckks-sum",
-            round=rs.round_id,
+            round=rs.index + 1,
+            round_id=rs.round_id,
             contributors=len(contributors),
             share=share,
             note="the new global model is encrypted; every site decrypts it itself",

@@ -316,3 +316,112 @@ def test_site_refuses_a_second_unmask_with_another_survivor_set(tmp_path: Path) 
     stranger = make_config([1, 2, 9], vector_length=3, bits=32, threshold=2)
     with pytest.raises(RemoteProtocolError, match="not on the roster"):
         runner._check_setup_against_roster(stranger)
+
+
+def test_provision_task_unet_writes_the_unet_task_and_initial_model(tmp_path: Path) -> None:
+    """`provision --task unet` gives every site the 3D-UNet task with its own datalist and the
+    server the initial model; the policy pins that model's length; nothing to edit by hand."""
+    pytest.importorskip("monai")
+    from secure_fl.data import generate_federation
+    from secure_fl.transport import rounds
+    from secure_fl.transport.provision import INITIAL_MODEL, UNET_FACTORY
+
+    datalist = generate_federation(tmp_path / "data", sites=2, shape=(24, 24, 24))
+    root = tmp_path / "fed"
+    argv = ["provision", str(root), "--sites", "site-A,site-B", "--no-ckks"]
+    argv += ["--task", "unet", "--datalist-template", str(tmp_path / "nowhere" / "{site}.json")]
+    argv += ["--site-datalist", f"site-B={datalist}", "--grid", "16,16,16", "--patch", "16,16,16"]
+    argv += ["--channels", "4,8", "--rounds", "2"]
+    assert cli_main(argv) == 0
+    server = load_server_config(root / "server" / "server.json")
+    assert server.model.path == (root / "server" / INITIAL_MODEL).resolve()
+    model = rounds.initial_model(server.model)
+    size = rounds.model_size(model)
+    site_a = load_site_config(root / "sites" / "site-A" / "site.json")
+    site_b = load_site_config(root / "sites" / "site-B" / "site.json")
+    assert site_a.task.kind == "python" and site_a.task.factory == UNET_FACTORY
+    assert site_a.task.options["datalist"] == str(tmp_path / "nowhere" / "site-A.json")
+    assert site_b.task.options["datalist"] == str(datalist)  # NAME=PATH wins over the template
+    assert site_b.task.options["channels"] == [4, 8] and site_b.task.options["rounds"] == 2
+    assert site_a.policy.vector_length == site_b.policy.vector_length == size
+    # The site's task builds the same architecture as the server's initial model.
+    task = load_task(site_b.task, "site-B")
+    local = task.trainer.get_weights().weights  # type: ignore[attr-defined]
+    assert list(local) == list(model)
+    assert all(local[k].shape == model[k].shape for k in model)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ([], "no datalist for site"),
+        (["--site-datalist", "a"], "NAME=PATH"),
+        (["--site-datalist", "zz=/d.json"], "not in --sites"),
+        (["--site-datalist", "a=/1.json", "--site-datalist", "a=/2.json"], "twice"),
+        (["--datalist-template", "/d/{site}.json", "--grid", "16,16"], "grid must be 3"),
+        (["--datalist-template", "/d/{site}.json", "--grid", "8,8,8"], "must fit in grid"),
+        (["--datalist-template", "/d/{site}.json", "--channels", "16,x"], "comma-separated"),
+    ],
+)
+def test_provision_task_unet_refuses_bad_options_before_writing_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], words: str
+) -> None:
+    root = tmp_path / "fed"
+    assert cli_main(["provision", str(root), "--sites", "a,b", "--task", "unet", *extra]) == 2
+    assert words in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_provision_datalist_options_need_task_unet(tmp_path: Path) -> None:
+    argv = ["provision", str(tmp_path / "f"), "--sites", "a,b", "--datalist-template", "x"]
+    assert cli_main(argv) == 2
+    assert not (tmp_path / "f").exists()
+
+
+class _RecordingLog:
+    """Stands in for :class:`secure_fl.transport.logs.EventLog`: keeps (event, fields)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def _add(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
+
+    def debug(self, event: str, **fields: object) -> None:
+        self._add(event, **fields)
+
+    def info(self, event: str, **fields: object) -> None:
+        self._add(event, **fields)
+
+    def warning(self, event: str, **fields: object) -> None:
+        self._add(event, **fields)
+
+    def error(self, event: str, exc: bool = False, **fields: object) -> None:
+        self._add(event, **fields)
+
+
+def test_server_logs_number_rounds_from_1_and_give_the_round_id_apart(tmp_path: Path) -> None:
+    """A person reads `round` (the federation round, from 1); `round_id` is the protocol's id,
+    fresh per attempt, so after retries the two differ (here: second round, id 6)."""
+    import dataclasses
+
+    from secure_fl.transport.server import FederationServer
+
+    done = provision(tmp_path / "fed", ["a", "b"], ckks=False)
+    config = load_server_config(done.server_config)
+    config = dataclasses.replace(
+        config, deadlines=dataclasses.replace(config.deadlines, update_s=0.01)
+    )
+    config.state_dir.mkdir(parents=True)
+    log = _RecordingLog()
+    server = FederationServer(config, log=log)  # type: ignore[arg-type]
+    server._completed = 1  # the first round is done; failed attempts used ids 1..5
+    for _ in range(5):
+        server._new_round_id()
+    assert server._run_attempt({1: "a", 2: "b"}) is False  # nobody reports: the attempt fails
+    fields = {event: f for event, f in log.events if event in ("round-start", "round-failed")}
+    assert set(fields) == {"round-start", "round-failed"}, log.events
+    for event, f in fields.items():
+        assert (f["round"], f["round_id"]) == (2, 6), (event, f)
+    record = json.loads((config.state_dir / "rounds" / "round-000001-failed-1.json").read_text())
+    assert (record["round"], record["round_id"]) == (1, 6)  # the record keeps the 0-based index
