@@ -437,6 +437,7 @@ class FederationServer:
                         model_bytes=len(self._blob),
                         deadline_s=cfg.deadlines.update_s,
                         model_round_id=self._model_round_id,
+                        round_index=rs.index,
                     ),
                 )
             self._cond.notify_all()

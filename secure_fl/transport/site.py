@@ -97,6 +97,8 @@ class _Round:
     client: SecAggClient | None = field(default=None, repr=False)
     bits: int = 32
     failed: bool = False
+    # The federation round index (from 0, the same for every attempt) once RoundStart arrived.
+    round_index: int = 0
 
 
 class _RawCalls:
@@ -307,7 +309,9 @@ class SiteRunner:
             elif kind == "outcome":
                 self._on_outcome(inst)
             elif rs.failed:
-                self.log.info("skipping", instruction=kind, round=rs.round_id)
+                self.log.info(
+                    "skipping", instruction=kind, round=rs.round_index + 1, round_id=rs.round_id
+                )
             elif kind == "secagg_setup":
                 self._on_setup(rs, inst.secagg_setup)
             elif kind in (
@@ -329,15 +333,33 @@ class SiteRunner:
             rs.failed = True
             rs.client = None
             rs.result = None
-            self.log.warning("policy-refused", round=rs.round_id, instruction=kind, reason=str(exc))
+            self.log.warning(
+                "policy-refused",
+                round=rs.round_index + 1,
+                round_id=rs.round_id,
+                instruction=kind,
+                reason=str(exc),
+            )
         except ProtocolError as exc:
             rs.failed = True
             rs.client = None
-            self.log.error("protocol-error", round=rs.round_id, instruction=kind, reason=str(exc))
+            self.log.error(
+                "protocol-error",
+                round=rs.round_index + 1,
+                round_id=rs.round_id,
+                instruction=kind,
+                reason=str(exc),
+            )
         except (InvalidUpdateError, ConfigError, RejectedError, CryptoError) as exc:
             rs.failed = True
             rs.client = None
-            self.log.error("round-error", round=rs.round_id, instruction=kind, reason=str(exc))
+            self.log.error(
+                "round-error",
+                round=rs.round_index + 1,
+                round_id=rs.round_id,
+                instruction=kind,
+                reason=str(exc),
+            )
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, None):
@@ -345,7 +367,13 @@ class SiteRunner:
             rs.failed = True
             rs.client = None
             detail = exc.details() if isinstance(exc, grpc.Call) else ""
-            self.log.warning("refused-by-server", round=rs.round_id, code=str(code), reason=detail)
+            self.log.warning(
+                "refused-by-server",
+                round=rs.round_index + 1,
+                round_id=rs.round_id,
+                code=str(code),
+                reason=detail,
+            )
 
     def _drop_round(self, reason: str) -> None:
         if self._round is not None:
@@ -373,7 +401,7 @@ class SiteRunner:
             rs.result = None
         self.log.warning(
             "refused-unknown-instruction",
-            round=inst.round_id,
+            round_id=inst.round_id,
             fields=unknown,
             reason="an instruction this site does not know is never acted on (nothing decrypted "
             "is ever sent to the server)",
@@ -422,7 +450,9 @@ class SiteRunner:
                 ),
                 expected_size=self.config.policy.vector_length,
             )
-            self.log.info("ckks-model-decrypted", round=encrypted_round, note="kept at this site")
+            self.log.info(
+                "ckks-model-decrypted", round_id=encrypted_round, note="kept at this site"
+            )
         else:
             self._model = tensors.loads(data)
         self._model_digest = digest
@@ -430,8 +460,13 @@ class SiteRunner:
         return self._model
 
     def _on_round_start(self, rs: _Round, start: pb.RoundStart) -> None:
+        rs.round_index = int(start.round_index)
         self.log.info(
-            "round-start", round=rs.round_id, attempt=rs.attempt, aggregation=start.aggregation
+            "round-start",
+            round=rs.round_index + 1,
+            round_id=rs.round_id,
+            attempt=rs.attempt,
+            aggregation=start.aggregation,
         )
         # Before anything is computed or sent: the aggregation must be one this site accepts,
         # the round id fresh and the model not already released under another round id.
@@ -449,14 +484,15 @@ class SiteRunner:
         model = self._ensure_model(start.model_sha256, encrypted_round=start.model_round_id)
         t0 = time.perf_counter()
         try:
-            raw_result = self.task.compute_update(model, rs.round_id)
+            raw_result = self.task.compute_update(model, rs.round_index)
         except Exception as exc:  # a task bug must not take the site process down
             raise InvalidUpdateError(f"the task failed: {type(exc).__name__}: {exc}") from exc
         result = check_result(raw_result, model)
         rs.result = result
         self.log.info(
             "update-computed",
-            round=rs.round_id,
+            round=rs.round_index + 1,
+            round_id=rs.round_id,
             seconds=round(time.perf_counter() - t0, 3),
             weight=result.weight,
             **{f"metric_{k}": v for k, v in result.metrics.items()},
@@ -550,7 +586,8 @@ class SiteRunner:
         )
         self.log.info(
             "secagg-setup",
-            round=rs.round_id,
+            round=rs.round_index + 1,
+            round_id=rs.round_id,
             protocol=config.protocol,
             sites=len(config.site_ids),
             threshold=config.threshold,
@@ -605,7 +642,7 @@ class SiteRunner:
             stub.SendUnmaskResponse(convert.unmask_to_pb(reply), timeout=_CALL_TIMEOUT_S)
             rs.client = None
         self._ok()
-        self.log.info("answered", round=rs.round_id, instruction=kind)
+        self.log.info("answered", round=rs.round_index + 1, round_id=rs.round_id, instruction=kind)
 
     def _guard_unmask(self, round_id: int, survivors: frozenset[int]) -> None:
         """Refuse a second unmasking of ``round_id`` with another survivor set (module doc)."""
@@ -673,7 +710,8 @@ class SiteRunner:
         del vector
         self.log.info(
             "ckks-encrypted",
-            round=rs.round_id,
+            round=rs.round_index + 1,
+            round_id=rs.round_id,
             ciphertexts=layout.ciphertexts,
             frames=layout.chunks,
             bytes=len(payload),
@@ -696,13 +734,18 @@ class SiteRunner:
             iter_chunk_bytes(header, payload, self._max_chunk), timeout=_CALL_TIMEOUT_S * 10
         )
         self._ok()
-        self.log.info("answered", round=rs.round_id, instruction="ckks_setup")
+        self.log.info(
+            "answered", round=rs.round_index + 1, round_id=rs.round_id, instruction="ckks_setup"
+        )
 
     def _on_outcome(self, inst: pb.Instruction) -> None:
         out = inst.outcome
+        rs = self._round
+        where = {"round": rs.round_index + 1} if rs is not None else {}
         self.log.info(
             "round-outcome",
-            round=inst.round_id,
+            **where,
+            round_id=inst.round_id,
             completed=out.completed,
             survivors=list(out.survivors),
             dropped=list(out.dropped),

@@ -38,7 +38,9 @@ class SiteTask(Protocol):
     """The per-round computation of a site (training, evaluation, or a synthetic stand-in)."""
 
     def compute_update(self, global_model: Mapping[str, np.ndarray], round_id: int) -> TaskResult:
-        """Return this site's update of ``global_model`` for round ``round_id``."""
+        """Return this site's update of ``global_model`` for federation round ``round_id``: the
+        round's index counted from 0, the same for every attempt of the round (the protocol's
+        round ids are fresh per attempt and are not passed to tasks)."""
         ...
 
 

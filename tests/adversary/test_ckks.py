@@ -330,7 +330,9 @@ def _round_start(attempt: int, round_id: int, digest: bytes) -> pb.Instruction:
         attempt=attempt,
         index=0,
         round_id=round_id,
-        round_start=pb.RoundStart(aggregation="ckks", model_sha256=digest, deadline_s=60),
+        round_start=pb.RoundStart(
+            aggregation="ckks", model_sha256=digest, deadline_s=60, round_index=round_id
+        ),
     )
 
 
@@ -379,8 +381,8 @@ def test_site_refuses_an_old_style_request_to_decrypt_for_the_server(tmp_path: P
     _run(runner, server)
     names = [c[0] for c in server.calls]
     assert set(names) <= {"Join", "Poll", "DownloadModel", "ReportUpdateReady"}, names
-    assert ("refused-unknown-instruction", {"round": 0, "fields": [20]}) in [
-        (e, {k: v for k, v in f.items() if k in ("round", "fields")}) for e, f in events
+    assert ("refused-unknown-instruction", {"round_id": 0, "fields": [20]}) in [
+        (e, {k: v for k, v in f.items() if k in ("round_id", "fields")}) for e, f in events
     ]
     # The refusal was acknowledged by asking for the next instruction, not by looping on it.
     polls = [c[1] for c in server.calls if c[0] == "Poll"]

@@ -36,6 +36,8 @@ def test_ckks_round_retried_under_a_fresh_id_decrypts_the_announced_model(
     codes = fed.wait_all(timeout=120)
     assert codes == dict.fromkeys(["server", *names], 0), fed.all_logs()
     assert [fed.round_record(r)["round_id"] for r in (0, 1)] == [0, 2]
-    assert '"event":"ckks-model-decrypted","round":0' in fed.log_text("c")
+    assert '"event":"ckks-model-decrypted","round_id":0' in fed.log_text("c")
+    # People read the federation round (from 1) beside the protocol's fresh round id.
+    assert '"round":2,"round_id":2' in fed.log_text("a")
     for name in names:
         assert (fed.site_dir(name) / "final_model.tensors").exists()

@@ -257,7 +257,8 @@ class Federation:
     ) -> list[SimulatedRound]:
         """The in-process reference of ``rounds`` rounds: every site reports its update, with
         ``dropouts[round]`` and ``extra[round]`` (results of parties that are not real sites).
-        Each round runs under the protocol round id the server used (from its records).
+        Each round runs under the protocol round id the server used (from its records); tasks
+        see the round's index.
         ``signing_keys`` defaults to fresh keys (the active variant; keys do not enter the sum)."""
         config = load_server_config(self.server_config)
         model: Tensors = initial_model(config.model)
@@ -268,7 +269,7 @@ class Federation:
             signing_keys = {self.ids[n]: SigningKey.generate() for n in self.names}
         out = []
         for r, round_id in enumerate(self.round_ids(rounds)):
-            results = {s: t.compute_update(model, round_id) for s, t in tasks.items()}
+            results = {s: t.compute_update(model, r) for s, t in tasks.items()}
             results.update((extra or {}).get(r, {}))
             sim = simulate_round(
                 model,

@@ -293,6 +293,7 @@ class RoundStart(_message.Message):
     MODEL_BYTES_FIELD_NUMBER: _builtins.int
     DEADLINE_S_FIELD_NUMBER: _builtins.int
     MODEL_ROUND_ID_FIELD_NUMBER: _builtins.int
+    ROUND_INDEX_FIELD_NUMBER: _builtins.int
     aggregation: _builtins.str
     """"secagg", "secagg+", "plain" or "ckks"."""
     model_sha256: _builtins.bytes
@@ -303,6 +304,10 @@ class RoundStart(_message.Message):
     """The round id whose result the model is (0 for the initial model). Round ids are fresh for
     every attempt, so this is not always round_id - 1; an encrypted (CKKS) model must carry it.
     """
+    round_index: _builtins.int
+    """The federation round this attempt trains, counted from 0 and the same for every attempt of
+    the round (round ids are not: they are fresh per attempt). People read round_index + 1.
+    """
     def __init__(
         self,
         *,
@@ -311,10 +316,11 @@ class RoundStart(_message.Message):
         model_bytes: _builtins.int = ...,
         deadline_s: _builtins.float = ...,
         model_round_id: _builtins.int = ...,
+        round_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "deadline_s", b"deadline_s", "model_bytes", b"model_bytes", "model_round_id", b"model_round_id", "model_sha256", b"model_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "deadline_s", b"deadline_s", "model_bytes", b"model_bytes", "model_round_id", b"model_round_id", "model_sha256", b"model_sha256", "round_index", b"round_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
