@@ -29,6 +29,10 @@ class _JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
+        else:  # a library logger (secure_fl.secagg, ...): its sentence becomes a field
+            entry["event"] = "library-log"
+            entry["logger"] = record.name
+            entry["message"] = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             entry["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
         return json.dumps(entry, default=str, separators=(",", ":"))
@@ -57,7 +61,12 @@ class EventLog:
 
 
 def setup(party: str, log_file: Path | None = None, level: int = logging.INFO) -> EventLog:
-    """Configure JSON-lines logging for this process (stderr, and ``log_file`` when given)."""
+    """Configure JSON-lines logging for this process (stderr, and ``log_file`` when given).
+
+    The library's own loggers (``secure_fl.secagg``, ``secure_fl.aggregators``,
+    ``secure_fl.training``, ...) go to the same handlers as ``library-log`` events, so that every
+    line a server or site process writes is one JSON object (a plain-text warning would break a
+    line-by-line reader)."""
     logger = logging.getLogger(f"secure_fl.transport.{party}")
     logger.setLevel(level)
     logger.propagate = False
@@ -67,8 +76,13 @@ def setup(party: str, log_file: Path | None = None, level: int = logging.INFO) -
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    library = logging.getLogger("secure_fl")
+    library.setLevel(level)
+    for handler in list(library.handlers):
+        library.removeHandler(handler)
     for handler in handlers:
         handler.setFormatter(_JsonFormatter(party))
         logger.addHandler(handler)
+        library.addHandler(handler)
     logging.Formatter.converter = time.gmtime
     return EventLog(logger)
