@@ -98,3 +98,14 @@ class PolicyError(RemoteProtocolError):
     accept, plain aggregation, the semi-honest variant, a threshold below the site's minimum, a
     wrong vector length, a stale round id, a second update for the same model). The site leaves
     the round without sending anything."""
+
+
+class PostDecryptionError(DecryptionError):
+    """A check whose outcome depends on secret values failed: what this party decrypted (a CKKS
+    global model out of range, non-finite, or not of the announced size), or its own new model
+    computed from secret data.
+
+    Refusing only the round would hand the server a one-bit oracle per round that it can steer (it
+    can shift ciphertexts with the public key alone); a site that gets this error stops for good
+    instead (fail closed, ``protocols/ckks.md``). The message never holds decrypted values.
+    """

@@ -336,22 +336,30 @@ def decrypt_model(
 ) -> dict[str, np.ndarray]:
     """Decrypt the encrypted global model **at the site**; the result must never leave the site.
 
-    Checks before anything is decrypted: the header (format, fields in range), the fingerprint is
-    this site's, the round is ``expected_round`` (when given), the tensors are
-    ``expected_structure`` (when given: the model this site already holds) and hold
-    ``expected_size`` values (when given: the length the site pins in its policy), the number of frames
-    matches the layout of the tensors, and at least ``min_contributors`` sites are summed (as the
+    Checks before anything is decrypted (they depend only on what the server sent, so refusing
+    the round for them tells the server nothing it did not know): the header (format, fields in
+    range), the fingerprint is this site's, the round is ``expected_round`` (when given), the
+    tensors are ``expected_structure`` (when given: the model this site already holds) and hold
+    ``expected_size`` values (when given: the length the site pins in its policy), the number of
+    frames matches the layout of the tensors, at least ``min_contributors`` sites are summed (as the
     server states it: a global model of one site would show that site's update to every other
-    site). Each frame is then checked (kind sum, fingerprint, round, chunk, sizes; see
-    :class:`secure_fl.he.SumDecryptor`), decrypted and divided by the share; every value must be
-    finite and within the preset's ``max_abs`` (a wrapped-around or foreign-key ciphertext
-    decrypts far beyond it).
+    site), and **every** frame's header (kind sum, fingerprint, round, chunk, sizes).
 
-    Errors: RemoteProtocolError for a payload that fails a check; DecryptionError for values out
-    of range or ciphertexts that do not decrypt under this site's key.
+    Checks after decryption (each ciphertext decrypts under this site's key to the announced
+    number of values; every value, divided by the share and cast to its tensor's dtype, is finite
+    and within the preset's ``max_abs``; a wrapped-around or foreign-key ciphertext decrypts far
+    beyond it): their outcome depends on the secret key, and a server that adds plaintext offsets
+    to ciphertexts (public key only) could turn a per-round refusal into a decryption oracle. So
+    any failure from the first decryption on raises :class:`~secure_fl.errors.PostDecryptionError`,
+    whose message names the check but holds no decrypted value; the caller must stop for good
+    (``protocols/ckks.md``, "Fail closed").
+
+    Errors: RemoteProtocolError for a payload that fails a check before decryption;
+    PostDecryptionError for every failure after the first decryption.
     """
-    from secure_fl.errors import DecryptionError
+    from secure_fl.errors import PostDecryptionError
     from secure_fl.he import Layout, SumDecryptor
+    from secure_fl.he.wire import KIND_SUM, decode_frame
 
     model = decode_model(data)
     if model.fingerprint != secret.fingerprint:
@@ -383,27 +391,82 @@ def decrypt_model(
         raise RemoteProtocolError(
             f"the encrypted model holds {len(model.frames)} frames, its layout {layout.chunks}"
         )
+    # Every frame header first, so that no refusal for a header can follow a decryption.
+    for chunk, frame in enumerate(model.frames):
+        parsed = decode_frame(frame)
+        start, stop = layout.chunk_range(chunk)
+        if (
+            parsed.kind != KIND_SUM
+            or parsed.fingerprint != secret.fingerprint
+            or parsed.round_id != model.round_id
+            or parsed.chunk != chunk
+            or parsed.contributors != model.contributors
+            or parsed.values != stop - start
+            or len(parsed.blobs) != len(layout.pieces(chunk))
+        ):
+            raise RemoteProtocolError(
+                f"sum of chunk {chunk}: not a sum frame of this model (kind, context, round, "
+                "chunk, contributors or sizes differ from the header)"
+            )
     decryptor = SumDecryptor(secret, layout, round_id=model.round_id)
+    bound = secret.preset.max_abs
     flat = np.empty(size, dtype=np.float64)
     for chunk, frame in enumerate(model.frames):
         start, stop = layout.chunk_range(chunk)
-        flat[start:stop] = decryptor.decrypt(frame, chunk=chunk, contributors=model.contributors)
+        try:
+            flat[start:stop] = decryptor.decrypt(
+                frame, chunk=chunk, contributors=model.contributors
+            )
+        except Exception as exc:  # from the first decryption on, every failure fails closed
+            # The decryptor's message may quote decrypted magnitudes: it is not passed on.
+            raise PostDecryptionError(
+                f"chunk {chunk} of the encrypted global model failed the check after decryption "
+                f"({type(exc).__name__}): a ciphertext does not decrypt under this site's key, "
+                f"decrypts to the wrong number of values, or to values beyond the bound {bound:g}"
+                " (corrupted, tampered or foreign ciphertexts)"
+            ) from None
     flat /= model.share
-    bound = secret.preset.max_abs * (1 + _RANGE_SLACK)
-    peak = float(np.max(np.abs(flat)))
-    if not math.isfinite(peak) or peak > bound:
-        raise DecryptionError(
-            f"the decrypted global model reaches {peak:.3g}, beyond the bound "
-            f"{secret.preset.max_abs:g} that no honest model exceeds (corrupted, tampered or "
-            "foreign ciphertexts, or a wrong share)"
-        )
     out: dict[str, np.ndarray] = {}
     offset = 0
-    for name, dtype, shape in model.structure:
-        n = math.prod(shape)
-        out[name] = flat[offset : offset + n].reshape(shape).astype(dtype)
-        offset += n
+    with np.errstate(over="ignore", invalid="ignore"):
+        peak = float(np.max(np.abs(flat)))
+        finite = math.isfinite(peak)
+        for name, dtype, shape in model.structure:
+            n = math.prod(shape)
+            out[name] = flat[offset : offset + n].reshape(shape).astype(dtype)
+            finite = finite and bool(np.all(np.isfinite(out[name])))
+            offset += n
+    if not finite or peak > bound * (1 + _RANGE_SLACK):
+        raise PostDecryptionError(
+            "the decrypted global model holds "
+            + ("non-finite values" if not finite else "values beyond the bound")
+            + f" (bound {bound:g}, that no honest model exceeds; the value is not logged): "
+            "corrupted, tampered or foreign ciphertexts, or a wrong share"
+        )
     return out
+
+
+def check_local_model(secret: SecretContext, vector: npt.NDArray[np.float64]) -> None:
+    """Check this site's new local model (global + update) before it reports its weight: every
+    value finite and within the preset's ``max_abs`` (what CKKS can carry).
+
+    The outcome depends on the site's secret update, and the server chooses the model it is
+    added to (it can shift an encrypted model with the public key alone), so a per-round refusal
+    would be a one-bit oracle on the update: a failure is a
+    :class:`~secure_fl.errors.PostDecryptionError` (fail closed), whose message holds no value.
+    """
+    from secure_fl.errors import PostDecryptionError
+
+    with np.errstate(invalid="ignore"):
+        peak = float(np.max(np.abs(vector))) if vector.size else 0.0
+    if not math.isfinite(peak):
+        raise PostDecryptionError("this site's new local model holds non-finite values")
+    if peak > secret.preset.max_abs:
+        raise PostDecryptionError(
+            "this site's new local model holds values beyond the bound "
+            f"{secret.preset.max_abs:g} of CKKS preset {secret.preset.name!r} (the value is not "
+            "logged): lower the learning rate or clip, or provision a preset with a larger max_abs"
+        )
 
 
 def local_model_vector(

@@ -224,13 +224,26 @@ def _server(args: argparse.Namespace) -> int:
 
 def _site(args: argparse.Namespace) -> int:
     from secure_fl.transport.config import load_site_config
-    from secure_fl.transport.site import EXIT_NOT_TRAINED, run_site
+    from secure_fl.transport.site import (
+        EXIT_FAIL_CLOSED,
+        EXIT_NOT_TRAINED,
+        FAIL_CLOSED_MARKER,
+        run_site,
+    )
 
-    code = run_site(load_site_config(args.config))
+    config = load_site_config(args.config)
+    code = run_site(config)
     if code == EXIT_NOT_TRAINED:
         print(
             "error: the federation stopped after 0 rounds; no model was trained "
             "(no final model written)",
+            file=sys.stderr,
+        )
+    elif code == EXIT_FAIL_CLOSED:
+        print(
+            "error: this site stopped for good after a check on a decrypted CKKS model failed "
+            f"(see {config.state_dir / FAIL_CLOSED_MARKER} and the log); an operator must "
+            "investigate and remove that file before the site takes part again",
             file=sys.stderr,
         )
     return code

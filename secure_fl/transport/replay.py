@@ -5,10 +5,26 @@ decryption per round id) cannot be sidestepped by renaming rounds. The site
 
 * takes part only in a round whose id is greater than every round id it has contributed to in
   this federation (a replayed or reused id is refused), and
-* releases unmasking material (SecAgg / SecAgg+ unmask responses) for a given global model (its
-  SHA-256) under one round id only: a second round on the same model, which with a deterministic
-  task means the same update, is refused (two sums over different survivor sets of the same
-  update would reveal the difference).
+* releases unmasking material (SecAgg / SecAgg+ unmask responses) for a given global model under
+  one round id only: a second round on the same model, which with a deterministic task means the
+  same update, is refused (two sums over different survivor sets of the same update would reveal
+  the difference).
+
+"The same model" is decided by the model's **content**, not by the bytes the server served: the
+key is :func:`secure_fl.transport.tensors.content_digest` of the tensors the site loaded (names,
+values with -0.0 as 0.0, in one canonical layout; order, dtype, shape and header left out). A
+re-serialised copy of a model (an extra JSON key in the header, another tensor order, float64
+instead of float32) therefore counts as the same model; keying by the SHA-256 of the downloaded
+bytes, as versions before this one did, let the server get a site's exact update by differencing
+two rounds. For a CKKS model the key is the content after decryption (a ciphertext digest would
+be useless: anyone holding the public key re-randomises a ciphertext into new bytes of the same
+plaintext). A CKKS upload is not a release, though (below), so for CKKS rounds the key only
+matters when one federation mixes aggregations.
+
+Residual risk (``protocols/security.md``): a server that *perturbs* the model slightly between two
+rounds with different participants gets a new content digest and two sums of nearly the same
+updates; their difference approximates the left-out site's update. No digest can stop this (the
+site cannot tell a perturbation from honest progress); only differential privacy bounds it.
 
 Only unmasking is a release here. A plain update is in the clear anyway, and a CKKS upload is
 only ever summed under encryption (the server receives no decryption, and any key holder can
@@ -17,7 +33,8 @@ decrypt a single upload regardless): guarding them would only stop honest retrie
 The record (``state_dir/contributions.json``) is written atomically *before* the message it
 guards leaves the site, so it holds across crashes and restarts. A federation whose global model
 does not change between rounds (a zero mean update) therefore stops at the second round: that
-is intended.
+is intended. Releases recorded by versions before this one were keyed by the model's bytes and
+are kept but no longer consulted (their round ids still count for freshness).
 
 Errors: PolicyError for a refused round; ConfigError when the record is unreadable.
 """
@@ -30,6 +47,8 @@ from typing import Any
 
 from secure_fl.atomic import atomic_write
 from secure_fl.errors import ConfigError, PolicyError
+
+_RELEASED = "released_content"
 
 
 class ContributionGuard:
@@ -50,7 +69,8 @@ class ContributionGuard:
                 raise ConfigError(f"{self.path} must hold a JSON object")
         fed = record.setdefault(self.federation, {})
         fed.setdefault("highest_round", -1)
-        fed.setdefault("released", {})
+        # Content digest (hex) -> round id. ("released", keyed by model bytes, is the old record.)
+        fed.setdefault(_RELEASED, {})
         return record, fed
 
     @property
@@ -58,18 +78,22 @@ class ContributionGuard:
         """The highest round id this site contributed to (-1 when none)."""
         return int(self._load()[1]["highest_round"])
 
-    def check_fresh(self, round_id: int, model_sha256: bytes) -> None:
-        """Refuse a round id that is not fresh, or a model already released under another id."""
+    def check_fresh(self, round_id: int, model_digest: bytes | None = None) -> None:
+        """Refuse a round id that is not fresh, or (when ``model_digest`` is given: the model's
+        :func:`~secure_fl.transport.tensors.content_digest`) a model already released under
+        another round id. PolicyError."""
         _, fed = self._load()
         if round_id <= fed["highest_round"]:
             raise PolicyError(
                 f"round id {round_id} is not fresh: this site already contributed to round "
                 f"{fed['highest_round']} of this federation"
             )
-        previous = fed["released"].get(model_sha256.hex())
+        if model_digest is None:
+            return
+        previous = fed[_RELEASED].get(model_digest.hex())
         if previous is not None and previous != round_id:
             raise PolicyError(
-                f"this site already released its update for model {model_sha256.hex()[:16]}... "
+                f"this site already released its update for model {model_digest.hex()[:16]}... "
                 f"in round {previous}; refusing a second update for the same model in round "
                 f"{round_id}"
             )
@@ -81,18 +105,18 @@ class ContributionGuard:
         fed["highest_round"] = max(int(fed["highest_round"]), round_id)
         atomic_write(self.path, json.dumps(record))
 
-    def record_release(self, round_id: int, model_sha256: bytes) -> None:
+    def record_release(self, round_id: int, model_digest: bytes) -> None:
         """Record that this site is about to release material that, with other rounds on the same
-        model, could reveal its update (call before sending). PolicyError when the model was
-        released under another round id."""
+        model (``model_digest``: its content digest), could reveal its update (call before
+        sending). PolicyError when the model was released under another round id."""
         record, fed = self._load()
-        key = model_sha256.hex()
-        previous = fed["released"].get(key)
+        key = model_digest.hex()
+        previous = fed[_RELEASED].get(key)
         if previous is not None and previous != round_id:
             raise PolicyError(
                 f"this site already released its update for model {key[:16]}... in round "
                 f"{previous}; refusing to release it again in round {round_id}"
             )
-        fed["released"][key] = round_id
+        fed[_RELEASED][key] = round_id
         fed["highest_round"] = max(int(fed["highest_round"]), round_id)
         atomic_write(self.path, json.dumps(record))

@@ -30,11 +30,20 @@ Guarantees:
   weight for a refused aggregation, no advertisement for a refused configuration).
 * Round ids must be fresh and a model's update is unmasked under one round id only
   (:mod:`.replay`, ``state_dir/contributions.json``), so the per-round unmask guard above cannot
-  be sidestepped by renaming rounds.
+  be sidestepped by renaming rounds. "One model" is decided by the content of the tensors the
+  site loaded (or decrypted), not by the bytes served, so re-serialising a model does not help.
+* CKKS fails closed: when a check whose outcome depends on secret values fails (the decrypted
+  global model out of range, non-finite or not decrypting; this site's own new model beyond
+  ``max_abs``; the task failing on a decrypted model), the site writes the marker
+  ``state_dir/FAIL-CLOSED.json``, logs an ERROR that says why (no decrypted value), sends
+  nothing more and exits with :data:`EXIT_FAIL_CLOSED`; while the marker exists it refuses to
+  start. A per-round refusal would be a decryption oracle the server can steer; this way the
+  server learns at most the round at which the site stopped, once.
 
 Exit status of :meth:`SiteRunner.run`: 0 when the federation finished, 3 when the server refuses
 this site's identity, 4 when the server stayed unreachable too long, 5 when the federation
-stopped after 0 rounds (nothing trained; no final model is written).
+stopped after 0 rounds (nothing trained; no final model is written), 6 when the site failed
+closed (above) or refuses to start because the marker exists.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -57,6 +66,7 @@ from secure_fl.errors import (
     CryptoError,
     InvalidUpdateError,
     PolicyError,
+    PostDecryptionError,
     ProtocolError,
     RemoteProtocolError,
 )
@@ -78,11 +88,19 @@ EXIT_FINISHED = 0
 EXIT_REFUSED = 3
 EXIT_UNREACHABLE = 4
 EXIT_NOT_TRAINED = 5
+EXIT_FAIL_CLOSED = 6
+#: In ``state_dir``: written when the site fails closed; the site refuses to start while it exists.
+FAIL_CLOSED_MARKER = "FAIL-CLOSED.json"
 _CALL_TIMEOUT_S = 60.0
 
 
 class _RejoinError(Exception):
     """The server restarted or forgot this site: join again."""
+
+
+class _FailClosedError(Exception):
+    """Stop for good (the marker is written): nothing more is sent. Not a SecureFLError, so that
+    no per-round handler can catch it."""
 
 
 @dataclass
@@ -93,6 +111,8 @@ class _Round:
     round_id: int
     aggregation: str
     model_sha256: bytes = b""
+    # tensors.content_digest of the model this round trains on: the key of the release guard.
+    model_content: bytes = b""
     result: TaskResult | None = None
     client: SecAggClient | None = field(default=None, repr=False)
     bits: int = 32
@@ -165,6 +185,8 @@ class SiteRunner:
         self._roster = {e.site_id: e for e in config.roster}
         self._model: tensors.Tensors | None = None
         self._model_digest = b""
+        self._model_content = b""
+        self._model_decrypted = False
         self._round: _Round | None = None
         self._guard_path = config.state_dir / "unmasked.json"
         self._contributions = ContributionGuard(
@@ -207,12 +229,23 @@ class SiteRunner:
     def run(self) -> int:
         """Join, poll and work until the federation is over (exit status in the module doc)."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        marker = self.config.state_dir / FAIL_CLOSED_MARKER
+        if marker.exists():
+            self.log.error(
+                "fail-closed-marker",
+                marker=str(marker),
+                reason="this site stopped for good after a failed check on secret values; it "
+                "does not rejoin until an operator has found out why and removed the marker",
+            )
+            return EXIT_FAIL_CLOSED
         backoff = 0.2
         try:
             while True:
                 began = self._last_ok
                 try:
                     return self._session_loop()
+                except _FailClosedError:
+                    return EXIT_FAIL_CLOSED
                 except _RejoinError as exc:
                     self.log.info("rejoin", reason=str(exc))
                     self._drop_round("rejoin")
@@ -380,6 +413,40 @@ class SiteRunner:
             self.log.info("left-round", round=self._round.round_id, reason=reason)
         self._round = None
 
+    def _fail_closed(self, reason: str) -> NoReturn:
+        """Stop for good: write the marker (before anything else), log why, raise
+        _FailClosedError (the caller sends nothing more; :meth:`run` returns
+        :data:`EXIT_FAIL_CLOSED`). ``reason`` must hold no decrypted or secret value."""
+        rs = self._round
+        where: dict[str, Any] = (
+            {"round": rs.round_index + 1, "round_id": rs.round_id} if rs is not None else {}
+        )
+        marker = self.config.state_dir / FAIL_CLOSED_MARKER
+        atomic_write(
+            marker,
+            json.dumps(
+                {
+                    "federation": self.config.federation,
+                    **where,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "reason": reason,
+                    "to_resume": "find out why (a tampered or corrupted model from the server, or "
+                    "a diverging local model), then remove this file",
+                },
+                indent=2,
+            ),
+        )
+        self.log.error(
+            "fail-closed",
+            **where,
+            reason=reason,
+            marker=str(marker),
+            exit_status=EXIT_FAIL_CLOSED,
+            note="a check on secret values failed; refusing only this round would let the "
+            "server probe them one bit per round, so this site stops for good",
+        )
+        raise _FailClosedError(reason)
+
     def _crash_point(self, point: str, round_id: int) -> None:
         """Call the injected test hook (``crash_hook``) just before step ``point``."""
         if self._crash_hook is not None:
@@ -441,20 +508,31 @@ class SiteRunner:
             raise RemoteProtocolError("the downloaded model does not match its SHA-256")
         if bytes(data[: len(ckks_wire.MODEL_MAGIC)]) == ckks_wire.MODEL_MAGIC:
             # The encrypted global model: decrypted here, for this site only.
-            self._model = ckks_wire.decrypt_model(
-                self._secret(),
-                data,
-                expected_round=encrypted_round,
-                expected_structure=(
-                    ckks_wire.structure_of(self._model) if self._model is not None else None
-                ),
-                expected_size=self.config.policy.vector_length,
-            )
+            try:
+                model = ckks_wire.decrypt_model(
+                    self._secret(),
+                    data,
+                    expected_round=encrypted_round,
+                    expected_structure=(
+                        ckks_wire.structure_of(self._model) if self._model is not None else None
+                    ),
+                    expected_size=self.config.policy.vector_length,
+                )
+                content = tensors.content_digest(model)
+            except (PostDecryptionError, InvalidUpdateError) as exc:
+                self._fail_closed(str(exc))
+            decrypted = True
             self.log.info(
                 "ckks-model-decrypted", round_id=encrypted_round, note="kept at this site"
             )
         else:
-            self._model = tensors.loads(data)
+            model = tensors.loads(data)
+            try:
+                content = tensors.content_digest(model)
+            except InvalidUpdateError as exc:
+                raise RemoteProtocolError(f"the global model is refused: {exc}") from None
+            decrypted = False
+        self._model, self._model_content, self._model_decrypted = model, content, decrypted
         self._model_digest = digest
         self._ok()
         return self._model
@@ -471,7 +549,7 @@ class SiteRunner:
         # Before anything is computed or sent: the aggregation must be one this site accepts,
         # the round id fresh and the model not already released under another round id.
         policy.check_aggregation(self.config.policy, start.aggregation)
-        self._contributions.check_fresh(rs.round_id, rs.model_sha256)
+        self._contributions.check_fresh(rs.round_id)
         self._crash_point("update", rs.round_id)
         if start.aggregation == "ckks":
             self._secret()  # no context, or the wrong one: do not report a weight at all
@@ -482,12 +560,31 @@ class SiteRunner:
             )
         # Round ids are fresh per attempt: the model's round is announced, not round_id - 1.
         model = self._ensure_model(start.model_sha256, encrypted_round=start.model_round_id)
+        # "The same model" by content, not by the bytes served (replay.py): still before anything
+        # is computed or sent.
+        rs.model_content = self._model_content
+        self._contributions.check_fresh(rs.round_id, rs.model_content)
         t0 = time.perf_counter()
         try:
-            raw_result = self.task.compute_update(model, rs.round_index)
-        except Exception as exc:  # a task bug must not take the site process down
-            raise InvalidUpdateError(f"the task failed: {type(exc).__name__}: {exc}") from exc
-        result = check_result(raw_result, model)
+            try:
+                raw_result = self.task.compute_update(model, rs.round_index)
+            except Exception as exc:  # a task bug must not take the site process down
+                raise InvalidUpdateError(f"the task failed: {type(exc).__name__}: {exc}") from exc
+            result = check_result(raw_result, model)
+            if start.aggregation == "ckks":
+                ckks_wire.check_local_model(
+                    self._secret(), ckks_wire.local_model_vector(model, result.update)
+                )
+        except PostDecryptionError as exc:
+            self._fail_closed(str(exc))
+        except InvalidUpdateError as exc:
+            if start.aggregation == "ckks" and self._model_decrypted:
+                # Whether training on a decrypted model fails depends on the decrypted values.
+                self._fail_closed(
+                    "the task or its result check failed on the decrypted global model "
+                    f"({type(exc.__cause__ or exc).__name__}; details are not logged)"
+                )
+            raise
         rs.result = result
         self.log.info(
             "update-computed",
@@ -636,7 +733,7 @@ class SiteRunner:
         else:
             request = convert.unmask_request_from_pb(inst.unmask_request)
             self._guard_unmask(rs.round_id, request.survivors)
-            self._contributions.record_release(rs.round_id, rs.model_sha256)
+            self._contributions.record_release(rs.round_id, rs.model_content)
             self._crash_point("unmask", rs.round_id)
             reply = client.handle(request)
             stub.SendUnmaskResponse(convert.unmask_to_pb(reply), timeout=_CALL_TIMEOUT_S)
@@ -699,14 +796,19 @@ class SiteRunner:
         vector = ckks_wire.local_model_vector(self._model, rs.result.update)
         rs.result = None  # the plain update is not kept past encryption
         t0 = time.perf_counter()
-        payload, layout = ckks_wire.encrypt_local_model(
-            secret,
-            vector,
-            weight=float(setup.weight),
-            round_id=rs.round_id,
-            chunk_ciphertexts=int(setup.chunk_ciphertexts),
-            site=self.config.name,
-        )
+        try:
+            payload, layout = ckks_wire.encrypt_local_model(
+                secret,
+                vector,
+                weight=float(setup.weight),
+                round_id=rs.round_id,
+                chunk_ciphertexts=int(setup.chunk_ciphertexts),
+                site=self.config.name,
+            )
+        except InvalidUpdateError:
+            # Checked before the weight was reported (check_local_model); a failure here still
+            # depends on secret values.
+            self._fail_closed("this site's new local model failed the CKKS range check")
         del vector
         self.log.info(
             "ckks-encrypted",

@@ -11,6 +11,7 @@ refuses dtypes other than float16/float32/float64.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ import numpy as np
 from secure_fl.errors import InvalidUpdateError
 
 MAGIC = b"SFLTENS1"
+#: Domain of :func:`content_digest` (version it if what is hashed ever changes).
+CONTENT_DOMAIN = b"secure_fl/model-content/v1\x00"
 _DTYPES = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
 _MAX_HEADER = 16 * 1024 * 1024
 _MAX_TENSORS = 100_000
@@ -121,3 +124,41 @@ def same_structure(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> 
     return list(a) == list(b) and all(
         a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a
     )
+
+
+def content_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """The SHA-256 of what a model *is*, independent of how it was serialised or presented.
+
+    Guarantee (against a malicious server): two models get the same digest whenever a task would
+    see the same numbers, however the server re-encoded them. Hashed, under the domain
+    :data:`CONTENT_DOMAIN`: the number of tensors, then for each tensor **sorted by name** its
+    UTF-8 name and its values flattened in C order, upcast exactly to little-endian float64,
+    with -0.0 written as 0.0 (each part length-prefixed). Deliberately left out, because a server
+    can change them without changing the numbers: the serialised bytes and JSON header, the order
+    of the tensors, their dtype (float16/32 values are exact in float64) and their shape. So a
+    re-typed, re-ordered or re-shaped copy of a model counts as the same model. (Two honest models
+    that differ only in those never occur in one federation.)
+
+    Errors: InvalidUpdateError for a non-float array, a name that is not a non-empty string, or
+    NaN / infinite values (such a model has no canonical content and is refused).
+    """
+    digest = hashlib.sha256(CONTENT_DOMAIN)
+    digest.update(len(tensors).to_bytes(8, "little"))
+    for name in sorted(tensors):
+        array = tensors[name]
+        if not isinstance(name, str) or not name:
+            raise InvalidUpdateError("tensor names must be non-empty strings")
+        if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPES:
+            raise InvalidUpdateError(
+                f"tensor {name!r} must be a numpy array of dtype {sorted(_DTYPES)}"
+            )
+        values = np.array(array, dtype="<f8", order="C", copy=True).reshape(-1)
+        if not np.all(np.isfinite(values)):
+            raise InvalidUpdateError(f"tensor {name!r} holds NaN or infinite values")
+        values[values == 0.0] = 0.0  # -0.0 == 0.0: one canonical zero
+        raw_name = name.encode()
+        digest.update(len(raw_name).to_bytes(8, "little"))
+        digest.update(raw_name)
+        digest.update(values.size.to_bytes(8, "little"))
+        digest.update(values.tobytes())
+    return digest.digest()

@@ -474,3 +474,196 @@ def test_malicious_server_serving_one_sites_upload_as_the_global_model(tmp_path:
     update = task.compute_update(runner._model, 1).update
     want = 0.5 * ckks_wire.local_model_vector(runner._model, update)
     np.testing.assert_allclose(np.concatenate(got), want, atol=1e-6)
+
+
+# -- 5. fail closed: a check after decryption stops the site for good ------------------------------
+
+
+def _out_of_range_model(secret: SecretContext, structure: Any, how: str) -> bytes:
+    """An encrypted "global model" of round 0 that decrypts beyond ``max_abs``: a lying share
+    (the values are fine, Dec / share is not), or (as ``/tmp/attack/ckks_oracle.py`` does, with
+    the public context only) a plaintext offset added to one slot of a site's upload."""
+    import tenseal as ts
+
+    from secure_fl.he import Layout, SiteEncryptor
+
+    size = ckks_wire.structure_size(structure)
+    layout = Layout(size, secret.preset.slots, 64)
+    values = 0.3 * np.random.default_rng(2).standard_normal(size)
+    frames = []
+    for frame in SiteEncryptor(secret, layout).stream(values, factor=0.5, round_id=0):
+        f = decode_frame(frame)
+        blobs = list(f.blobs)
+        if how == "offset":
+            public = secret.public().tenseal_context
+            vec = ts.ckks_vector_from(public, blobs[0])
+            shift = np.zeros(vec.size())
+            shift[1] = 4 * secret.preset.max_abs
+            blobs[0] = (vec + shift.tolist()).serialize()
+        frames.append(
+            encode_frame(
+                kind=KIND_SUM,
+                fingerprint=f.fingerprint,
+                round_id=f.round_id,
+                chunk=f.chunk,
+                values=f.values,
+                contributors=2,
+                blobs=blobs,
+            )
+        )
+    return ckks_wire.encode_model(
+        ckks_wire.EncryptedModel(
+            fingerprint=secret.fingerprint,
+            round_id=0,
+            share=1e-4 if how == "share" else 0.5,
+            contributors=2,
+            chunk_ciphertexts=64,
+            structure=structure,
+            frames=tuple(frames),
+        )
+    )
+
+
+def _ckks_round_start(attempt: int, round_id: int, digest: bytes, model_round: int) -> Any:
+    inst = _round_start(attempt, round_id, digest)
+    inst.round_start.model_round_id = model_round
+    return inst
+
+
+def _attach(runner: Any, server: _ScriptedServer) -> None:
+    runner._connect = lambda: server
+    runner._raw = server
+
+
+@pytest.mark.parametrize("how", ["share", "offset"])
+def test_site_fails_closed_when_the_decrypted_model_is_out_of_range(
+    tmp_path: Path, how: str
+) -> None:
+    """The server serves an encrypted model that decrypts beyond ``max_abs`` (the probe of the
+    decryption-validity oracle). The site stops for good: it sends nothing after the download
+    (no ReportUpdateReady, not even another Poll), writes ``FAIL-CLOSED.json`` in its state_dir,
+    logs an ERROR that says why without any decrypted value, and exits with EXIT_FAIL_CLOSED. A
+    restarted site refuses to start (it does not even Join) until the marker is removed. Fails
+    before this fix: the site skipped only that round and kept polling, so the server could ask
+    again with another offset, one bit per round (binary search of another site's model)."""
+    from secure_fl.transport.site import EXIT_FAIL_CLOSED, FAIL_CLOSED_MARKER, SiteRunner
+
+    runner, secret = _site(tmp_path)
+    model0 = initial_model(load_server_config(tmp_path / "fed" / "server" / "server.json").model)
+    served = _out_of_range_model(secret, ckks_wire.structure_of(model0), how)
+    # Two rounds are scripted: a site that only skips the round would go on to the second.
+    server = _ScriptedServer(
+        2,
+        "b",
+        [
+            _ckks_round_start(1, 1, sha256(served), 0),
+            _ckks_round_start(2, 2, sha256(served), 0),
+        ],
+    )
+    server.model, server.model_kind = served, pb.CKKS_MODEL
+    events: list[tuple[str, dict[str, Any]]] = []
+    real_error = runner.log.error
+
+    def error(event: str, exc: bool = False, **fields: Any) -> None:
+        events.append((event, fields))
+        real_error(event, exc, **fields)
+
+    runner.log.error = error
+    _attach(runner, server)
+    status = runner.run()
+
+    assert status == EXIT_FAIL_CLOSED == 6
+    names = [c[0] for c in server.calls]
+    assert names == ["Join", "Poll", "DownloadModel"], names  # nothing after the download
+    marker = runner.config.state_dir / FAIL_CLOSED_MARKER
+    record = json.loads(marker.read_text())
+    assert record["round_id"] == 1 and record["federation"] == runner.config.federation
+    assert "beyond the bound" in record["reason"]
+    closed = [f for e, f in events if e == "fail-closed"]
+    assert len(closed) == 1 and "beyond the bound" in closed[0]["reason"]
+    # No decrypted value in what the site wrote: only the bound itself is a number there.
+    log_text = runner.config.log_file.read_text() if runner.config.log_file else ""
+    for text in (json.dumps(closed[0]), marker.read_text(), log_text):
+        assert "reaches" not in text and "magnitudes up to" not in text
+
+    # Restarted while the marker exists: refuses before contacting the server.
+    restarted = SiteRunner(runner.config)
+    again = _ScriptedServer(2, "b", [])
+    _attach(restarted, again)
+    assert restarted.run() == EXIT_FAIL_CLOSED
+    assert again.calls == []
+    # An operator removes the marker: the site joins again.
+    marker.unlink()
+    resumed = SiteRunner(runner.config)
+    third = _ScriptedServer(2, "b", [])
+    _attach(resumed, third)
+    with pytest.raises(_StopError):
+        resumed.run()
+    assert [c[0] for c in third.calls][:1] == ["Join"]
+
+
+def test_a_check_before_decryption_refuses_only_the_round(tmp_path: Path) -> None:
+    """A model whose header is wrong (here: the result of another round than announced) depends
+    only on what the server sent: the site refuses that round, writes no marker and goes on to
+    the next instruction."""
+    from secure_fl.transport.site import FAIL_CLOSED_MARKER
+
+    runner, secret = _site(tmp_path)
+    model0 = initial_model(load_server_config(tmp_path / "fed" / "server" / "server.json").model)
+    served = _out_of_range_model(secret, ckks_wire.structure_of(model0), "share")
+    server = _ScriptedServer(
+        2,
+        "b",
+        [
+            _ckks_round_start(1, 5, sha256(served), 3),  # announced: result of round 3, not 0
+            _ckks_round_start(2, 6, sha256(served), 4),
+        ],
+    )
+    server.model, server.model_kind = served, pb.CKKS_MODEL
+    _run(runner, server)
+    names = [c[0] for c in server.calls]
+    assert names.count("DownloadModel") == 2 and "ReportUpdateReady" not in names, names
+    assert not (runner.config.state_dir / FAIL_CLOSED_MARKER).exists()
+
+
+def test_site_fails_closed_when_its_own_new_model_is_out_of_range(tmp_path: Path) -> None:
+    """The server serves a (public, plaintext) model sitting at ``max_abs`` and the site's local
+    training overshoots: its new local model (model + update) goes beyond the bound. Whether the
+    site can encrypt depends on its secret update and on a model the server chose, so a
+    per-round refusal would be a one-bit oracle on the update (model at ``max_abs - theta``:
+    refused iff the update exceeds ``theta``). The site stops for good before it reports
+    its weight. Fails before this fix: the site reported its weight, failed at CkksSetup and
+    carried on with the next round."""
+    from secure_fl.transport.site import EXIT_FAIL_CLOSED, FAIL_CLOSED_MARKER
+
+    runner, secret = _site(tmp_path)
+    runner.task = SyntheticTask("b", rate=3.0)  # local training that overshoots
+    model0 = initial_model(load_server_config(tmp_path / "fed" / "server" / "server.json").model)
+    at_bound = {k: np.full_like(v, secret.preset.max_abs) for k, v in model0.items()}
+    blob = dumps(at_bound)
+    fp = bytes.fromhex(secret.fingerprint)
+    size = ckks_wire.structure_size(ckks_wire.structure_of(model0))
+    setup = pb.Instruction(
+        attempt=1,
+        index=1,
+        round_id=0,
+        ckks_setup=pb.CkksSetup(
+            context_sha256=fp,
+            poly_modulus_degree=secret.preset.poly_modulus_degree,
+            scale=secret.preset.scale,
+            weight=0.5,
+            vector_length=size,
+            chunk_ciphertexts=64,
+            phase_deadline_s=60,
+        ),
+    )
+    server = _ScriptedServer(
+        2, "b", [_round_start(1, 0, sha256(blob)), setup, _round_start(2, 1, sha256(blob))]
+    )
+    server.model = blob
+    _attach(runner, server)
+    assert runner.run() == EXIT_FAIL_CLOSED
+    names = [c[0] for c in server.calls]
+    assert names == ["Join", "Poll", "DownloadModel"], names
+    reason = json.loads((runner.config.state_dir / FAIL_CLOSED_MARKER).read_text())["reason"]
+    assert "new local model" in reason and "beyond the bound" in reason
