@@ -28,6 +28,12 @@ What the audit checks (each failure is a :class:`Finding`):
   or ``NOISE_BELOW_CONFIG``, and every epsilon below is computed with ``max(ledger, derived)``
   sampling rate and steps. Without the datalist (``DATALIST_UNAVAILABLE``, warning) sample-level
   ``q`` and steps are the ledger's;
+* never more noise than the audit can justify: each record is accounted with ``min(ledger,
+  justified)`` noise multiplier, the justified one being the calibrated (or configured) multiplier,
+  raised only by a resume recalibration that the runner recorded (``params["resume_scale"]``,
+  ``params["resume_from_round"]``) and the audit re-derives itself from the ledger's earlier records
+  with :func:`secure_fl.privacy.budget.resume_noise_scale`; a record above it (beyond
+  ``NOISE_REL_TOL``) is ``NOISE_ABOVE_DERIVED`` (error: e.g. a ledger rebuilt with inflated noise);
 * every site's epsilon recomputed with two independent accountants (``rdp``, implemented in
   :mod:`secure_fl.privacy.accounting`, and Opacus ``prv``); they must agree within the known gap,
   RDP being an upper bound (``ACCOUNTANT_DISAGREEMENT``);
@@ -49,8 +55,15 @@ What the audit checks (each failure is a :class:`Finding`):
   below ``params["threshold"]`` (``SURVIVORS_BELOW_THRESHOLD``);
 * recomputed epsilon above ``target_epsilon`` or a budget (``EPSILON_ABOVE_TARGET``,
   ``BUDGET_EXCEEDED``); a budget stop is explained (``BUDGET_STOP``, info, naming the round and
-  the budget check's numbers) and a ledger that ends early without one is ``RUN_INCOMPLETE``
-  (info).
+  the budget check's numbers) when stopped.json names the round right after the ledger's last
+  (``STOP_INCONSISTENT`` otherwise) and one more round would really take a site or the federation
+  over a budget (``STOP_UNJUSTIFIED``, warning, otherwise); a ledger that ends early without one
+  is ``RUN_INCOMPLETE`` (warning: an unfinished run's spend is not final);
+* how far the run got by its own artefacts: a ``checkpoints/<strategy>.pt`` round (loaded with
+  ``weights_only=True``) beyond what the ledger and metrics.jsonl hold, or ``models/<strategy>.pt``
+  / ``report.md`` of a run whose ledger ends early without a budget stop, is
+  ``ARTEFACTS_AHEAD_OF_LEDGER`` (error: a truncated tail); an unreadable checkpoint is
+  ``CHECKPOINT_UNREADABLE`` (warning).
 
 Rounds are numbered from 1 in everything the audit writes (findings, audit.md/.json, the plot),
 as in metrics.jsonl and stopped.json; the ledger stores the 0-based index (round - 1) and the
@@ -251,7 +264,8 @@ class AuditResult:
             "(growing from row to row, each covering its round); the sampling rate, steps and "
             "least noise were re-derived from config.json and the datalist split and each "
             "site's epsilon recomputed from the ledger with max(ledger, derived) sampling rate "
-            "and steps (unconfirmed intents counted, max(intended, confirmed) steps, "
+            "and steps, min(ledger, derived) noise (a resume recalibration only as re-derived "
+            "from the ledger) (unconfirmed intents counted, max(intended, confirmed) steps, "
             "min(expected, confirmed) survivors) with an RDP accountant and Opacus' PRV "
             "accountant (upper estimate); RDP is an upper bound, so it must not be below PRV by "
             f"more than 2 x {PRV_EPS_ERROR}. Every reported epsilon was compared with the value "
@@ -368,15 +382,25 @@ class Derived:
     basis: str
 
 
+NOISE_REL_TOL = 1e-4
+"""Relative slack above a justified noise multiplier that is still credited as recorded (the
+floating-point slack of the runner's calibrations, e.g. distributed noise sizing overshoots by
+about 1e-6); above it a record is ``NOISE_ABOVE_DERIVED`` and accounted at the justified value."""
+
+
 def _select(
     records: Sequence[LedgerRecord],
     site: str,
     strategy: str | None,
     upto: int | None,
     derived: Mapping[str, Derived] | None = None,
+    caps: Mapping[int, float] | None = None,
 ) -> list[PrivacyEvent]:
     """The site's events as the ledger stood after record ``upto``, with the sampling rate and
-    steps raised to the re-derived ones (``derived``) where the ledger shows less."""
+    steps raised to the re-derived ones (``derived``) where the ledger shows less, and the noise
+    multiplier lowered to the justified one (``caps``: record id -> the most noise the audit can
+    re-derive, :func:`_justify_noise`) where the ledger claims more than ``NOISE_REL_TOL`` above
+    it."""
     events = []
     for r in records:
         if r.entry.site != site or (strategy is not None and r.entry.strategy != strategy):
@@ -394,6 +418,11 @@ def _select(
                 sample_rate=max(event.sample_rate, d.q),
                 steps=max(event.steps, d.steps or 0),
             )
+        cap = (caps or {}).get(r.id)
+        claimed = r.entry.noise_multiplier
+        if cap is not None and claimed > cap * (1 + NOISE_REL_TOL):
+            # scale the accounted multiplier (survivor effects included) down to the justified one
+            event = replace(event, noise_multiplier=event.noise_multiplier * cap / claimed)
         events.append(event)
     return events
 
@@ -543,20 +572,22 @@ def audit_run(
 
     derived: dict[str, Derived] = {}
     schedule: dict[int, set[str]] | None = None
+    caps: dict[int, float] = {}
     if dp_enabled and pcfg is not None and records:
         derived, schedule = _derive(config, pcfg, sites, datalist, findings)
         _check_derived(records, derived, findings)
+        caps = _justify_noise(records, derived, schedule, pcfg, config, findings)
     _check_anchors(anchors, last_seq, strategies_named, findings)
 
     # recomputed totals
     epsilon: dict[str, dict[str, float]] = {}
     for site in sites:
-        events = _select(records, site, None, None, derived)
+        events = _select(records, site, None, None, derived, caps)
         epsilon[site] = {acc: eps(events, delta, acc) for acc in accountants}
     federation = {acc: max((epsilon[s][acc] for s in sites), default=0.0) for acc in accountants}
     _check_accountants(epsilon, tolerance, findings)
     if pcfg is not None:
-        _check_config(pcfg, records, epsilon, eps, delta, tolerance, derived, findings)
+        _check_config(pcfg, records, epsilon, eps, delta, tolerance, derived, caps, findings)
         if not dp_enabled and records:
             findings.append(
                 Finding(
@@ -569,7 +600,13 @@ def audit_run(
     _check_records(records, findings)
     _check_noise_source(records, findings)
     _check_rounds(records, rows, config, pcfg, dp_enabled, strategies_named, schedule, findings)
-    _check_stop(run, records, config, pcfg, epsilon, findings)
+    refused = _check_stop(run, records, config, pcfg, epsilon, findings)
+    if refused is not None and pcfg is not None and records:
+        _check_stop_justified(
+            records, refused, pcfg, derived, caps, schedule, eps, tolerance, findings
+        )
+    if dp_enabled:
+        _check_progress(run, records, rows, config, strategies_named, findings)
 
     # reported epsilons: always at the configuration's delta, with its accountant
     reported: list[tuple[str, str, float]] = []
@@ -645,7 +682,7 @@ def audit_run(
             continue
         scope_strategy = strategy if scope == "strategy" and strategies_named else None
         for site in sites:
-            events = _select(records, site, scope_strategy, upto, derived)
+            events = _select(records, site, scope_strategy, upto, derived, caps)
             if site not in values and canonical_events(events):
                 findings.append(
                     Finding(
@@ -670,7 +707,7 @@ def audit_run(
                 )
                 continue
             reported.append((label, str(site), v))
-            events = _select(records, str(site), scope_strategy, upto, derived)
+            events = _select(records, str(site), scope_strategy, upto, derived, caps)
             recomputed = eps(events, delta, config_accountant)
             where = f"(accountant {config_accountant}, δ={delta:g}, ledger up to record {upto})"
             if v < recomputed - tolerance:
@@ -701,7 +738,7 @@ def audit_run(
         upto_seq = last_seq[(strategy, rnd)]
         point = {}
         for site in sites:
-            events = _select(records, site, None, upto_seq, derived)
+            events = _select(records, site, None, upto_seq, derived, caps)
             if canonical_events(events):
                 point[site] = eps(events, delta, "rdp")
         curve.append(CurvePoint(_label(strategy, rnd + 1), strategy, rnd + 1, point))
@@ -885,6 +922,140 @@ def _check_derived(
             )
 
 
+def _justify_noise(
+    records: Sequence[LedgerRecord],
+    derived: Mapping[str, Derived],
+    schedule: Mapping[int, set[str]] | None,
+    pcfg: PrivacyConfig,
+    config: Mapping[str, Any],
+    findings: list[Finding],
+) -> dict[int, float]:
+    """The most noise multiplier each record can be credited with (record id -> multiplier).
+
+    Whoever can write the run folder can rebuild the ledger claiming more noise than ran (a
+    smaller epsilon); the audit never credits more than it can re-derive: the multiplier the
+    configuration calibrates (``target_epsilon``, from config.json and the datalist) or fixes
+    (``noise_multiplier``), raised only by a resume recalibration the audit re-derives itself
+    (:func:`_resume_scale`). A record above that (beyond ``NOISE_REL_TOL``) is
+    ``NOISE_ABOVE_DERIVED`` (error) and accounted at the justified value. Records of a site with
+    nothing derived (no datalist: ``DATALIST_UNAVAILABLE``) are not capped."""
+    caps: dict[int, float] = {}
+    scales: dict[tuple[int | None, str], tuple[float | None, str]] = {}
+    for r in sorted(records, key=lambda rec: rec.id):
+        e = r.entry
+        d = derived.get(e.site)
+        if pcfg.target_epsilon is not None:
+            base = d.sigma if d is not None else None
+            basis = f"calibrated for target_epsilon={pcfg.target_epsilon:g}" + (
+                f" ({d.basis})" if d is not None else ""
+            )
+        else:
+            base, basis = pcfg.noise_multiplier, "configured noise_multiplier"
+        if base is None:
+            continue
+        cap, how = base, basis
+        if "resume_scale" in e.params or "resume_from_round" in e.params:
+            start = _int_or_none(e.params.get("resume_from_round"))
+            group = str(e.params.get("trainer", "")) if e.level == "sample" else ""
+            if (start, group) not in scales:
+                scales[(start, group)] = _resume_scale(
+                    records, start, group, derived, schedule, pcfg, config, caps
+                )
+            scale, why = scales[(start, group)]
+            if scale is not None:
+                cap = base * scale
+                how = f"{basis}, x{scale:.6g} re-derived for the resume at round {(start or 0) + 1}"
+            else:
+                how = f"{basis}; the recorded resume recalibration is not verifiable: {why}"
+        caps[r.id] = cap
+        if e.noise_multiplier > cap * (1 + NOISE_REL_TOL):
+            findings.append(
+                Finding(
+                    "NOISE_ABOVE_DERIVED",
+                    ERROR,
+                    f"record {r.id} claims noise multiplier {e.noise_multiplier:.6g}, above the "
+                    f"{cap:.6g} the run can justify ({how}): accounted at {cap:.6g}",
+                    **_where(e),
+                )
+            )
+    return caps
+
+
+def _resume_scale(
+    records: Sequence[LedgerRecord],
+    start: int | None,
+    group: str,
+    derived: Mapping[str, Derived],
+    schedule: Mapping[int, set[str]] | None,
+    pcfg: PrivacyConfig,
+    config: Mapping[str, Any],
+    caps: Mapping[int, float],
+) -> tuple[float | None, str]:
+    """Re-derive the factor by which a resume at round ``start`` (0-based) raised ``group``'s
+    noise (a trainer at sample level, ``""`` at site level): what
+    :meth:`~secure_fl.training.privacy_run.PrivacyRound.recalibrate_for_resume` computed, with
+    the same :func:`~secure_fl.privacy.budget.resume_noise_scale`, from the records written
+    before the resumed session's first record (accounted as the audit accounts them, ``caps``)
+    and the planned rounds ``start..rounds-1`` re-derived from the configuration. Returns
+    ``(scale, "")`` or ``(None, why)`` when the recorded resume cannot be justified."""
+    from secure_fl.privacy.budget import resume_noise_scale
+
+    rounds = _int_or_none(config.get("rounds"))
+    if pcfg.target_epsilon is None:
+        return None, "no target_epsilon: a fixed noise multiplier is never recalibrated"
+    if rounds is None or start is None or not 0 <= start < rounds:
+        return None, f"resume_from_round={start!r} is not a round of the {rounds} planned"
+    session = [r for r in records if _int_or_none(r.entry.params.get("resume_from_round")) == start]
+    boundary = min(r.id for r in session)
+    first = next(r for r in session if r.id == boundary)
+    if first.entry.round != start:
+        return None, (
+            f"the resumed session's first record ({boundary}) is of round "
+            f"{first.entry.round + 1}, not of round {start + 1} it claims to resume at"
+        )
+    history_records = [r for r in records if r.id < boundary]
+    if any(r.entry.round > start for r in history_records):
+        return None, f"records before the resume at round {start + 1} are of later rounds"
+    if pcfg.level == "sample":
+        members = sorted(derived) if group == "pooled" else [group]
+    else:
+        members = sorted(derived)
+    if not members or any(s not in derived or derived[s].sigma is None for s in members):
+        return None, f"nothing is derived for the noise group {group or 'all sites'!r}"
+    future: dict[str, list[PrivacyEvent]] = {}
+    for site in members:
+        d = derived[site]
+        sigma = d.sigma or 0.0
+        events = []
+        for rnd in range(start, rounds):
+            trains = (
+                pcfg.level == "site"
+                or schedule is None
+                or group == "pooled"
+                or group in schedule.get(rnd, set())
+            )
+            if trains:
+                # site level with random participation: every site charged (an upper bound)
+                steps = d.steps if d.steps is not None else 1
+                events.append(
+                    PrivacyEvent(sigma, d.q, steps, integer_orders=pcfg.mechanism == "skellam")
+                )
+        future[site] = events
+    history = {
+        s: _select(history_records, s, None, None, derived, caps)
+        for s in sorted({r.entry.site for r in history_records} | set(members))
+    }
+    try:
+        scale = resume_noise_scale(
+            history, future, pcfg.target_epsilon, pcfg.delta, pcfg.accountant
+        )
+    except ConfigError as exc:
+        return None, str(exc)
+    if scale is None:
+        return None, "no factor fits the target (the runner would have refused the round)"
+    return scale, ""
+
+
 def _check_anchors(
     anchors: Sequence[tuple[dict[str, Any], LedgerHead | None]],
     last_seq: Mapping[tuple[str, int], int],
@@ -966,8 +1137,12 @@ def _check_stop(
     pcfg: PrivacyConfig | None,
     epsilon: Mapping[str, Mapping[str, float]],
     findings: list[Finding],
-) -> None:
-    """Explain a budget stop (``stopped.json``), or a ledger that ends before the planned rounds."""
+) -> int | None:
+    """Explain a budget stop (``stopped.json``), or a ledger that ends before the planned rounds.
+
+    Returns the refused round's index when stopped.json names the round right after the
+    ledger's last (or the last itself when that round's intents are all unconfirmed: a crashed
+    round refused on resume), else None."""
     planned = _int_or_none(config.get("rounds"))
     last = max((r.entry.round for r in records), default=-1)
     path = run / "stopped.json"
@@ -1001,7 +1176,9 @@ def _check_stop(
                 strategy=strategy,
             )
         )
-        if rnd is not None and last >= rnd:
+        crashed = [r for r in records if r.entry.round == last]
+        rerun = rnd == last and not any(r.confirmed for r in crashed)
+        if rnd is not None and last >= rnd and not rerun:
             findings.append(
                 Finding(
                     "STOP_INCONSISTENT",
@@ -1012,18 +1189,202 @@ def _check_stop(
                     strategy=strategy,
                 )
             )
+        elif rnd is not None and records and last < rnd - 1:
+            findings.append(
+                Finding(
+                    "STOP_INCONSISTENT",
+                    WARNING,
+                    f"stopped.json says round {number} was refused, but the ledger ends at "
+                    f"round {last + 1}: a budget refuses the round right after the last one "
+                    f"run, so rounds {last + 2}..{rnd} are missing from the ledger",
+                    round=rnd,
+                    strategy=strategy,
+                )
+            )
+        else:
+            return rnd
     elif stop is not None or path.exists():
         findings.append(Finding("STOP_INCONSISTENT", WARNING, f"{path.name} is unreadable"))
     elif records and planned is not None and last < planned - 1:
         findings.append(
             Finding(
                 "RUN_INCOMPLETE",
-                INFO,
-                f"the ledger ends at round {last + 1} of the {planned} planned: the run was "
-                "interrupted or is still running; epsilon is what was spent so far",
+                WARNING,
+                f"the ledger ends at round {last + 1} of the {planned} planned without a budget "
+                "stop (stopped.json): the run was interrupted, is still running, or its tail "
+                "was removed; epsilon is what the ledger holds so far, not the run's final spend",
                 round=last,
             )
         )
+    return None
+
+
+def _check_stop_justified(
+    records: Sequence[LedgerRecord],
+    refused: int,
+    pcfg: PrivacyConfig,
+    derived: Mapping[str, Derived],
+    caps: Mapping[int, float],
+    schedule: Mapping[int, set[str]] | None,
+    eps: _EpsilonCache,
+    tolerance: float,
+    findings: list[Finding],
+) -> None:
+    """A budget stop must be re-derivable: the runner refuses round ``refused`` (0-based) only
+    when its planned records would take a site over ``site_budget`` / ``target_epsilon`` or the
+    federation over ``federation_budget``. Each site that trains in that round (config.json and
+    the datalist; every site at site level) is projected with one more round like its latest
+    record (accounted as the audit accounts it; at least the re-derived sampling rate and steps,
+    one step at site level). When no site and not the federation would go over,
+    stopped.json does not explain the early end (``STOP_UNJUSTIFIED``, warning: e.g. a forged
+    stop covering a truncated tail)."""
+    site_budget = pcfg.site_budget
+    if pcfg.target_epsilon is not None:
+        cap = pcfg.target_epsilon
+        site_budget = cap if site_budget is None else min(site_budget, cap)
+    sites = sorted({r.entry.site for r in records} | set(derived))
+    if pcfg.level == "sample" and schedule is not None and refused in schedule:
+        training = sorted(schedule[refused])
+    else:
+        training = sites
+    projected: dict[str, float] = {}
+    for site in sites:
+        events = _select(records, site, None, None, derived, caps)
+        if site in training:
+            own = [r for r in records if r.entry.site == site]
+            d = derived.get(site)
+            if not own:
+                return  # nothing to project a fresh site's round from: not verifiable
+            latest = max(own, key=lambda rec: rec.id)
+            (nxt,) = _select([latest], site, None, None, derived, caps)
+            steps = max(nxt.steps, 1, (d.steps or 0) if d is not None else 0)
+            events = [*events, replace(nxt, steps=steps)]
+        projected[site] = eps(events, pcfg.delta, pcfg.accountant)
+    over_site = site_budget is not None and any(
+        projected[s] > site_budget - tolerance for s in training if s in projected
+    )
+    worst = max(projected.values(), default=0.0)
+    over_fed = pcfg.federation_budget is not None and worst > pcfg.federation_budget - tolerance
+    if over_site or over_fed:
+        return
+    budgets = ", ".join(
+        f"{name}={value:g}"
+        for name, value in (
+            ("site_budget", pcfg.site_budget),
+            ("target_epsilon", pcfg.target_epsilon),
+            ("federation_budget", pcfg.federation_budget),
+        )
+        if value is not None
+    )
+    findings.append(
+        Finding(
+            "STOP_UNJUSTIFIED",
+            WARNING,
+            f"stopped.json says a privacy budget refused round {refused + 1}, but one more round "
+            f"brings the worst site only to ε={worst:.6g} ({pcfg.accountant}), within "
+            f"{budgets or 'no budget at all'}: the stop does not explain why the ledger ends early",
+            round=refused,
+        )
+    )
+
+
+def _checkpoint_round(path: Path) -> tuple[int | None, str]:
+    """The ``round`` (0-based index of the last finished round) of a runner checkpoint
+    (``checkpoints/<strategy>.pt``, :func:`secure_fl.training.runner._save_checkpoint`), loaded
+    with ``weights_only=True`` (no pickled code runs). ``(None, why)`` when unreadable."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is a dependency of the runner
+        return None, f"torch is not importable ({exc})"
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types on a malformed file
+        return None, f"{type(exc).__name__}: {exc}"
+    value = data.get("round") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None, f"it holds no valid 'round' (got {value!r})"
+    return value, ""
+
+
+def _check_progress(
+    run: Path,
+    records: Sequence[LedgerRecord],
+    rows: Sequence[dict[str, Any]],
+    config: Mapping[str, Any],
+    strategies_named: bool,
+    findings: list[Finding],
+) -> None:
+    """The run's own artefacts that record how far it got, against the ledger and metrics.jsonl.
+
+    The runner confirms a round in the ledger, appends its metrics line and only then writes
+    ``checkpoints/<strategy>.pt`` (holding the round); ``models/<strategy>.pt`` and ``report.md``
+    are written once every planned round ran (or a budget stopped the run: ``stopped.json``). A
+    checkpoint of a later round than the ledger and metrics.jsonl hold, or final models and a
+    report of a run whose ledger ends early without a budget stop, mean records were removed:
+    ``ARTEFACTS_AHEAD_OF_LEDGER`` (error; e.g. a tail truncated to under-state epsilon). An
+    unreadable checkpoint is ``CHECKPOINT_UNREADABLE`` (warning)."""
+    planned = _int_or_none(config.get("rounds"))
+    stopped = (run / "stopped.json").exists()
+    raw = config.get("strategies")
+    names = [s for s in raw if isinstance(s, str) and s] if isinstance(raw, list) else []
+    names = names or sorted({r.entry.strategy for r in records if r.entry.strategy}) or ["fedavg"]
+    for name in names:
+        ledger_last = max(
+            (r.entry.round for r in records if not strategies_named or r.entry.strategy == name),
+            default=-1,
+        )
+        metrics_last = max(
+            (
+                rnd
+                for row in rows
+                if (rnd := _int_or_none(row.get("round"))) is not None
+                and str(row.get("strategy") or name) == name
+            ),
+            default=-1,
+        )
+        held = min(ledger_last, metrics_last)
+        where: dict[str, Any] = {"strategy": name if strategies_named else None}
+        ckpt = run / "checkpoints" / f"{name}.pt"
+        if ckpt.is_file():
+            done, why = _checkpoint_round(ckpt)
+            if done is None:
+                findings.append(
+                    Finding(
+                        "CHECKPOINT_UNREADABLE",
+                        WARNING,
+                        f"checkpoints/{ckpt.name} is unreadable ({why}): how far the run got "
+                        "cannot be checked against the ledger",
+                        **where,
+                    )
+                )
+            elif done > held:
+                findings.append(
+                    Finding(
+                        "ARTEFACTS_AHEAD_OF_LEDGER",
+                        ERROR,
+                        f"checkpoints/{ckpt.name} says round {done + 1} finished, but the ledger "
+                        f"records rounds up to {ledger_last + 1} and metrics.jsonl up to "
+                        f"{metrics_last + 1}: the ledger under-records the run (a truncated tail)",
+                        round=held + 1,
+                        **where,
+                    )
+                )
+        finals = [p for p in (run / "models" / f"{name}.pt", run / "report.md") if p.is_file()]
+        if finals and not stopped and planned is not None and held < planned - 1:
+            shown = ", ".join(str(p.relative_to(run)) for p in finals)
+            findings.append(
+                Finding(
+                    "ARTEFACTS_AHEAD_OF_LEDGER",
+                    ERROR,
+                    f"{shown} exist: they are written once all {planned} planned rounds ran (or "
+                    f"a budget stopped the run, which stopped.json would say), but the ledger "
+                    f"records rounds up to {ledger_last + 1} and metrics.jsonl up to "
+                    f"{metrics_last + 1}: the ledger under-records the run (a truncated tail; "
+                    "or an extended run interrupted before it finished: resume it)",
+                    round=held + 1,
+                    **where,
+                )
+            )
 
 
 def _anchor_of(privacy: dict[str, Any]) -> Any:
@@ -1104,6 +1465,7 @@ def _check_config(
     delta: float,
     tolerance: float,
     derived: Mapping[str, Derived],
+    caps: Mapping[int, float],
     findings: list[Finding],
 ) -> None:
     for r in records:
@@ -1180,7 +1542,7 @@ def _check_config(
                     )
                 )
     per_site = {
-        site: eps(_select(records, site, None, None, derived), delta, pcfg.accountant)
+        site: eps(_select(records, site, None, None, derived, caps), delta, pcfg.accountant)
         for site in epsilon
     }
     if pcfg.target_epsilon is not None:

@@ -103,6 +103,10 @@ class PrivacyRound:
     calibrated_site_noise: float = 0.0
     planned_site_noise: float = 0.0
     ledger: PrivacyLedger | None = None
+    resumed: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Per noise group (trainer name at sample level, "" at site level): the factor and the
+    round (0-based) of a resume recalibration, recorded in every later entry's params
+    (``resume_scale``, ``resume_from_round``) so that the audit can re-derive it."""
     _intents: list[tuple[int, LedgerEntry]] = field(default_factory=list)
 
     @property
@@ -227,6 +231,7 @@ class PrivacyRound:
                             delta=p.delta,
                             params={
                                 **self._params(),
+                                **self._resume_params(trainer_name),
                                 "trainer": trainer_name,
                                 "calibrated_noise_multiplier": self.sample_noise[trainer_name],
                             },
@@ -236,7 +241,7 @@ class PrivacyRound:
         else:
             assert isinstance(self.strategy, DPFedAvg)
             n = len(self.fed.names)
-            params = self._params()
+            params = {**self._params(), **self._resume_params("")}
             params["site_sample_rate"] = p.site_sample_rate
             params["amplification"] = False
             if p.trust == "distributed":
@@ -274,6 +279,13 @@ class PrivacyRound:
         if p.level == "site":
             params["calibrated_noise_multiplier"] = self.calibrated_site_noise
         return params
+
+    def _resume_params(self, group: str) -> dict[str, Any]:
+        """The resume recalibration of ``group`` as ledger params (empty when none ran)."""
+        if group not in self.resumed:
+            return {}
+        scale, start = self.resumed[group]
+        return {"resume_scale": scale, "resume_from_round": start}
 
     def before_round(self, round_id: int) -> None:
         """Check the budgets (refusing the round) and record the intents."""
@@ -334,8 +346,12 @@ class PrivacyRound:
         ``target_epsilon`` (the noise was calibrated for an uninterrupted run; re-running an
         interrupted round would otherwise overspend). Keeps the noise when it already fits (a
         clean resume then produces the same models). Without a target (a fixed multiplier) only
-        the budgets guard the run. Returns a line for the log when the noise changed or cannot
-        fit; in the latter case the budget check refuses the next round (the run stops there).
+        the budgets guard the run. A raised noise is recorded in every later entry's params
+        (``resume_scale`` and ``resume_from_round``, per trainer at sample level): the audit
+        re-derives the factor from the ledger's earlier records with the same
+        :func:`~secure_fl.privacy.budget.resume_noise_scale` and credits no more noise than
+        that. Returns a line for the log when the noise changed or cannot fit; in the latter
+        case the budget check refuses the next round (the run stops there).
         """
         from secure_fl.privacy.budget import planned_event, resume_noise_scale
 
@@ -380,6 +396,7 @@ class PrivacyRound:
                 self.strategy.dp = dataclasses.replace(
                     self.strategy.dp, noise_multiplier=self.site_noise
                 )
+            self.resumed[key] = (scale, start_round)
             notes.append(f"{key or 'all sites'} x{scale:.4f}")
         if not notes:
             return None

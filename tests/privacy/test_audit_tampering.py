@@ -211,3 +211,109 @@ def test_records_without_a_noise_source_are_reported(run: Path) -> None:
 def test_a_missing_datalist_is_not_silently_trusted(run: Path, tmp_path: Path) -> None:
     result = audit_run(run, datalist=tmp_path / "nowhere.json")
     assert "DATALIST_UNAVAILABLE" in codes(result) and not result.ok
+
+
+# ---------------------------------------------------------------------------------------------
+# a truncated tail (the attack: a real run cut back to its first round, ledger rebuilt through
+# the ledger API with its head, metrics.jsonl rewritten; the checkpoint, models and report of
+# the whole run left in place) and inflated noise
+
+
+def truncate(run: Path, keep: int) -> None:
+    """Cut the run back to its first ``keep`` rounds: a fresh ledger (valid chain and head) with
+    only those rounds' records, and metrics.jsonl with only their rows, epsilons and anchors."""
+    path = run / LEDGER_FILENAME
+    with PrivacyLedger(path, readonly=True) as old:
+        records = old.entries()
+    path.unlink()
+    path.with_name(path.name + ".head").unlink()
+    rows = [row for row in rows_of(run) if row["round"] <= keep]
+    with PrivacyLedger(path) as new:
+        for row in rows:
+            for r in records:
+                if r.entry.round == row["round"] - 1:
+                    new.confirm(new.record_intent(r.entry), steps=r.entry.steps)
+            row["privacy"]["epsilon"] = {s: new.spent(s, DELTA, "rdp") for s in new.sites()}
+            row["privacy"]["max_epsilon"] = max(row["privacy"]["epsilon"].values())
+            row["privacy"]["ledger_head"] = new.head().to_dict()
+    write_rows(run, rows)
+
+
+def test_a_truncated_tail_is_found_by_the_runs_own_artefacts(run: Path) -> None:
+    """checkpoints/fedavg.pt says round 2 finished and models/report exist, but the ledger and
+    metrics stop at round 1: the ledger under-records (it used to PASS with RUN_INCOMPLETE at
+    info severity and the truncated epsilon)."""
+    truncate(run, keep=1)
+    result = audit_run(run)
+    assert "CHAIN_BROKEN" not in codes(result) and "ANCHOR_MISMATCH" not in codes(result)
+    ahead = [f for f in result.findings if f.code == "ARTEFACTS_AHEAD_OF_LEDGER"]
+    assert {f.severity for f in ahead} == {"error"}
+    assert any("checkpoints/fedavg.pt says round 2" in f.message for f in ahead)
+    assert any("models/fedavg.pt" in f.message for f in ahead)
+    assert ("RUN_INCOMPLETE", "warning") in {(f.code, f.severity) for f in result.findings}
+    assert result.status == "FAIL"
+    assert main([str(run), "--no-report"]) == 1
+
+
+def test_a_truncated_tail_without_its_artefacts_still_fails(run: Path) -> None:
+    """Checkpoint, models and report deleted too: an unfinished run's spend is not final, so a
+    ledger ending before config.json's rounds without a budget stop is not PASS."""
+    truncate(run, keep=1)
+    for path in [*run.glob("checkpoints/*.pt"), *run.glob("models/*.pt"), run / "report.md"]:
+        path.unlink()
+    result = audit_run(run)
+    assert [(f.code, f.severity) for f in result.findings] == [("RUN_INCOMPLETE", "warning")]
+    assert result.status == "FAIL"
+
+
+def test_a_truncated_tail_with_a_forged_budget_stop_is_found(run: Path) -> None:
+    """stopped.json forged to say a budget refused round 2 (checkpoint deleted): one more round
+    stays within target_epsilon, so the stop explains nothing."""
+    truncate(run, keep=1)
+    (run / "checkpoints" / "fedavg.pt").unlink()
+    (run / "stopped.json").write_text(json.dumps({"strategy": "fedavg", "round": 2}))
+    result = audit_run(run)
+    assert "STOP_UNJUSTIFIED" in codes(result) and result.status == "FAIL"
+
+
+def test_a_ledger_rewritten_with_more_noise_than_the_target_needs_is_found(run: Path) -> None:
+    """A consistent forgery claiming 3x the noise (and 3x the calibrated multiplier): a smaller
+    epsilon. config.json's target fixes the noise; the audit credits no more than it re-derives
+    and recomputes the untouched run's epsilon."""
+    honest = audit_run(run).federation_epsilon
+
+    def triple(e: LedgerEntry) -> LedgerEntry:
+        sigma = e.noise_multiplier * 3
+        changed = with_params(e, calibrated_noise_multiplier=sigma)
+        return LedgerEntry(**{**changed.__dict__, "noise_multiplier": sigma})
+
+    rebuild_ledger(run, triple)
+    result = audit_run(run)
+    assert "CHAIN_BROKEN" not in codes(result) and "ANCHOR_MISMATCH" not in codes(result)
+    above = [f for f in result.findings if f.code == "NOISE_ABOVE_DERIVED"]
+    assert above and {f.severity for f in above} == {"error"}
+    assert "EPSILON_UNDER_REPORTED" in codes(result) and result.status == "FAIL"
+    for acc, value in honest.items():
+        assert result.federation_epsilon[acc] == pytest.approx(value, rel=1e-9)
+
+
+def test_a_forged_resume_recalibration_is_not_credited(run: Path) -> None:
+    """The inflated noise comes with params claiming a resume recalibration (x3 from round 2):
+    the audit re-derives the factor from the ledger's earlier records (nothing was re-run, so
+    1.0) and still accounts the records at the calibrated noise."""
+
+    def forged(e: LedgerEntry) -> LedgerEntry:
+        if e.round == 0:
+            return e
+        sigma = e.noise_multiplier * 3
+        changed = with_params(
+            e, calibrated_noise_multiplier=sigma, resume_scale=3.0, resume_from_round=1
+        )
+        return LedgerEntry(**{**changed.__dict__, "noise_multiplier": sigma})
+
+    rebuild_ledger(run, forged)
+    result = audit_run(run)
+    above = [f for f in result.findings if f.code == "NOISE_ABOVE_DERIVED"]
+    assert above and all(f.round == 2 for f in above)
+    assert "x1 re-derived for the resume at round 2" in above[0].message
+    assert "EPSILON_UNDER_REPORTED" in codes(result) and result.status == "FAIL"

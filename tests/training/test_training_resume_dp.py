@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,26 @@ def test_sample_level_resume_recalibrates_each_sites_noise(
     assert len(spent) == 3 and max(spent) <= TARGET + 1e-9
     result = audit_run(run)
     assert {f.code for f in result.problems} == {"UNCONFIRMED_INTENT"}, result.findings
+    # the raised noise is recorded verifiably: the audit re-derives the factor and credits it ...
+    with PrivacyLedger(run / LEDGER_FILENAME, readonly=True) as ledger:
+        records = ledger.entries()
+    resumed = [r.entry for r in records if "resume_scale" in r.entry.params]
+    assert len(resumed) == 3 and all(e.round == 1 for e in resumed)
+    assert all(e.params["resume_from_round"] == 1 and e.params["resume_scale"] > 1 for e in resumed)
+    # ... and no more: a ledger rebuilt claiming a larger factor is accounted at the re-derived one
+    (run / LEDGER_FILENAME).unlink()
+    (run / (LEDGER_FILENAME + ".head")).unlink()
+    with PrivacyLedger(run / LEDGER_FILENAME) as forged:
+        for r in records:
+            e = r.entry
+            if "resume_scale" in e.params:
+                params = {**e.params, "resume_scale": e.params["resume_scale"] * 2}
+                e = dataclasses.replace(e, noise_multiplier=e.noise_multiplier * 2, params=params)
+            intent = forged.record_intent(e)
+            if r.confirmed:
+                forged.confirm(intent, steps=r.confirmed_steps or e.steps)
+    codes = {f.code for f in audit_run(run).findings}
+    assert "NOISE_ABOVE_DERIVED" in codes, codes
 
 
 def test_a_budget_stop_ends_gracefully_and_the_audit_explains_it(
