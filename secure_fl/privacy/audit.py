@@ -104,6 +104,7 @@ from secure_fl.privacy.ledger import (
     LedgerIntegrityError,
     LedgerRecord,
     PrivacyLedger,
+    select_events,
 )
 
 ERROR = "error"
@@ -401,17 +402,9 @@ def _select(
     multiplier lowered to the justified one (``caps``: record id -> the most noise the audit can
     re-derive, :func:`_justify_noise`) where the ledger claims more than ``NOISE_REL_TOL`` above
     it."""
-    events = []
-    for r in records:
-        if r.entry.site != site or (strategy is not None and r.entry.strategy != strategy):
-            continue
-        if upto is not None:
-            if r.id > upto:
-                continue
-            if r.confirm_id is not None and r.confirm_id > upto:
-                r = LedgerRecord(id=r.id, entry=r.entry, recorded_at=r.recorded_at)
-        event = r.event()
-        d = (derived or {}).get(site)
+    d = (derived or {}).get(site)
+
+    def adjust(r: LedgerRecord, event: PrivacyEvent) -> PrivacyEvent:
         if d is not None:
             event = replace(
                 event,
@@ -423,8 +416,9 @@ def _select(
         if cap is not None and claimed > cap * (1 + NOISE_REL_TOL):
             # scale the accounted multiplier (survivor effects included) down to the justified one
             event = replace(event, noise_multiplier=event.noise_multiplier * cap / claimed)
-        events.append(event)
-    return events
+        return event
+
+    return select_events(records, site, strategy=strategy, upto=upto, adjust=adjust)
 
 
 def audit_run(

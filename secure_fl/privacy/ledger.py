@@ -278,9 +278,12 @@ def select_events(
     *,
     strategy: str | None = None,
     upto: int | None = None,
+    adjust: Callable[[LedgerRecord, PrivacyEvent], PrivacyEvent] | None = None,
 ) -> list[PrivacyEvent]:
     """The accountant events of ``site``'s records (optionally one strategy's), as the ledger
-    stood after record ``upto``: later intents are left out and later confirmations ignored."""
+    stood after record ``upto``: later intents are left out and later confirmations ignored.
+    ``adjust`` may replace each record's event (the audit raises sampling and steps to what it
+    re-derives and lowers noise to what it can justify)."""
     events = []
     for r in records:
         if r.entry.site != site or (strategy is not None and r.entry.strategy != strategy):
@@ -290,7 +293,8 @@ def select_events(
                 continue
             if r.confirm_id is not None and r.confirm_id > upto:
                 r = LedgerRecord(id=r.id, entry=r.entry, recorded_at=r.recorded_at)  # unconfirmed
-        events.append(r.event())
+        event = r.event()
+        events.append(adjust(r, event) if adjust is not None else event)
     return events
 
 
