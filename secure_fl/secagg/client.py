@@ -608,7 +608,21 @@ class SecAggClient(NoPickle):
                     f"site {me}: consistency signature of site {signer} does not verify"
                 ) from exc
             signers.add(signer)
-        # Counted only from this site's own holders (all sites for a complete graph): for SecAgg+,
+        # Counted from this site's own holders (all sites for a complete graph): for SecAgg+,
         # t signatures from anywhere would let a server gather two disjoint signing sets.
         own = signers & (self._neighbours() | {me})
         self._need(len(own), "valid consistency signatures from this site's share holders")
+        # And from more than (n + c) / 2 sites of the whole round: every honest site signs one set
+        # only, so two different survivor sets cannot both reach this count (they would share
+        # more than c signers, one of them honest). Without it a SecAgg+ server shows a target and
+        # the t - 1 peers it let the target mask with one U3, everyone else another U3 (the
+        # peers dropped), and collects t shares of the target's self seed and of every peer's
+        # mask key (the view-split attack, tests/adversary/test_secagg_core.py).
+        quorum = self.policy.consistency_quorum(cfg)
+        if len(signers) < quorum:
+            raise ThresholdError(
+                f"site {me}: only {len(signers)} sites of the round signed its survivor set; it "
+                f"needs {quorum}, more than (n + c) / 2 with n={len(cfg.site_ids)} and "
+                f"c={self.policy.colluders(cfg)} assumed colluders; aborting the round, nothing "
+                "revealed"
+            )

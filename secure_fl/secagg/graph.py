@@ -141,6 +141,36 @@ def derive_graph(
     return harary_graph(ordered, k, _SeedStream(seed))
 
 
+def assumed_corrupt(num_sites: int, corrupt_fraction: float) -> int:
+    """The number of sites ``ceil(corrupt_fraction * num_sites)`` that a site assuming
+    ``corrupt_fraction`` treats as possibly colluding with the server. A fraction computed as
+    ``c / num_sites`` gives back ``c`` (a float product a hair above an integer is not rounded up).
+
+    Errors: ConfigError on arguments out of range, naming them.
+    """
+    if not isinstance(num_sites, int) or num_sites < 1:
+        raise ConfigError(f"num_sites must be an integer >= 1, got {num_sites!r}")
+    if not 0.0 <= corrupt_fraction <= 1.0:
+        raise ConfigError(f"corrupt_fraction must be in [0, 1], got {corrupt_fraction!r}")
+    return min(num_sites, max(0, math.ceil(corrupt_fraction * num_sites - 1e-9)))
+
+
+def consistency_quorum(num_sites: int, corrupt_fraction: float) -> int:
+    """How many distinct sites of the round must sign a site's survivor set ``U3`` before the
+    site reveals any share (active variant): the smallest count above ``(n + c) / 2`` with
+    ``c = assumed_corrupt(n, corrupt_fraction)``.
+
+    Guarantee: every honest site signs one set only, so two different survivor sets cannot both
+    reach the quorum (their signers would share more than ``c`` sites, hence an honest one): all
+    honest sites that reveal shares agree on ``U3``, whatever the graph. For the complete graph
+    this is what the threshold rule ``2t > n + c`` already gives. It is a liveness cost for
+    SecAgg+: more than ``(n + c) / 2`` sites must reach the consistency phase.
+
+    Errors: ConfigError on arguments out of range.
+    """
+    return (num_sites + assumed_corrupt(num_sites, corrupt_fraction)) // 2 + 1
+
+
 def minimum_threshold(
     num_sites: int,
     k: int,
@@ -351,7 +381,17 @@ def secagg_plus_parameters(
     The smallest even ``k`` (and for it the smallest ``t``) meeting all three is returned; when none
     below ``n - 1`` does, the complete graph with the SecAgg threshold is returned.
 
-    Errors: ConfigError on rates outside [0, 1) or when even the complete graph cannot meet them.
+    Consistency quorum (active variant): every site reveals shares only when more than
+    ``(n + c) / 2`` sites of the round, ``c = ceil(corrupt_fraction * n)``, signed its survivor set
+    (:func:`consistency_quorum`), so that many sites must survive to the consistency phase
+    whatever ``k``. When the expected survivors ``floor((1 - dropout_rate) * n)`` are fewer (and
+    at least one dropout is expected), no round can finish and ConfigError is raised (the same rule
+    as :func:`secagg_parameters`); the
+    probability that fewer survive is added to ``correctness_failure``, and a WARNING is logged
+    once on the ``secure_fl.secagg`` logger when it exceeds ``2**-eta``.
+
+    Errors: ConfigError on rates outside [0, 1), when the consistency quorum exceeds the expected
+    survivors, or when even the complete graph cannot meet the bounds.
     """
     _check_rates(num_sites, dropout_rate, corrupt_fraction)
     if sigma < 1 or eta < 1:
@@ -359,6 +399,24 @@ def secagg_plus_parameters(
     n = num_sites
     target_sec = 2.0**-sigma
     target_cor = 2.0**-eta
+    quorum = consistency_quorum(n, corrupt_fraction)
+    expected_survivors = math.floor((1.0 - dropout_rate) * n + 1e-9)
+    if expected_survivors < quorum and dropout_rate * n >= 1.0:
+        raise ConfigError(
+            f"dropout_rate={dropout_rate} is too high for num_sites={n}: the consistency check "
+            f"needs signatures from {quorum} sites (more than (n + c) / 2, c = "
+            f"{assumed_corrupt(n, corrupt_fraction)} from corrupt_fraction={corrupt_fraction}), "
+            f"but only {expected_survivors} are expected to survive; dropout_rate must be at most "
+            f"{(n - quorum) / n:.3g}"
+        )
+    quorum_failure = binom_cdf(n, quorum - 1, 1.0 - dropout_rate)
+    if quorum_failure > target_cor:
+        _warn_once(
+            f"quorum-{n}-{dropout_rate}-{corrupt_fraction}",
+            f"secagg+ with {n} sites and dropout_rate={dropout_rate}: a round fails with "
+            f"probability {quorum_failure:.2g} because fewer than {quorum} sites reach the "
+            "consistency check",
+        )
     bad = dropout_rate + corrupt_fraction
     for k in range(2, n - 1, 2):
         connectivity = n * bad ** (k // 2) if bad > 0 else 0.0
@@ -372,6 +430,13 @@ def secagg_plus_parameters(
             if correctness > target_cor:
                 break  # a larger t only makes correctness worse
             return MaskingParameters(
-                n, k, t, dropout_rate, corrupt_fraction, security, correctness, connectivity
+                n,
+                k,
+                t,
+                dropout_rate,
+                corrupt_fraction,
+                security,
+                correctness + quorum_failure,
+                connectivity,
             )
     return secagg_parameters(n, dropout_rate=dropout_rate, corrupt_fraction=corrupt_fraction)

@@ -36,7 +36,7 @@ from secure_fl.errors import (
 from secure_fl.secagg import commit
 from secure_fl.secagg.client import advert_payload, consistency_payload
 from secure_fl.secagg.config import SecAggConfig
-from secure_fl.secagg.graph import derive_graph
+from secure_fl.secagg.graph import consistency_quorum, derive_graph
 from secure_fl.secagg.messages import (
     AdvertiseKeys,
     ClientMessage,
@@ -93,7 +93,9 @@ class SecAggServer:
     Errors: :meth:`receive` raises RemoteProtocolError for a message that is out of phase, of another
     round, from an unexpected or duplicate sender, or malformed; the message is dropped and the round
     goes on. :meth:`close_phase` raises ThresholdError (and the server aborts for good) when fewer than
-    ``threshold`` sites answered, or a secret cannot be reconstructed from verified shares; and
+    ``threshold`` sites answered, when half the round or fewer signed the survivor set (no site
+    would accept it, see :func:`~secure_fl.secagg.graph.consistency_quorum`), or a secret cannot be
+    reconstructed from verified shares; and
     RemoteProtocolError when a site of U1 did not reveal its graph nonce (the reveal set is not the
     server's to choose, so the round aborts).
     """
@@ -358,6 +360,16 @@ class SecAggServer:
         return {site: UnmaskRequest(rid, arrived, self.dropped) for site in arrived}
 
     def _close_signatures(self, arrived: frozenset[int]) -> dict[int, ServerMessage]:
+        # Every site reveals shares only for a survivor set signed by more than (n + c) / 2 sites
+        # of the round (c >= 0 its own assumption), so with half or fewer no site would answer:
+        # abort now. Otherwise every signature received is forwarded to every signer.
+        quorum = consistency_quorum(len(self.config.site_ids), 0.0)
+        if len(arrived) < quorum:
+            raise ThresholdError(
+                f"phase {self.phase.value}: only {len(arrived)} of {len(self.config.site_ids)} "
+                f"sites signed the survivor set; every site needs at least {quorum} (more than "
+                "half the round); round aborted, nothing revealed"
+            )
         self.u4 = arrived
         signatures = tuple(
             (site, self._got[site].signature)  # type: ignore[attr-defined]

@@ -5,8 +5,9 @@ whose aggregation its config does not accept (``plain`` only when explicitly all
 no SecAgg message (no advertisement, no masked input) for a round configuration that is not the
 active variant (unless the site opted out), whose threshold is below the minimum the site derives
 itself from ``n``, ``k`` and its own assumed corrupt fraction, whose sparse SecAgg+ degree ``k`` is
-below the one the site would choose itself from its own dropout rate and corrupt fraction, or
-whose vector length is not the model's (and the pinned one). Every refusal raises :class:`~secure_fl.errors.PolicyError` naming
+below the one the site would choose itself from its own dropout rate and corrupt fraction, in
+which fewer than two sites are not assumed colluders (``n - c < 2``), or whose vector length is
+not the model's (and the pinned one). Every refusal raises :class:`~secure_fl.errors.PolicyError` naming
 what was asked and what the policy allows; the site logs it at WARNING and leaves the round.
 
 The threshold rule (Bonawitz et al. 2017, section 6): with ``h = k + 1`` share holders per site of
@@ -90,7 +91,9 @@ def check_secagg_round(
     roster_size)`` *whatever the size of the round*: the server chooses who takes part, and a
     server that invites only a few sites must not thereby shrink the number of colluders the site
     assumes (c colluders among a small round are a large fraction of it). The thresholds and
-    degree are then checked at the round's own fraction ``c / num_sites``.
+    degree are then checked at the round's own fraction ``c / num_sites``. A round with
+    ``num_sites - c < 2`` is refused outright: every other participant could be a colluder, and
+    the sum minus their inputs would be this site's input (two-site rounds with ``c = 0`` pass).
     Errors: PolicyError naming the field and what the policy allows.
     """
     check_aggregation(policy, protocol)
@@ -108,6 +111,14 @@ def check_secagg_round(
         raise PolicyError(
             f"the round's vector_length is {vector_length}; this site expects {expected} "
             f"(the model has {model_length} values)"
+        )
+    colluders = round_colluders(policy.corrupt_fraction, num_sites, roster_size)
+    if num_sites - colluders < 2:
+        raise PolicyError(
+            f"the round has {num_sites} sites and this site assumes up to {colluders} colluders "
+            f"(policy.corrupt_fraction={policy.corrupt_fraction} of {roster_size or num_sites} "
+            "rostered sites); with fewer than 2 sites beyond them the sum minus the colluders' "
+            f"inputs is this site's input: a round needs at least {colluders + 2} sites"
         )
     fraction = round_corrupt_fraction(policy.corrupt_fraction, num_sites, roster_size)
     if k < num_sites - 1:
@@ -128,14 +139,20 @@ def check_secagg_round(
         )
 
 
+def round_colluders(corrupt_fraction: float, num_sites: int, roster_size: int | None) -> int:
+    """The number of sites that may collude with the server in a round of ``num_sites``:
+    ``ceil(corrupt_fraction * roster_size)`` (the federation as provisioned, at least the round),
+    whatever the size of the round."""
+    total = max(num_sites, roster_size or num_sites)
+    return math.ceil(corrupt_fraction * total - 1e-12)
+
+
 def round_corrupt_fraction(
     corrupt_fraction: float, num_sites: int, roster_size: int | None
 ) -> float:
     """The fraction of a round's ``num_sites`` sites that may collude with the server when up to
     ``ceil(corrupt_fraction * roster_size)`` sites of the whole federation may (at most 1)."""
-    total = max(num_sites, roster_size or num_sites)
-    colluders = math.ceil(corrupt_fraction * total - 1e-12)
-    return min(1.0, colluders / num_sites)
+    return min(1.0, round_colluders(corrupt_fraction, num_sites, roster_size) / num_sites)
 
 
 def describe(policy: SitePolicy) -> dict[str, Any]:

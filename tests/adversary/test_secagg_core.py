@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from secure_fl.crypto import DeterministicRandom, Share, SigningKey
@@ -107,24 +107,39 @@ def _setup(
     return config, keys
 
 
+@dataclass(frozen=True)
+class _AssumeColluders(SitePolicy):
+    """A site policy whose threshold minimum the scenario guarantees itself: every threshold used
+    here meets ``2t > k + 1 + c`` for the actual colluders of every neighbourhood, a deterministic
+    bound the statistical SecAgg+ minimum (sigma = 40) would refuse for such small rounds. The
+    variant rule, ``n - c >= 2`` and the consistency quorum are the real ones."""
+
+    def required_threshold(self, config: SecAggConfig) -> int:
+        return 2
+
+
 def adversarial_round(
     config: SecAggConfig,
     signing_keys: dict[int, SigningKey],
     *,
     corrupt: frozenset[int] = frozenset(),
-    keep: Callable[[int, int], bool] = lambda site, sender: True,
+    keep: Callable[[int, int, dict[int, frozenset[int]]], bool] = lambda site, sender, graph: True,
     view: Callable[[int, dict[int, frozenset[int]]], View],
     seed: int = 0,
 ) -> Obtained:
     """Run a round against a malicious server and return what it obtains.
 
-    ``keep(site, sender)`` says whether the server forwards ``sender``'s share ciphertext to
+    ``keep(site, sender, graph)`` says whether the server forwards ``sender``'s share ciphertext to
     ``site``; ``view(site, graph)`` is the (survivors, dropped) pair shown to ``site`` in the
     consistency and unmasking phases. Every site is an honest client; the ``corrupt`` ones also
-    give the server every share they hold and sign whatever it asks.
+    give the server every share they hold and sign whatever it asks. Every honest site assumes
+    the actual number of colluders (its consistency quorum is more than ``(n + |corrupt|) / 2``);
+    the caller chooses a threshold that is secure for them.
     """
     rand = DeterministicRandom(seed + 1)
-    policy = SitePolicy(require_active=False)
+    policy = _AssumeColluders(
+        corrupt_fraction=len(corrupt) / len(config.site_ids), require_active=False
+    )
     clients = {
         i: SecAggClient(
             i,
@@ -142,10 +157,11 @@ def adversarial_round(
     while server.phase is not ServerPhase.COLLECT_MASKED:
         for site, message in server.close_phase().items():
             if isinstance(message, ShareDelivery):
+                g = dict(server.graph or {})
                 message = dataclasses.replace(
                     message,
-                    ciphertexts=tuple(c for c in message.ciphertexts if keep(site, c[0])),
-                    commitments=tuple(c for c in message.commitments if keep(site, c[0])),
+                    ciphertexts=tuple(c for c in message.ciphertexts if keep(site, c[0], g)),
+                    commitments=tuple(c for c in message.commitments if keep(site, c[0], g)),
                 )
                 clients[site]._pending = message  # type: ignore[attr-defined]
                 continue
@@ -216,7 +232,7 @@ def _isolate(target: int, peers: frozenset[int]):
     """The attack of finding 1: the target is given only ``peers``' ciphertexts, and the peers are
     declared dropped to everyone."""
 
-    def keep(site: int, sender: int) -> bool:
+    def keep(site: int, sender: int, graph: dict[int, frozenset[int]]) -> bool:
         return site != target or sender in peers
 
     def view(site: int, graph: dict[int, frozenset[int]]) -> View:
@@ -261,27 +277,225 @@ def test_server_cannot_get_both_secrets_by_equivocating() -> None:
     assert not got.input_revealed(1)
 
 
+# -- the view split (SecAgg+): two survivor sets, each signed inside its own neighbourhoods -----
+
+
+@dataclass
+class SplitOutcome:
+    recovered: bool  # the server stripped every mask off the target's masked input
+    target: int
+    peers: frozenset[int]
+    seed_shares: int  # shares of the target's self-mask seed the server collected
+    errors: dict[int, ProtocolError]
+    answered: frozenset[int]  # sites that returned an UnmaskResponse
+
+
+def _view_split_attack(n: int, k: int, seed: int) -> SplitOutcome:
+    """The attack of /tmp/attack/sparse_split.py against honest sites with the default policy.
+
+    The target T is given only the share ciphertexts of t - 1 peers P spread on both sides of it
+    on the ring. T and P are shown one survivor set U3_T (P survived, T's other neighbours
+    dropped), every other site U3' (P dropped). Each group signs its own set; each honest site
+    sees at least t signatures on its set among its own holders. The server then asks T (and
+    everybody but P) to unmask and tries to rebuild T's input from b_T and every s_sk_p.
+    """
+    from secure_fl.crypto import MaskPRG, X25519KeyPair, agree_key, combine
+    from secure_fl.secagg.graph import _SeedStream, random_permutation
+
+    ids = list(range(1, n + 1))
+    rand = DeterministicRandom(seed)
+    keys = {i: SigningKey.generate(rand) for i in ids}
+    t = minimum_threshold(n, k, 0.0, active=True)
+    config = make_config(
+        ids,
+        vector_length=8,
+        bits=32,
+        protocol="secagg+",
+        k=k,
+        threshold=t,
+        active=True,
+        verify_keys={i: key.public_bytes for i, key in keys.items()},
+    )
+    inputs = {i: np.frombuffer(rand(4 * config.vector_length), dtype=np.uint32).copy() for i in ids}
+    clients = {
+        i: SecAggClient(i, config, input_vector=inputs[i], signing_key=keys[i], randbytes=rand)
+        for i in ids  # the default SitePolicy: active variant, no colluders assumed
+    }
+    server = SecAggServer(config)
+    for client in clients.values():
+        server.receive(client.start())
+    sharekeys: dict[int, ShareKeys] = {}
+    while server.phase is not ServerPhase.COLLECT_MASKED:  # phases 0-2 run honestly
+        if server.phase is ServerPhase.COLLECT_SHARES:
+            sharekeys = {s: m for s, m in server._got.items() if isinstance(m, ShareKeys)}
+        for site, message in server.close_phase().items():
+            if not isinstance(message, ShareDelivery):
+                server.receive(clients[site].handle(message))
+    graph = server.graph or {}
+    ring = random_permutation(sorted(ids), _SeedStream(server.graph_seed))
+    pos = {s: i for i, s in enumerate(ring)}
+    half = k // 2
+    a = half // 2
+
+    def at(d: int, base: int) -> int:
+        return ring[(pos[base] + d) % n]
+
+    target = ring[0]
+    peers = frozenset(
+        {at(d, target) for d in range(-half, -half + a)}
+        | {at(d, target) for d in range(a + 1, half + 1)}
+    )
+    assert len(peers) == t - 1 and peers <= graph[target]
+    everyone = frozenset(ids)
+    u3_target = everyone - (graph[target] - peers)
+    u3_other = everyone - peers
+    masked: dict[int, np.ndarray] = {}
+    for site in ids:
+        cts, coms = [], []
+        for sender, message in sharekeys.items():
+            if site == target and sender not in peers:
+                continue
+            cts += [
+                (sender, sealed) for receiver, sealed in message.ciphertexts if receiver == site
+            ]
+            coms += [(sender, m, c) for holder, m, c in message.commitments if holder == site]
+        reply = clients[site].handle(ShareDelivery(config.round_id, tuple(cts), tuple(coms)))
+        masked[site] = reply.vector
+    group = peers | {target}
+    signatures: dict[int, bytes] = {}
+    errors: dict[int, ProtocolError] = {}
+    for site in ids:
+        survivors = u3_target if site in group else u3_other
+        try:
+            reply = clients[site].handle(ConsistencyRequest(config.round_id, survivors))
+        except ProtocolError as exc:
+            errors[site] = exc
+            continue
+        signatures[site] = reply.signature
+    sig_group = tuple(sorted((s, g) for s, g in signatures.items() if s in group))
+    sig_other = tuple(sorted((s, g) for s, g in signatures.items() if s not in group))
+    seed_shares: dict[int, list[Share]] = {}
+    key_shares: dict[int, list[Share]] = {}
+    answered = set()
+    for site in ids:
+        if site in peers or site in errors:
+            continue  # the peers only had to sign; they are never asked to unmask
+        request = (
+            UnmaskRequest(config.round_id, u3_target, frozenset(), sig_group)
+            if site == target
+            else UnmaskRequest(config.round_id, u3_other, peers, sig_other)
+        )
+        try:
+            response = clients[site].handle(request)
+        except ProtocolError as exc:
+            errors[site] = exc
+            continue
+        answered.add(site)
+        for owner, raw, _ in response.self_mask_shares:
+            seed_shares.setdefault(owner, []).append(Share.from_bytes(raw))
+        for owner, raw, _ in response.mask_key_shares:
+            key_shares.setdefault(owner, []).append(Share.from_bytes(raw))
+    outcome = SplitOutcome(
+        False, target, peers, len(seed_shares.get(target, [])), errors, frozenset(answered)
+    )
+    if outcome.seed_shares < t or any(len(key_shares.get(p, [])) < t for p in peers):
+        return outcome
+    prg = MaskPRG(config.vector_length, config.bits)
+    x = masked[target].copy()
+    prg.add_into(x, combine(seed_shares[target], threshold=t), -1)
+    mask_public = server._adverts[target].mask_public
+    for p in sorted(peers):
+        sk_p = X25519KeyPair.from_private_bytes(combine(key_shares[p], threshold=t))
+        seed_p = agree_key(sk_p, mask_public, context=config.context("pairwise-mask"))
+        prg.add_into(x, seed_p, -1 if target > p else 1)
+    outcome.recovered = bool(np.array_equal(x, inputs[target]))
+    return outcome
+
+
+@pytest.mark.parametrize(("n", "k"), [(10, 4), (30, 4), (40, 6)])
+def test_server_cannot_unmask_a_site_by_splitting_views_in_secagg_plus(n: int, k: int) -> None:
+    """Finding 1 of the second review: consistency signatures counted only among a site's own
+    holders let a SecAgg+ server split the round into two survivor sets and recover the target's
+    exact input with the default policy and no colluders. Every site now also needs signatures
+    on its set from more than (n + c) / 2 sites of the round: the small group (T and its t - 1
+    peers) cannot reach it, so T refuses, and T's other holders alone are fewer than t."""
+    got = _view_split_attack(n, k, seed=1000 + n)
+    assert not got.recovered, "the server recovered the target's input by splitting views"
+    t = minimum_threshold(n, k, 0.0, active=True)
+    assert got.seed_shares < t
+    error = got.errors[got.target]
+    assert isinstance(error, ThresholdError)
+    assert "signed its survivor set" in str(error)
+    # every honest site either refused with a clear protocol error or answered the one
+    # survivor set that a majority of the round signed
+    assert frozenset(got.errors) | got.answered | got.peers == frozenset(range(1, n + 1))
+    assert all(isinstance(e, ProtocolError) for e in got.errors.values())
+
+
+def test_the_consistency_quorum_keeps_honest_secagg_plus_rounds_exact() -> None:
+    """The quorum costs nothing to an honest SecAgg+ round (all sites sign one set), and a site
+    that drops before the consistency phase is tolerated as long as more than half sign."""
+    config, keys = _setup(10, "secagg+", 4, 3, True, seed=21)
+    inputs = {i: np.full(4, i, dtype=np.uint32) for i in config.site_ids}
+    result = run_round(config, inputs, signing_keys=keys)
+    assert list(result.total) == [55] * 4
+    dropped = run_round(config, inputs, signing_keys=keys, dropouts={7: Phase.CONSISTENCY_CHECK})
+    assert list(dropped.total) == [55] * 4  # 7 sent its masked input: it is in the sum
+
+
+def test_server_aborts_when_half_the_round_or_fewer_signed() -> None:
+    config, keys = _setup(10, "secagg+", 4, 3, True, seed=22)
+    inputs = {i: np.full(4, i, dtype=np.uint32) for i in config.site_ids}
+    gone = {i: Phase.CONSISTENCY_CHECK for i in range(1, 6)}  # 5 of 10 sign: not more than half
+    with pytest.raises(ThresholdError, match="signed the survivor set"):
+        run_round(config, inputs, signing_keys=keys, dropouts=gone)
+
+
 # -- property: whatever the server does, no honest input is revealed ---------------------------
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """One malicious-server behaviour for the property below."""
+
+    n: int
+    protocol: str
+    k: int
+    threshold: int
+    active: bool
+    corrupt: frozenset[int]
+    withheld: frozenset[tuple[int, int]]  # (site, sender): sender's ciphertext not forwarded
+    equivocate: bool  # show every site its own random (survivors, dropped)
+    base: View  # else: this one view to everybody
+    per_site: dict[int, View]
+    # (target, peer count, peer preference order, prefer the target's farthest neighbours)
+    split: tuple[int, int, tuple[int, ...], bool] | None
+    seed: int
+
+
 @st.composite
-def adversaries(draw: st.DrawFn) -> tuple:
-    n = draw(st.integers(min_value=3, max_value=8))
+def adversaries(draw: st.DrawFn) -> Scenario:
     protocol = draw(st.sampled_from(["secagg", "secagg+"]))
+    n = draw(st.integers(min_value=3, max_value=12 if protocol == "secagg+" else 8))
     k = (
         draw(st.sampled_from(list(range(2, n - 1, 2))))
         if protocol == "secagg+" and n >= 5
         else n - 1
     )
     active = draw(st.booleans())
-    corrupt_count = draw(st.integers(min_value=0, max_value=max(0, (n - 2) // 2)))
+    colluders = st.integers(min_value=0, max_value=max(0, (n - 2) // 2))
+    corrupt_count = draw(st.one_of(st.just(0), colluders))
     fraction = corrupt_count / n
-    # the corrupt sites may be anywhere, so the site policy assumes the worst case for them
-    lowest = minimum_threshold(n, n - 1, fraction, active=True)
-    lowest = max(lowest, (k + 1 + min(corrupt_count, k)) // 2 + 1)
-    if lowest > k + 1:
-        k, lowest = n - 1, minimum_threshold(n, n - 1, fraction, active=True)
-    threshold = draw(st.integers(min_value=lowest, max_value=k + 1))
+    # the colluders may sit anywhere, so every neighbourhood may hold all of them: a threshold
+    # with 2t > k + 1 + c in every neighbourhood (for the complete graph 2t > n + c)
+    if k == n - 1:
+        lowest = minimum_threshold(n, n - 1, fraction, active=True)
+    else:
+        lowest = max(2, (k + 1 + min(corrupt_count, k)) // 2 + 1)
+        if lowest > k + 1:
+            k, lowest = n - 1, minimum_threshold(n, n - 1, fraction, active=True)
+    # the smallest secure threshold is where attacks have the most room: draw it half the time
+    threshold = draw(st.one_of(st.just(lowest), st.integers(min_value=lowest, max_value=k + 1)))
     ids = list(range(1, n + 1))
     corrupt = frozenset(draw(st.permutations(ids))[:corrupt_count])
     withheld = set(draw(st.sets(st.tuples(st.sampled_from(ids), st.sampled_from(ids)), max_size=n)))
@@ -303,45 +517,142 @@ def adversaries(draw: st.DrawFn) -> tuple:
         )
         for i in ids
     }
+    # the view split (sparse_split.py): the target masks with a few of its neighbours only; it
+    # and they see one survivor set, everybody else another one in which they dropped
+    split = None
+    if active and draw(st.booleans()):
+        # t - 1 peers: with fewer the target refuses to mask at all
+        split = (
+            draw(st.sampled_from(ids)),
+            threshold - 1,
+            tuple(draw(st.permutations(ids))),
+            draw(st.booleans()),
+        )
+        withheld = set()
     seed = draw(st.integers(min_value=0, max_value=2**16))
-    return (
+    return Scenario(
         n,
         protocol,
         k,
         threshold,
         active,
         corrupt,
-        withheld,
+        frozenset(withheld),
         equivocate,
         (base_survivors, base_dropped),
         per_site,
+        split,
         seed,
     )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(adversaries())
-def test_no_server_behaviour_reveals_an_honest_input(scenario: tuple) -> None:
-    (n, protocol, k, threshold, active, corrupt, withheld, equivocate, base, per_site, seed) = (
-        scenario
-    )
-    config, keys = _setup(n, protocol, k, threshold, active, seed)
+def _split_peers(
+    split: tuple[int, int, tuple[int, ...], bool], graph: dict[int, frozenset[int]]
+) -> tuple[int, frozenset[int]]:
+    """The target and the peers it may mask with. Preferring far neighbours (fewest common
+    neighbours with the target: both ends of its ring window) is the shape of sparse_split.py,
+    where the other sites' neighbourhoods keep enough signers of the second survivor set."""
+    target, count, order, far = split
+    candidates = [p for p in order if p in graph[target]]
+    if far:
+        candidates.sort(key=lambda p: len(graph[p] & graph[target]))
+    return target, frozenset(candidates[:count])
 
-    def keep(site: int, sender: int) -> bool:
-        return (site, sender) not in withheld
+
+# a view split that recovers site 1's input when signatures are counted only among a site's own
+# holders (found with the quorum check removed; the graph follows from the seed)
+_SPLIT_EXAMPLE = Scenario(
+    n=10,
+    protocol="secagg+",
+    k=4,
+    threshold=3,
+    active=True,
+    corrupt=frozenset(),
+    withheld=frozenset(),
+    equivocate=False,
+    base=(frozenset(range(1, 11)), frozenset()),
+    per_site={},
+    split=(1, 2, (9, 10, 1, 2, 3, 4, 5, 6, 7, 8), False),
+    seed=7,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(adversaries())
+@example(_SPLIT_EXAMPLE)
+def test_no_server_behaviour_reveals_an_honest_input(scenario: Scenario) -> None:
+    """Whatever ciphertexts the server withholds, whatever survivor / dropped sets it shows each
+    site (the active variant faces full equivocation and the view split; the semi-honest one a
+    server that lies consistently), and with colluders signing anything and handing over every
+    share: the server never holds both secrets of an honest site, and never strips every mask
+    off an honest input that has an honest neighbour -- for the complete graph and for SecAgg+."""
+    _assert_nothing_revealed(scenario)
+
+
+@st.composite
+def view_splits(draw: st.DrawFn) -> Scenario:
+    """Only the view split, on SecAgg+ graphs large enough for it to have room (the general
+    property above draws it too, but rarely on such graphs)."""
+    n = draw(st.integers(min_value=7, max_value=14))
+    k = draw(st.sampled_from(list(range(4, n - 1, 2))))
+    corrupt_count = draw(st.one_of(st.just(0), st.integers(0, max(0, (n - 2) // 2))))
+    lowest = max(2, (k + 1 + min(corrupt_count, k)) // 2 + 1)
+    if lowest > k + 1:
+        corrupt_count, lowest = 0, k // 2 + 1
+    threshold = draw(st.one_of(st.just(lowest), st.integers(lowest, k + 1)))
+    ids = list(range(1, n + 1))
+    order = tuple(draw(st.permutations(ids)))
+    return Scenario(
+        n=n,
+        protocol="secagg+",
+        k=k,
+        threshold=threshold,
+        active=True,
+        corrupt=frozenset(order[:corrupt_count]),
+        withheld=frozenset(),
+        equivocate=False,
+        base=(frozenset(ids), frozenset()),
+        per_site={},
+        split=(draw(st.sampled_from(ids)), threshold - 1, order[::-1], draw(st.booleans())),
+        seed=draw(st.integers(min_value=0, max_value=2**16)),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(view_splits())
+def test_no_view_split_reveals_an_honest_input_in_secagg_plus(scenario: Scenario) -> None:
+    """The view split against SecAgg+ with any peers of the target, colluders among them or
+    elsewhere: every honest site that unmasks has seen more than (n + c) / 2 signatures on one
+    survivor set, so they all agree on it, and nothing is revealed."""
+    _assert_nothing_revealed(scenario)
+
+
+def _assert_nothing_revealed(sc: Scenario) -> None:
+    config, keys = _setup(sc.n, sc.protocol, sc.k, sc.threshold, sc.active, sc.seed)
+
+    def keep(site: int, sender: int, graph: dict[int, frozenset[int]]) -> bool:
+        if sc.split is not None:
+            target, peers = _split_peers(sc.split, graph)
+            if site == target and sender not in peers:
+                return False
+        return (site, sender) not in sc.withheld
 
     def view(site: int, graph: dict[int, frozenset[int]]) -> View:
+        if sc.split is not None:
+            target, peers = _split_peers(sc.split, graph)
+            everyone = frozenset(graph)
+            if site in peers | {target}:
+                return everyone - (graph[target] - peers), frozenset()
+            return everyone - peers, peers
         # the semi-honest variant has no consistency check: the server is one that may lie
         # about who dropped, consistently; the active variant faces full equivocation
-        return per_site[site] if equivocate else base
+        return sc.per_site[site] if sc.equivocate else sc.base
 
-    got = adversarial_round(config, keys, corrupt=corrupt, keep=keep, view=view, seed=seed)
-    honest = frozenset(config.site_ids) - corrupt
+    got = adversarial_round(config, keys, corrupt=sc.corrupt, keep=keep, view=view, seed=sc.seed)
     for target in got.masked:
         assert not got.both_secrets(target)
-        if config.sparse:
-            continue  # SecAgg+ hides an input among its neighbours only w.h.p. (Bell et al.)
-        if len(honest) >= 2:
+        # an input whose every neighbour colludes is lost whatever the protocol does
+        if got.graph[target] - sc.corrupt:
             assert not got.input_revealed(target)
 
 

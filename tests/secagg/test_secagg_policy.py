@@ -113,3 +113,74 @@ def test_small_federation_falls_back_to_all_sites(caplog: pytest.LogCaptureFixtu
     # a dropout rate that means real dropouts is still refused rather than silently ignored
     with pytest.raises(ConfigError, match="no safe threshold"):
         secagg_parameters(10, dropout_rate=0.6, corrupt_fraction=0.0)
+
+
+def test_core_policy_refuses_a_round_where_every_other_site_may_collude() -> None:
+    """Finding 5 at the core: the transport passes the colluders it assumes over the roster as a
+    fraction of the round (2 of 10 rostered -> 2/3 of a 3-site round). With n - c < 2 the sum
+    minus the colluders' inputs is the site's input: the client refuses before sending anything,
+    whatever the threshold. Two-site rounds with c = 0 stay allowed."""
+    keys = {i: SigningKey.generate() for i in range(1, 5)}
+    verify = {i: k.public_bytes for i, k in keys.items()}
+    three = make_config(
+        [1, 2, 3],
+        vector_length=2,
+        bits=32,
+        threshold=3,
+        active=True,
+        verify_keys={i: verify[i] for i in (1, 2, 3)},
+    )
+    with pytest.raises(PolicyError, match=r"assumes 2 may collude.*n - c >= 2"):
+        SecAggClient(1, three, signing_key=keys[1], policy=SitePolicy(corrupt_fraction=2 / 3))
+    inputs = {i: np.full(2, i, dtype=np.uint32) for i in (1, 2, 3)}
+    with pytest.raises(PolicyError):
+        run_round(
+            three,
+            inputs,
+            signing_keys=keys,
+            policy=SitePolicy(corrupt_fraction=2 / 3),
+        )
+    SecAggClient(1, three, signing_key=keys[1], policy=SitePolicy(corrupt_fraction=1 / 3))
+    two = make_config(
+        [1, 2],
+        vector_length=2,
+        bits=32,
+        threshold=2,
+        active=True,
+        verify_keys={i: verify[i] for i in (1, 2)},
+    )
+    SecAggClient(1, two, signing_key=keys[1])  # c = 0: allowed
+    with pytest.raises(PolicyError, match="n - c >= 2"):
+        SecAggClient(1, two, signing_key=keys[1], policy=SitePolicy(corrupt_fraction=0.5))
+    assert SitePolicy(corrupt_fraction=2 / 3).colluders(three) == 2
+
+
+def test_consistency_quorum_is_a_majority_beyond_the_colluders() -> None:
+    assert graph_module.consistency_quorum(10, 0.0) == 6
+    assert graph_module.consistency_quorum(11, 0.0) == 6
+    assert graph_module.consistency_quorum(10, 0.2) == 7  # c = 2: more than 6
+    assert graph_module.consistency_quorum(2, 0.0) == 2
+    # c / n gives back c (7/25 * 25 is 7.000000000000001 in floating point)
+    assert graph_module.assumed_corrupt(25, 7 / 25) == 7
+    # for the complete graph the quorum never exceeds the site's minimum threshold
+    for n in range(2, 60):
+        for f in (0.0, 0.05, 0.1, 0.2, 0.3):
+            try:
+                t = minimum_threshold(n, n - 1, f)
+            except ConfigError:
+                continue
+            assert graph_module.consistency_quorum(n, f) <= t
+
+
+def test_secagg_plus_refuses_dropout_rates_the_consistency_quorum_cannot_survive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # more than (n + c) / 2 sites must reach the consistency check whatever k
+    with pytest.raises(ConfigError, match=r"dropout_rate=0.5 is too high.*at most 0.47"):
+        secagg_plus_parameters(1000, dropout_rate=0.5, corrupt_fraction=0.05)
+    graph_module._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="secure_fl.secagg"):
+        secagg_plus_parameters(300, dropout_rate=0.45, corrupt_fraction=0.0)
+    assert any("reach the consistency check" in r.getMessage() for r in caplog.records)
+    ok = secagg_plus_parameters(1000, dropout_rate=0.05, corrupt_fraction=0.05)
+    assert ok.correctness_failure <= 2.0**-30

@@ -131,16 +131,17 @@ def test_secagg_round_checks_name_what_was_asked() -> None:
 @given(n=st.integers(2, 40), data=st.data())
 def test_accepted_thresholds_keep_the_active_bound(n: int, data: st.DataObject) -> None:
     """Whatever the server proposes for a complete graph, an accepted threshold satisfies
-    2t > n + c (Bonawitz et al. 2017), with c the corrupt sites the site assumes."""
+    2t > n + c (Bonawitz et al. 2017), with c the corrupt sites the site assumes, and the round
+    keeps at least two sites beyond them (n - c >= 2)."""
     fraction = data.draw(st.sampled_from([0.0, 0.1, 0.2, 0.3]))
     t = data.draw(st.integers(2, n))
     corrupt = min(-(-int(fraction * 1000) * n // 1000), n - 1)
     try:
         _check(SitePolicy(corrupt_fraction=fraction), num_sites=n, k=n - 1, threshold=t)
     except PolicyError:
-        assert 2 * t <= n + corrupt or t > n
+        assert 2 * t <= n + corrupt or t > n or n - corrupt < 2
     else:
-        assert 2 * t > n + corrupt
+        assert 2 * t > n + corrupt and n - corrupt >= 2
 
 
 def test_contribution_guard_refuses_stale_ids_and_second_releases(tmp_path: Path) -> None:
@@ -208,3 +209,20 @@ def test_a_small_round_does_not_shrink_the_colluders_a_site_assumes() -> None:
     assert policy.round_corrupt_fraction(0.1, 4, 20) == 0.5
     assert policy.round_corrupt_fraction(0.0, 4, 20) == 0.0
     assert policy.round_corrupt_fraction(0.5, 4, 20) == 1.0
+
+
+def test_a_round_where_every_other_site_may_be_a_colluder_is_refused() -> None:
+    """Finding 5: corrupt_fraction 0.2 of 10 rostered sites is c = 2 colluders; in a 3-site round
+    the two others may both be colluders, and the sum minus their inputs is this site's input,
+    whatever the threshold. Refused before anything is sent; n - c >= 2 passes; two-site rounds
+    with c = 0 stay allowed."""
+    p = SitePolicy(corrupt_fraction=0.2)
+    for n in (2, 3):
+        with pytest.raises(PolicyError, match=r"up to 2 colluders.*at least 4 sites"):
+            _check(p, num_sites=n, k=n - 1, threshold=n, roster_size=10)
+    _check(p, num_sites=4, k=3, threshold=4, roster_size=10)  # two sites beyond the colluders
+    with pytest.raises(PolicyError, match="at least 3 sites"):  # c = 1 of 10: no 2-site round
+        _check(SitePolicy(corrupt_fraction=0.1), num_sites=2, k=1, threshold=2, roster_size=10)
+    _check(SitePolicy(), num_sites=2, k=1, threshold=2, roster_size=10)  # c = 0: allowed
+    assert policy.round_colluders(0.2, 3, 10) == 2
+    assert policy.round_colluders(0.0, 2, 10) == 0
