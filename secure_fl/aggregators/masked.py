@@ -30,6 +30,7 @@ from secure_fl.crypto import DeterministicRandom
 from secure_fl.encoding import l2_clip, plan_bit_width, unflatten
 from secure_fl.errors import ConfigError
 from secure_fl.secagg import Phase, SitePolicy, make_config, run_round
+from secure_fl.secagg.config import encoding_binding
 
 
 class MaskedAggregator(Aggregator):
@@ -137,6 +138,16 @@ class MaskedAggregator(Aggregator):
             corrupt_fraction=self.corrupt_fraction,
             active=self.active,
             verify_keys=verify_keys,
+            # Every site's weight and the codec, bound into the round's keys and signatures as
+            # the transport does (protocols/secagg.md).
+            binding=encoding_binding(
+                [ids[s] for s in sites],
+                [prepared.weights[s] for s in sites],
+                bits=codec.bits,
+                frac_bits=codec.frac_bits,
+                clip_range=codec.clip_range,
+                vector_length=prepared.spec.size,
+            ),
         )
         self._round += 1
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import math
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -15,7 +18,8 @@ from secure_fl.secagg.graph import (
 )
 
 PROTOCOLS = ("secagg", "secagg+")
-PROTOCOL_VERSION = "secure_fl/secagg/v2"
+PROTOCOL_VERSION = "secure_fl/secagg/v3"
+BINDING_BYTES = 32
 _MAX_ID = 2**32 - 1
 
 
@@ -33,6 +37,13 @@ class SecAggConfig:
     every site's long-term Ed25519 public key in ``verify_keys``. Whether a site accepts the
     threshold and the variant is its own :class:`~secure_fl.secagg.policy.SitePolicy`.
 
+    ``binding`` is an opaque digest (empty, or 32 bytes) of whatever else the caller needs every
+    party to agree on -- the transport puts :func:`encoding_binding` of every participant's weight
+    and the fixed-point codec here. :meth:`context` binds it together with the roster, the
+    threshold, ``k``, ``vector_length`` and ``bits``; since that context feeds every signature,
+    commitment, share-encryption key and pairwise-mask seed, sites shown different values cannot
+    complete a round together (the round aborts or sums garbage; it never isolates one input).
+
     Errors: ConfigError on any invalid field, naming it and its allowed range.
     """
 
@@ -45,6 +56,8 @@ class SecAggConfig:
     k: int | None = None
     active: bool = False
     verify_keys: Mapping[int, bytes] | None = field(default=None, repr=False)
+    binding: bytes = field(default=b"", repr=False)
+    _digest: bytes = field(init=False, repr=False, compare=False, default=b"")
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -96,6 +109,28 @@ class SecAggConfig:
                 if len(key) != 32:
                     raise ConfigError(f"verify_keys[{i}] must be 32 bytes, got {len(key)}")
             object.__setattr__(self, "verify_keys", MappingProxyType(dict(self.verify_keys)))
+        if not isinstance(self.binding, bytes):
+            raise ConfigError(f"binding must be bytes, got {type(self.binding).__name__}")
+        if len(self.binding) not in (0, BINDING_BYTES):
+            raise ConfigError(
+                f"binding must be empty or {BINDING_BYTES} bytes, got {len(self.binding)} bytes"
+            )
+        object.__setattr__(self, "_digest", self._roster_digest())
+
+    def _roster_digest(self) -> bytes:
+        """SHA-256 of the roster, threshold, k, vector length, bits and binding (canonical)."""
+        ids = sorted(self.site_ids)
+        data = b"".join(
+            (
+                b"secure_fl/secagg/round-parameters/v1\x00",
+                struct.pack(">I", len(ids)),
+                b"".join(struct.pack(">I", i) for i in ids),
+                struct.pack(">IIQB", self.threshold, self.degree, self.vector_length, self.bits),
+                struct.pack(">B", len(self.binding)),
+                self.binding,
+            )
+        )
+        return hashlib.sha256(data).digest()
 
     @property
     def degree(self) -> int:
@@ -119,11 +154,55 @@ class SecAggConfig:
         return MappingProxyType(complete_graph(list(self.site_ids)))
 
     def context(self, label: str) -> bytes:
-        """Domain-separation string binding protocol version, variant, round and purpose."""
+        """Domain-separation string binding protocol version, variant, round, purpose and a
+        SHA-256 digest of the roster (sorted ``site_ids``), ``threshold``, ``k``,
+        ``vector_length``, ``bits`` and ``binding``. Every key agreement, commitment and
+        signature of the round uses it, so two parties that were shown different values of any
+        of these derive unrelated keys and reject each other's signatures."""
         return (
             f"{PROTOCOL_VERSION}|{self.protocol}|k={self.degree}|active={int(self.active)}|"
-            f"round={self.round_id}|{label}"
+            f"round={self.round_id}|params={self._digest.hex()}|{label}"
         ).encode()
+
+
+def encoding_binding(
+    site_ids: Sequence[int],
+    weights: Sequence[float],
+    *,
+    bits: int,
+    frac_bits: int,
+    clip_range: float,
+    vector_length: int,
+) -> bytes:
+    """SHA-256 of a canonical encoding of every participant's (site id, reported weight), sorted
+    by id, and the fixed-point codec (``bits``, ``frac_bits``, ``clip_range``) and
+    ``vector_length``: everything that decides what each site puts into the sum. Passed as
+    :attr:`SecAggConfig.binding`, it stops a server from giving sites different weights or codecs
+    (e.g. weight 1 for one site and ~0 for the others) to isolate one site's update in the sum.
+
+    Errors: ConfigError when the lengths differ, an id repeats, or a weight is not finite > 0.
+    """
+    if len(site_ids) != len(weights):
+        raise ConfigError(
+            f"weights must have one entry per site: {len(weights)} for {len(site_ids)}"
+        )
+    pairs = sorted(zip((int(i) for i in site_ids), (float(w) for w in weights), strict=True))
+    if len({i for i, _ in pairs}) != len(pairs):
+        raise ConfigError("site_ids must be distinct")
+    for i, w in pairs:
+        if not 1 <= i <= _MAX_ID:
+            raise ConfigError(f"site_ids must be integers in [1, {_MAX_ID}], got {i!r}")
+        if not (math.isfinite(w) and w > 0):
+            raise ConfigError(f"weight of site {i} must be finite and > 0, got {w!r}")
+    data = b"".join(
+        (
+            b"secure_fl/secagg/encoding-binding/v1\x00",
+            struct.pack(">IIdQ", int(bits), int(frac_bits), float(clip_range), int(vector_length)),
+            struct.pack(">I", len(pairs)),
+            b"".join(struct.pack(">Id", i, w) for i, w in pairs),
+        )
+    )
+    return hashlib.sha256(data).digest()
 
 
 def make_config(
@@ -140,6 +219,7 @@ def make_config(
     active: bool = False,
     verify_keys: Mapping[int, bytes] | None = None,
     randbytes: RandomBytes | None = None,
+    binding: bytes = b"",
 ) -> SecAggConfig:
     """Build a round configuration, choosing the degree and threshold when not given.
 
@@ -147,7 +227,8 @@ def make_config(
     :func:`secagg_parameters`; for ``"secagg+"`` the default ``k`` and threshold come from
     :func:`secagg_plus_parameters` (Bell et al. 2020). The sparse graph itself is derived in the
     round from the sites' committed nonces, never chosen here; ``randbytes`` is accepted for
-    compatibility and ignored (it used to draw the graph).
+    compatibility and ignored (it used to draw the graph). ``binding`` is passed on to
+    :attr:`SecAggConfig.binding` (e.g. :func:`encoding_binding`).
 
     Deployments should pass ``active=True`` with ``verify_keys``; every site's default
     :class:`~secure_fl.secagg.policy.SitePolicy` refuses the semi-honest variant.
@@ -189,4 +270,5 @@ def make_config(
         k=k,
         active=active,
         verify_keys=verify_keys,
+        binding=binding,
     )

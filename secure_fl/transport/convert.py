@@ -10,7 +10,8 @@ INVALID_ARGUMENT, before the protocol core sees the message. Server -> site conv
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from secure_fl.secagg import (
     UnmaskResponse,
 )
 from secure_fl.secagg.commit import COMMITMENT_SIZE, NONCE_SIZE, SALT_SIZE
+from secure_fl.secagg.config import encoding_binding
 from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport.errors import RejectedError
 
@@ -315,15 +317,19 @@ def setup_to_pb(
     codec: FixedPointCodec,
     weight: float,
     phase_deadline_s: float,
+    weights: Mapping[int, float],
 ) -> pb.SecAggSetup:
-    """The SecAggSetup a site needs to rebuild ``config`` and encode with ``codec`` and ``weight``."""
+    """The SecAggSetup a site needs to rebuild ``config`` and encode with ``codec`` and ``weight``
+    (its normalised weight); ``weights`` are every participant's reported weight, sent aligned
+    with the ascending site ids (``config.binding`` must be :func:`setup_binding` of them)."""
+    ids = sorted(config.site_ids)
     return pb.SecAggSetup(
         protocol=config.protocol,
         threshold=config.threshold,
         vector_length=config.vector_length,
         bits=config.bits,
         active=config.active,
-        site_ids=sorted(config.site_ids),
+        site_ids=ids,
         k=config.degree,
         verify_keys=[
             pb.VerifyKey(site=s, public_key=k)
@@ -332,17 +338,53 @@ def setup_to_pb(
         frac_bits=codec.frac_bits,
         clip_range=codec.clip_range,
         weight=weight,
+        weights=[float(weights[s]) for s in ids],
         phase_deadline_s=phase_deadline_s,
     )
+
+
+def setup_binding(
+    weights: Mapping[int, float], codec: FixedPointCodec, vector_length: int
+) -> bytes:
+    """:attr:`SecAggConfig.binding` of a transport round: every participant's reported weight,
+    the codec and the vector length (:func:`~secure_fl.secagg.config.encoding_binding`).
+    Errors: ConfigError on a weight that is not finite > 0."""
+    ids = sorted(weights)
+    return encoding_binding(
+        ids,
+        [weights[s] for s in ids],
+        bits=codec.bits,
+        frac_bits=codec.frac_bits,
+        clip_range=codec.clip_range,
+        vector_length=vector_length,
+    )
+
+
+def setup_weights(setup: pb.SecAggSetup) -> dict[int, float]:
+    """Every participant's listed weight (site id -> reported weight) from a SecAggSetup.
+    Errors: RemoteProtocolError unless there is exactly one finite weight > 0 per site id."""
+    if len(setup.weights) != len(setup.site_ids):
+        raise RemoteProtocolError(
+            f"setup lists {len(setup.weights)} weights for {len(setup.site_ids)} sites"
+        )
+    weights = {int(s): float(w) for s, w in zip(setup.site_ids, setup.weights, strict=True)}
+    if len(weights) != len(setup.site_ids):
+        raise RemoteProtocolError("setup lists a site twice")
+    for s, w in weights.items():
+        if not (math.isfinite(w) and w > 0):
+            raise RemoteProtocolError(f"setup weight of site {s} must be finite and > 0, got {w!r}")
+    return weights
 
 
 def setup_from_pb(
     setup: pb.SecAggSetup, round_id: int, *, max_length: int
 ) -> tuple[SecAggConfig, FixedPointCodec]:
-    """Rebuild the round's SecAggConfig and codec from a SecAggSetup.
+    """Rebuild the round's SecAggConfig (bound to every listed weight and the codec: see
+    :func:`setup_binding`) and codec from a SecAggSetup.
 
-    Errors: RemoteProtocolError when the setup is malformed or its vector is longer than
-    ``max_length`` (the site's own bound on what it will allocate).
+    Errors: RemoteProtocolError when the setup is malformed (including a weights list not aligned
+    with the site ids) or its vector is longer than ``max_length`` (the site's own bound on what
+    it will allocate).
     """
     if setup.vector_length > max_length:
         raise RemoteProtocolError(
@@ -351,8 +393,12 @@ def setup_from_pb(
     site_ids = [int(s) for s in setup.site_ids]
     if len(set(site_ids)) != len(site_ids):
         raise RemoteProtocolError("setup lists a site twice")
+    weights = setup_weights(setup)
     verify_keys = {int(k.site): bytes(k.public_key) for k in setup.verify_keys} or None
     try:
+        codec = FixedPointCodec(
+            bits=int(setup.bits), frac_bits=int(setup.frac_bits), clip_range=setup.clip_range
+        )
         config = SecAggConfig(
             round_id=round_id,
             site_ids=tuple(sorted(site_ids)),
@@ -363,9 +409,7 @@ def setup_from_pb(
             k=int(setup.k),
             active=setup.active,
             verify_keys=verify_keys,
-        )
-        codec = FixedPointCodec(
-            bits=int(setup.bits), frac_bits=int(setup.frac_bits), clip_range=setup.clip_range
+            binding=setup_binding(weights, codec, int(setup.vector_length)),
         )
     except ConfigError as exc:
         raise RemoteProtocolError(f"invalid round configuration from the server: {exc}") from exc

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 from secure_fl.crypto import DeterministicRandom, RandomBytes
 from secure_fl.encoding import BitPlan, FixedPointCodec, flatten, plan_bit_width
-from secure_fl.errors import InvalidUpdateError
+from secure_fl.errors import InvalidUpdateError, PolicyError
 from secure_fl.secagg import SecAggConfig, make_config
 from secure_fl.transport.config import AggregationSettings, ModelSpec
 from secure_fl.transport.tensors import Tensors, loads, same_structure
@@ -78,10 +79,12 @@ def round_config(
     bits: int,
     round_id: int,
     verify_keys: Mapping[int, bytes] | None = None,
+    binding: bytes = b"",
 ) -> SecAggConfig:
     """The SecAggConfig of one round among ``site_ids`` (the server proposes it; every site
     checks it against its own policy, and a sparse SecAgg+ graph is derived by the sites in the
-    round, not chosen here). Errors: ConfigError."""
+    round, not chosen here). ``binding``: :func:`secure_fl.transport.convert.setup_binding` of
+    the participants' weights and the codec. Errors: ConfigError."""
     return make_config(
         list(site_ids),
         vector_length=vector_length,
@@ -94,7 +97,42 @@ def round_config(
         corrupt_fraction=settings.corrupt_fraction,
         active=settings.active,
         verify_keys=verify_keys if settings.active else None,
+        binding=binding,
     )
+
+
+def own_weight(
+    listed: Mapping[int, float], site_id: int, reported: float, announced: float
+) -> float:
+    """A site's normalised weight, computed by the site itself from the setup's weights list.
+
+    ``listed`` are every participant's weights as the server lists them, ``reported`` what this
+    site reported in UpdateReady and ``announced`` the normalised weight the server sent. The
+    result is ``listed[site_id] / sum(listed)`` normalised exactly as
+    :func:`secure_fl.encoding.plan_bit_width` does, so it is bit-identical to the server's plan.
+    This (with the weights list bound into the round's keys, see ``SecAggConfig.binding``) stops
+    a server from scaling this site's update up and the others' down to isolate it in the sum.
+
+    Errors: PolicyError (before anything is sent) when this site is not listed, its listed weight
+    differs from the one it reported, the result underflows to 0, or ``announced`` differs from
+    it by more than 1e-12 relative.
+    """
+    if site_id not in listed:
+        raise PolicyError("the setup lists no weight for this site")
+    if listed[site_id] != float(reported):
+        raise PolicyError(
+            f"the setup lists this site's weight as {listed[site_id]!r}, it reported {reported!r}"
+        )
+    exact = [Fraction(listed[s]) for s in sorted(listed)]
+    norm = float(Fraction(listed[site_id]) / sum(exact, Fraction(0)))
+    if norm <= 0.0:
+        raise PolicyError("this site's normalised weight underflows to 0")
+    if abs(float(announced) - norm) > 1e-12 * norm:
+        raise PolicyError(
+            f"the setup's weight {announced!r} is not this site's share of the listed weights "
+            f"({norm!r})"
+        )
+    return norm
 
 
 def encode_update(

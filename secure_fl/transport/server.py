@@ -609,13 +609,17 @@ class FederationServer:
             for e in cfg.roster
             if e.site_id in reported and e.verify_key is not None
         }
+        listed = {s: reported[s] for s in ids}
+        vector_length = rounds.model_size(self._model)
         config = rounds.round_config(
             cfg.aggregation,
             ids,
-            vector_length=rounds.model_size(self._model),
+            vector_length=vector_length,
             bits=plan.bits,
             round_id=rs.round_id,
             verify_keys=verify_keys,
+            # Every site's weight and the codec, bound into every key and signature of the round.
+            binding=convert.setup_binding(listed, codec, vector_length),
         )
         secagg = SecAggServer(config)
         if len(ids) == 2 and not self._warned_two_sites:
@@ -642,7 +646,7 @@ class FederationServer:
                     rs,
                     site,
                     "secagg_setup",
-                    convert.setup_to_pb(config, codec, norm[site], phase_s),
+                    convert.setup_to_pb(config, codec, norm[site], phase_s, listed),
                 )
             self._cond.notify_all()
         while secagg.phase not in (ServerPhase.DONE, ServerPhase.ABORTED):

@@ -21,6 +21,7 @@ from secure_fl.encoding import BitPlan
 from secure_fl.errors import ConfigError
 from secure_fl.secagg import Phase, RoundResult, SecAggConfig, run_round
 from secure_fl.transport.config import AggregationSettings
+from secure_fl.transport.convert import setup_binding
 from secure_fl.transport.rounds import (
     apply_mean,
     encode_update,
@@ -86,6 +87,7 @@ def simulate_round(
     verify_keys = (
         {s: k.public_bytes for s, k in signing_keys.items()} if signing_keys is not None else None
     )
+    listed = {s: float(results[s].weight) for s in ids}
     config = round_config(
         settings,
         ids,
@@ -93,6 +95,7 @@ def simulate_round(
         bits=plan.bits,
         round_id=round_id,
         verify_keys=verify_keys,
+        binding=setup_binding(listed, codec, model_size(model)),
     )
     inputs = {
         s: encode_update(

@@ -637,6 +637,12 @@ class SiteRunner:
             setup, rs.round_id, max_length=self.config.limits.max_vector_length
         )
         self._check_setup_against_roster(config)
+        # Our weight is our share of the listed (reported) weights, computed here; the list and
+        # the codec are bound into every key and signature of the round (config.binding), so a
+        # server cannot scale our update up and the others' down to isolate it.
+        weight = rounds.own_weight(
+            convert.setup_weights(setup), self.site_id, float(rs.result.weight), setup.weight
+        )
         policy.check_secagg_round(
             self.config.policy,
             announced=rs.aggregation,
@@ -662,7 +668,7 @@ class SiteRunner:
             rs.result.update,
             self._model,
             codec,
-            setup.weight,
+            weight,
             rounds.encoding_rng(seed, self.site_id, rs.round_id),
         )
         rs.result = None  # the plain update is not kept past encoding

@@ -285,6 +285,79 @@ def test_model_of_another_size_than_pinned_is_refused(fed: Callable[..., Fed]) -
     assert_refused(f.run(), "this site expects 6")
 
 
+class WeightLyingServer(SpyServer):
+    """Attacker finding H1 over gRPC: rewrites each site's SecAggSetup so that the lowest site id
+    (the target) encodes its update with weight ~1 and every other site with ~2**-30 (``lie``
+    chooses how), to read the target's update off the unmasked sum."""
+
+    lie = "announced"
+
+    def _post(self, rs: Any, site: int, kind: str, message: Any) -> None:
+        if kind == "secagg_setup":
+            message = self._forge(site, message)
+        super()._post(rs, site, kind, message)
+
+    def _forge(self, site: int, setup: Any) -> Any:
+        forged = type(setup)()
+        forged.CopyFrom(setup)
+        target = min(setup.site_ids)
+        if self.lie == "announced":  # honest list, lying normalised weight
+            forged.weight = 1.0 if site == target else 2.0**-30
+        elif self.lie == "listed":  # a self-consistent lying list per site, own entry honest
+            pairs = list(zip(setup.site_ids, setup.weights, strict=True))
+            if site == target:  # the others look negligible to the target...
+                listed = [w if s == target else w * 2.0**-30 for s, w in pairs]
+            else:  # ...and the target looks dominant to the others
+                listed = [w * 2.0**30 if s == target else w for s, w in pairs]
+            del forged.weights[:]
+            forged.weights.extend(listed)
+            own = dict(zip(setup.site_ids, listed, strict=True))[site]
+            forged.weight = own / sum(listed)
+        elif self.lie == "frac_bits" and site != target:
+            forged.frac_bits = 0
+        return forged
+
+
+@pytest.mark.parametrize("lie", ["listed", "frac_bits"])
+def test_server_giving_sites_different_encodings_cannot_isolate_one_update(
+    fed: Callable[..., Fed], lie: str
+) -> None:
+    """Each site is shown a self-consistent setup (its own weight as it reported it), but the
+    target's weights list or the others' codec differs: the lists and codecs are bound into
+    every key and signature, so the round aborts before any masked input is uploaded."""
+    server_class = type("Lying", (WeightLyingServer,), {"lie": lie})
+    run = fed(["a", "b", "c"]).run(server_class)
+    assert run.server.sent("UploadMaskedInput") == []
+    assert all(not r["completed"] for r in run.records())
+    assert run.server_status != 0
+
+
+def test_server_announcing_a_weight_other_than_the_listed_share_is_refused(
+    fed: Callable[..., Fed],
+) -> None:
+    """The site computes its own normalised weight from the listed weights and refuses a setup
+    whose announced weight differs (before it sends anything)."""
+    run = fed(["a", "b", "c"]).run(WeightLyingServer)
+    assert_refused(run, "share of the listed weights")
+
+
+def test_server_listing_a_weight_other_than_the_reported_one_is_refused(
+    fed: Callable[..., Fed], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = convert.setup_to_pb
+
+    def lying(*args: Any, **kwargs: Any) -> Any:
+        setup = real(*args, **kwargs)
+        setup.weights[0] *= 2.0
+        return setup
+
+    monkeypatch.setattr(convert, "setup_to_pb", lying)
+    run = fed(["a", "b", "c"]).run()
+    assert run.server.sent(*SECAGG_CALLS) == []
+    assert any("it reported" in r for r in run.warnings("a")), run.warnings("a")
+    assert all(not r["completed"] for r in run.records())
+
+
 class ReplayingServer(SpyServer):
     """Runs every round under round id 0."""
 

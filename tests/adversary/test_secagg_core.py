@@ -10,6 +10,7 @@ masked with (through ``t`` shares of a mask key, or a corrupt endpoint).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -904,3 +905,178 @@ def test_semi_honest_must_be_asked_for_by_name() -> None:
     with pytest.raises(PolicyError, match="semi-honest"):
         SecAggClient(1, config)
     SecAggClient(1, config, policy=SitePolicy(require_active=False))
+
+
+# -- H1 / I1: every site's encoding parameters and the roster are bound into the round ----------
+
+
+def _drive(
+    configs: dict[int, SecAggConfig],
+    server_config: SecAggConfig,
+    inputs: dict[int, np.ndarray],
+    keys: dict[int, SigningKey],
+) -> tuple[np.ndarray | None, dict[int, ProtocolError]]:
+    """A round in which each site was given its own configuration (as by a server that sends
+    different sites different SecAggSetups) and the server forwards everything. Returns the
+    server's output (None when the round aborted) and the sites' errors."""
+    clients = {
+        s: SecAggClient(
+            s,
+            configs[s],
+            input_vector=inputs[s],
+            signing_key=keys[s],
+            policy=SitePolicy(require_active=server_config.active),
+        )
+        for s in server_config.site_ids
+    }
+    server = SecAggServer(server_config)
+    errors: dict[int, ProtocolError] = {}
+    for client in clients.values():
+        with contextlib.suppress(ProtocolError):  # the server drops a bad advert, goes on
+            server.receive(client.start())
+    try:
+        while server.phase not in (ServerPhase.DONE, ServerPhase.ABORTED):
+            for s, message in sorted(server.close_phase().items()):
+                if s in errors:
+                    continue
+                try:
+                    reply = clients[s].handle(message)
+                except ProtocolError as exc:
+                    errors[s] = exc
+                    continue
+                with contextlib.suppress(ProtocolError):
+                    server.receive(reply)
+    except ThresholdError:
+        return None, errors
+    return server.result(), errors
+
+
+def _binding(weights: dict[int, float], frac_bits: int = 24, clip: float = 10.0) -> bytes:
+    from secure_fl.secagg.config import encoding_binding
+
+    ids = sorted(weights)
+    return encoding_binding(
+        ids,
+        [weights[s] for s in ids],
+        bits=32,
+        frac_bits=frac_bits,
+        clip_range=clip,
+        vector_length=10,
+    )
+
+
+@pytest.mark.parametrize("active", [True, False])
+@pytest.mark.parametrize("lie", ["weights", "frac_bits", "clip_range"])
+def test_sites_shown_other_encoding_parameters_never_isolate_one_input(
+    active: bool, lie: str
+) -> None:
+    """Attacker finding H1 at the core: the server gives the target weight 1 and everyone else
+    2**-30 (or frac_bits 0, or clip_range 2**-20), each in a self-consistent setup. The binding of
+    those parameters into the round's context makes the target's keys, masks and signatures
+    unrelated to its peers': the round aborts or sums garbage, never the target's update."""
+    from secure_fl.encoding import FixedPointCodec
+
+    n, target = 6, 3
+    ids = list(range(1, n + 1))
+    keys = {i: SigningKey.generate() for i in ids}
+    honest = dict.fromkeys(ids, 1.0)
+    rng = np.random.default_rng(7)
+    updates = {i: rng.normal(0, 0.05, 10) for i in ids}
+    codec = FixedPointCodec(bits=32, frac_bits=24, clip_range=10.0)
+    if lie == "weights":
+        target_view = {i: (1.0 if i == target else 2.0**-30) for i in ids}
+        other_view = {i: (2.0**30 if i == target else 1.0) for i in ids}
+        bind_t, bind_o = _binding(target_view), _binding(other_view)
+        other_codec, w_t, w_o = codec, 1.0, 2.0**-30
+    else:
+        bind_t = _binding(honest)
+        fb, clip = (0, 10.0) if lie == "frac_bits" else (24, 2.0**-20)
+        bind_o = _binding(honest, frac_bits=fb, clip=clip)
+        other_codec = FixedPointCodec(bits=32, frac_bits=fb, clip_range=clip)
+        w_t = w_o = 1 / n
+
+    def cfg(binding: bytes) -> SecAggConfig:
+        return make_config(
+            ids,
+            vector_length=10,
+            bits=32,
+            active=active,
+            binding=binding,
+            verify_keys={i: k.public_bytes for i, k in keys.items()} if active else None,
+        )
+
+    configs = {i: cfg(bind_t if i == target else bind_o) for i in ids}
+    inputs = {
+        i: (codec if i == target else other_codec)
+        .encode(updates[i], weight=w_t if i == target else w_o, rng=rng)
+        .values
+        for i in ids
+    }
+    # The server may run under either view; neither gives it the target's update.
+    for server_config in (configs[target], configs[1]):
+        total, errors = _drive(configs, server_config, inputs, keys)
+        if total is not None:
+            recovered = codec.decode(total) / w_t
+            assert not np.allclose(recovered, updates[target], atol=1e-3), (lie, active)
+        else:
+            assert errors or active
+
+
+def test_a_signature_made_under_one_roster_does_not_verify_under_another() -> None:
+    """Attacker finding I1: adverts and consistency signatures bind the roster, the threshold
+    and the encoding binding, not only protocol, k, active and round."""
+    from secure_fl.crypto import verify
+    from secure_fl.errors import SignatureError
+
+    keys = {i: SigningKey.generate() for i in range(1, 13)}
+
+    def config(ids: list[int], threshold: int = 3, binding: bytes = b"") -> SecAggConfig:
+        return make_config(
+            ids,
+            vector_length=4,
+            bits=32,
+            protocol="secagg+",
+            k=4,
+            threshold=threshold,
+            active=True,
+            verify_keys={i: keys[i].public_bytes for i in ids},
+            round_id=7,
+            binding=binding,
+        )
+
+    a = config([1, 2, 3, 4, 5, 6, 7, 8])
+    others = [
+        config([1, 9, 10, 11, 12, 2, 3, 4]),  # same size and round id, other roster
+        config([1, 2, 3, 4, 5, 6, 7, 8], threshold=4),
+        config([1, 2, 3, 4, 5, 6, 7, 8], binding=bytes(32)),
+    ]
+    client = SecAggClient(
+        1, a, input_vector=np.zeros(4, np.uint32), signing_key=keys[1], policy=SitePolicy()
+    )
+    adv = client.start()
+    verify(
+        keys[1].public_bytes,
+        adv.signature,
+        advert_payload(a, 1, adv.enc_public, adv.mask_public, adv.graph_commitment),
+    )
+    survivors = frozenset({1, 2, 3})
+    for b in others:
+        assert a.context("consistency") != b.context("consistency")
+        with pytest.raises(SignatureError):
+            verify(
+                keys[1].public_bytes,
+                adv.signature,
+                advert_payload(b, 1, adv.enc_public, adv.mask_public, adv.graph_commitment),
+            )
+        assert consistency_payload(a, survivors, bytes(32)) != consistency_payload(
+            b, survivors, bytes(32)
+        )
+
+
+def test_binding_must_be_empty_or_32_bytes() -> None:
+    from secure_fl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="binding"):
+        make_config([1, 2, 3], vector_length=4, bits=32, threshold=2, binding=b"x" * 31)
+    with pytest.raises(ConfigError, match="binding"):
+        make_config([1, 2, 3], vector_length=4, bits=32, threshold=2, binding="x" * 32)  # type: ignore[arg-type]

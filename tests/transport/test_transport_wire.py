@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
 import pytest
 
-from secure_fl.encoding import FixedPointCodec
-from secure_fl.errors import InvalidUpdateError, RemoteProtocolError
+from secure_fl.encoding import FixedPointCodec, plan_bit_width
+from secure_fl.errors import InvalidUpdateError, PolicyError, RemoteProtocolError
 from secure_fl.secagg import (
     ConsistencyRequest,
     KeyRoster,
@@ -23,7 +24,7 @@ from secure_fl.secagg import (
     run_round,
 )
 from secure_fl.secagg.client import SecAggClient
-from secure_fl.transport import convert, tensors
+from secure_fl.transport import convert, rounds, tensors
 from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport.chunks import PayloadReceiver, iter_chunks, receive, receive_raw
 from secure_fl.transport.errors import RejectedError
@@ -271,12 +272,15 @@ def test_round_configuration_travels_exactly() -> None:
         list(range(1, 8)), vector_length=9, bits=64, protocol="secagg+", k=2, threshold=2
     )
     codec = FixedPointCodec(bits=64, frac_bits=30, clip_range=3.5)
+    weights = {s: float(s) for s in range(1, 8)}
+    config = dataclasses.replace(config, binding=convert.setup_binding(weights, codec, 9))
     setup = pb.SecAggSetup.FromString(
-        convert.setup_to_pb(config, codec, 0.125, 9.0).SerializeToString()
+        convert.setup_to_pb(config, codec, 0.125, 9.0, weights).SerializeToString()
     )
     back, back_codec = convert.setup_from_pb(setup, 0, max_length=100)
     # No graph travels: only the degree; the sites derive a sparse graph themselves.
     assert back == config and back.k == 2 and back.sparse
+    assert convert.setup_weights(setup) == weights
     assert "graph" not in {f.name for f in pb.SecAggSetup.DESCRIPTOR.fields}
     assert back_codec == codec and setup.weight == 0.125
     with pytest.raises(RemoteProtocolError, match="limit"):
@@ -319,3 +323,39 @@ def test_fast_path_falls_back_to_protobuf_for_anything_unusual() -> None:
     receiver.feed(pb.Chunk(header=pb.PayloadHeader(kind=pb.MODEL)))
     receiver.feed_raw(odd)
     assert receiver.result()[1] == bytearray()
+
+
+def test_setup_weights_must_align_with_the_sites_and_bind_the_round() -> None:
+    config = make_config([1, 2, 3], vector_length=4, bits=32, threshold=2)
+    codec = FixedPointCodec(bits=32, frac_bits=16, clip_range=1.0)
+    weights = {1: 10.0, 2: 20.0, 3: 30.0}
+    setup = convert.setup_to_pb(config, codec, 1 / 6, 9.0, weights)
+    bound, _ = convert.setup_from_pb(setup, 0, max_length=10)
+    assert bound.binding == convert.setup_binding(weights, codec, 4)
+    # Any other weight list or codec is another round context.
+    for other in ({**weights, 3: 31.0}, {1: 10.0, 2: 20.0}):
+        assert convert.setup_binding(other, codec, 4) != bound.binding
+    assert convert.setup_binding(weights, FixedPointCodec(32, 15, 1.0), 4) != bound.binding
+    assert convert.setup_binding(weights, FixedPointCodec(32, 16, 0.5), 4) != bound.binding
+    del setup.weights[-1]
+    with pytest.raises(RemoteProtocolError, match="2 weights for 3 sites"):
+        convert.setup_from_pb(setup, 0, max_length=10)
+    setup.weights.append(float("nan"))
+    with pytest.raises(RemoteProtocolError, match="finite and > 0"):
+        convert.setup_from_pb(setup, 0, max_length=10)
+
+
+def test_a_site_computes_its_own_weight_from_the_listed_weights() -> None:
+    listed = {1: 10.0, 2: 20.0, 3: 30.0}
+    plan = plan_bit_width(
+        num_sites=3, weights=[10.0, 20.0, 30.0], clip_range=1.0, precision=1e-4, bits=64
+    )
+    for site, expected in zip(sorted(listed), plan.weights, strict=True):
+        # Bit-identical to the server's plan (the in-process and gRPC sums stay equal).
+        assert rounds.own_weight(listed, site, listed[site], expected) == expected
+    with pytest.raises(PolicyError, match="it reported"):
+        rounds.own_weight(listed, 1, 11.0, plan.weights[0])
+    with pytest.raises(PolicyError, match="share of the listed weights"):
+        rounds.own_weight(listed, 1, 10.0, 1.0)
+    with pytest.raises(PolicyError, match="no weight"):
+        rounds.own_weight(listed, 4, 10.0, 0.1)

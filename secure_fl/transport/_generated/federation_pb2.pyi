@@ -346,6 +346,7 @@ class SecAggSetup(_message.Message):
     FRAC_BITS_FIELD_NUMBER: _builtins.int
     CLIP_RANGE_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
     PHASE_DEADLINE_S_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
     """"secagg" or "secagg+"."""
@@ -359,7 +360,10 @@ class SecAggSetup(_message.Message):
     for a sparse SecAgg+ graph.
     """
     frac_bits: _builtins.int
-    """Fixed-point encoding (secure_fl.encoding.FixedPointCodec) and this site's normalised weight."""
+    """Fixed-point encoding (secure_fl.encoding.FixedPointCodec) and this site's normalised weight
+    (informative: the site computes its own as its listed weight / sum(weights) and refuses a
+    setup whose `weight` differs).
+    """
     clip_range: _builtins.float
     weight: _builtins.float
     phase_deadline_s: _builtins.float
@@ -372,6 +376,14 @@ class SecAggSetup(_message.Message):
     def verify_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerifyKey]:
         """Long-term Ed25519 verification keys (active variant only); checked by each site against its
         provisioned roster.
+        """
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Every participant's weight as reported in UpdateReady, aligned with site_ids. A site refuses
+        the setup unless its own entry equals what it reported; all of them, the site ids and the
+        codec are bound into every key, commitment and signature of the round (SecAggConfig.binding),
+        so sites shown different lists or codecs cannot complete the round together.
         """
 
     def __init__(
@@ -388,11 +400,12 @@ class SecAggSetup(_message.Message):
         frac_bits: _builtins.int = ...,
         clip_range: _builtins.float = ...,
         weight: _builtins.float = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
         phase_deadline_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bits", b"bits", "clip_range", b"clip_range", "frac_bits", b"frac_bits", "k", b"k", "phase_deadline_s", b"phase_deadline_s", "protocol", b"protocol", "site_ids", b"site_ids", "threshold", b"threshold", "vector_length", b"vector_length", "verify_keys", b"verify_keys", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bits", b"bits", "clip_range", b"clip_range", "frac_bits", b"frac_bits", "k", b"k", "phase_deadline_s", b"phase_deadline_s", "protocol", b"protocol", "site_ids", b"site_ids", "threshold", b"threshold", "vector_length", b"vector_length", "verify_keys", b"verify_keys", "weight", b"weight", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
