@@ -481,7 +481,7 @@ def test_malicious_server_serving_one_sites_upload_as_the_global_model(tmp_path:
 
 def _out_of_range_model(secret: SecretContext, structure: Any, how: str) -> bytes:
     """An encrypted "global model" of round 0 that decrypts beyond ``max_abs``: a lying share
-    (the values are fine, Dec / share is not), or (as ``/tmp/attack/ckks_oracle.py`` does, with
+    (the values are fine, Dec / share is not), or (as the attacker review's oracle script did, with
     the public context only) a plaintext offset added to one slot of a site's upload."""
     import tenseal as ts
 

@@ -292,7 +292,7 @@ class SplitOutcome:
 
 
 def _view_split_attack(n: int, k: int, seed: int) -> SplitOutcome:
-    """The attack of /tmp/attack/sparse_split.py against honest sites with the default policy.
+    """The attacker review's view-split attack against honest sites with the default policy.
 
     The target T is given only the share ciphertexts of t - 1 peers P spread on both sides of it
     on the ring. T and P are shown one survivor set U3_T (P survived, T's other neighbours

@@ -1,6 +1,6 @@
 """The "one release per model" guard is keyed by what the model *is*, not by the bytes served.
 
-The attack (``/tmp/attack/replay_digest.py`` in the security review): ``tensors.loads`` accepts any
+The attack (found by the attacker review): ``tensors.loads`` accepts any
 JSON header, so a byte-different copy of bit-identical tensors had a new SHA-256; tasks are
 deterministic in (model, round index) and the server chooses both, so a second SecAgg round on
 the "same" model with one site left out gave that site's exact update by differencing the two
