@@ -41,7 +41,10 @@ class UNetSiteTask:
         from secure_fl.transport.tasks import TaskResult
 
         weights = {k: np.asarray(v, dtype=np.float32) for k, v in global_model.items()}
-        self.trainer.train(ExchangeObject(weights=weights), {"round": round_id, "tag": "grpc"})
+        self.trainer.train(
+            ExchangeObject(weights=weights),
+            {"round": round_id, "rounds": self.trainer.rounds, "tag": "grpc"},
+        )
         local = self.trainer.get_weights().weights
         assert local is not None
         update = {k: (local[k] - weights[k]).astype(global_model[k].dtype) for k in global_model}

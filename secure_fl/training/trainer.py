@@ -151,6 +151,7 @@ class SiteTrainer(ClientAlgo):
         #: no statistic computed on the training patients without noise (no training loss).
         self.private = False
         self.last_sample_rate = 1.0
+        self.last_lr = float("nan")  # the learning rate of the last round trained
         self.last_loss = float("nan")
         self.last_steps = 0
 
@@ -202,7 +203,8 @@ class SiteTrainer(ClientAlgo):
         extra = extra or {}
         cfg = self.train_config
         round_id = int(extra.get("round", 0))
-        lr = cfg.lr_for_round(round_id, int(extra.get("rounds", 1)))
+        lr = cfg.lr_for_round(round_id, int(extra.get("rounds", self.rounds)))
+        self.last_lr = lr
         tag = extra.get("tag", "")
         mu = float(extra.get("fedprox_mu", cfg.fedprox_mu))
         if data.weights is not None:

@@ -30,3 +30,29 @@ def test_unet_task_returns_a_weighted_delta_of_the_model(
     result = check_result(task.compute_update(model, 0), model)
     assert result.weight == 4.0  # site-A's training cases
     assert any(np.abs(v).max() > 0 for v in result.update.values())
+
+
+def test_unet_task_follows_the_learning_rate_schedule_over_the_run(
+    tiny_datalist: Path, tmp_path: Path
+) -> None:
+    """Over gRPC the trainer is told the run's length, so the cosine schedule runs (it used to stay
+    at the initial rate every round)."""
+    channels = (4, 8, 16)
+    task = unet_site_task(
+        "site-A",
+        datalist=str(tiny_datalist),
+        grid=(24, 24, 24),
+        patch=(16, 16, 16),
+        channels=channels,
+        device="cpu",
+        rounds=10,
+        lr=3e-3,
+    )
+    model = loads(write_initial_model(tmp_path / "init.tensors", channels).read_bytes())
+    config = task.trainer.train_config
+    rates = []
+    for round_index in (0, 9):
+        task.compute_update(model, round_index)
+        rates.append(task.trainer.last_lr)
+    assert rates == [config.lr_for_round(0, 10), config.lr_for_round(9, 10)]
+    assert rates[1] < rates[0] / 10
