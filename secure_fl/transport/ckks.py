@@ -116,26 +116,35 @@ def pack_frames(frames: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def _split_frames(view: memoryview, what: str, *, limit: int | None = None) -> list[bytes]:
+    """Split length-prefixed frames (u64 big-endian lengths) that fill ``view`` exactly.
+
+    Errors: RemoteProtocolError (naming ``what``) when a length runs past the end, a frame is
+    empty, or more than ``limit`` frames are present.
+    """
+    frames: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if limit is not None and len(frames) == limit:
+            raise RemoteProtocolError(f"{what} holds more than {limit} frames")
+        if offset + _LENGTH.size > len(view):
+            raise RemoteProtocolError(f"{what} ends inside a frame length")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += _LENGTH.size
+        if length == 0 or offset + length > len(view):
+            raise RemoteProtocolError(f"{what}: a frame is empty or runs past the end")
+        frames.append(bytes(view[offset : offset + length]))
+        offset += length
+    return frames
+
+
 def unpack_frames(data: bytes | bytearray | memoryview, count: int) -> list[bytes]:
     """Split a payload into exactly ``count`` frames.
 
     Errors: RemoteProtocolError when a length runs past the end, a frame is empty, or the payload
     holds another number of frames or trailing bytes.
     """
-    view = memoryview(data).cast("B")
-    frames: list[bytes] = []
-    offset = 0
-    while offset < len(view):
-        if len(frames) == count:
-            raise RemoteProtocolError(f"the CKKS payload holds more than {count} frames")
-        if offset + _LENGTH.size > len(view):
-            raise RemoteProtocolError("the CKKS payload ends inside a frame length")
-        (length,) = _LENGTH.unpack_from(view, offset)
-        offset += _LENGTH.size
-        if length == 0 or offset + length > len(view):
-            raise RemoteProtocolError("a CKKS frame length is zero or runs past the payload")
-        frames.append(bytes(view[offset : offset + length]))
-        offset += length
+    frames = _split_frames(memoryview(data).cast("B"), "the CKKS payload", limit=count)
     if len(frames) != count:
         raise RemoteProtocolError(f"the CKKS payload holds {len(frames)} frames, expected {count}")
     return frames
@@ -262,18 +271,7 @@ def decode_model(data: bytes | bytearray | memoryview) -> EncryptedModel:
         structure.append((name, str(dtype), tuple(int(d) for d in shape)))
     if len({s[0] for s in structure}) != len(structure):
         raise RemoteProtocolError("the encrypted model names a tensor twice")
-    body = view[start + head_len :]
-    frames: list[bytes] = []
-    offset = 0
-    while offset < len(body):
-        if offset + _LENGTH.size > len(body):
-            raise RemoteProtocolError("the encrypted model ends inside a frame length")
-        (length,) = _LENGTH.unpack_from(body, offset)
-        offset += _LENGTH.size
-        if length == 0 or offset + length > len(body):
-            raise RemoteProtocolError("an encrypted model frame is empty or runs past the end")
-        frames.append(bytes(body[offset : offset + length]))
-        offset += length
+    frames = _split_frames(view[start + head_len :], "the encrypted model")
     return EncryptedModel(
         fingerprint=fingerprint,
         round_id=int(round_id),
