@@ -469,15 +469,25 @@ def calibrate_noise(
             if lo <= _SIGMA_MIN:
                 return _verified(lo, eps, target)
             lo, hi = max(lo / 4.0, _SIGMA_MIN), lo
+    return _verified(bisect_geometric(eps, lo, hi, target, tol), eps, target)
+
+
+def bisect_geometric(
+    eps: Callable[[float], float], lo: float, hi: float, target: float, tolerance: float
+) -> float:
+    """The smallest ``x`` in ``[lo, hi]`` (to relative 1e-6, or to within ``tolerance`` of
+    ``target``) with ``eps(x) <= target``, for ``eps`` decreasing in ``x``, bisecting geometrically
+    from the bracket ``eps(lo) > target >= eps(hi)``. Used for noise multipliers and noise scales.
+    """
     eps_hi = eps(hi)
-    while target - eps_hi > tol and (hi - lo) > 1e-6 * hi:
+    while target - eps_hi > tolerance and (hi - lo) > 1e-6 * hi:
         mid = math.sqrt(lo * hi)
         eps_mid = eps(mid)
         if eps_mid <= target:
             hi, eps_hi = mid, eps_mid
         else:
             lo = mid
-    return _verified(hi, eps, target)
+    return hi
 
 
 def _verified(sigma: float, eps: Callable[[float], float], target: float) -> float:

@@ -32,6 +32,7 @@ from secure_fl.privacy.accounting import (
     _check_accountant,
     _check_delta,
     _check_real,
+    bisect_geometric,
     epsilon_of_events,
 )
 from secure_fl.privacy.ledger import LedgerEntry, PrivacyLedger, entry_event
@@ -199,14 +200,7 @@ def resume_noise_scale(
     lo, hi = 1.0, 2.0
     while worst(hi) > target:
         lo, hi = hi, min(hi * 2.0, _SCALE_MAX)
-    eps_hi = worst(hi)
-    while target - eps_hi > tolerance and (hi - lo) > 1e-6 * hi:
-        mid = math.sqrt(lo * hi)
-        eps_mid = worst(mid)
-        if eps_mid <= target:
-            hi, eps_hi = mid, eps_mid
-        else:
-            lo = mid
+    hi = bisect_geometric(worst, lo, hi, target, tolerance)
     if not worst(hi) <= target:  # pragma: no cover - a bisection invariant
         raise ConfigError(f"recalibration failed: scale {hi:g} exceeds target {target:g}")
     return hi
