@@ -294,6 +294,7 @@ class RoundStart(_message.Message):
     DEADLINE_S_FIELD_NUMBER: _builtins.int
     MODEL_ROUND_ID_FIELD_NUMBER: _builtins.int
     ROUND_INDEX_FIELD_NUMBER: _builtins.int
+    ROUND_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     aggregation: _builtins.str
     """"secagg", "secagg+", "plain" or "ckks"."""
     model_sha256: _builtins.bytes
@@ -308,6 +309,12 @@ class RoundStart(_message.Message):
     """The federation round this attempt trains, counted from 0 and the same for every attempt of
     the round (round ids are not: they are fresh per attempt). People read round_index + 1.
     """
+    round_config_json: _builtins.str
+    """Per-round training configuration chosen by the server (learning rate, local epochs, FedProx
+    mu, ...): a JSON object, empty when none. The site checks every key and value against what
+    its task accepts and refuses the round naming the field; nothing here touches its privacy
+    policy.
+    """
     def __init__(
         self,
         *,
@@ -317,10 +324,11 @@ class RoundStart(_message.Message):
         deadline_s: _builtins.float = ...,
         model_round_id: _builtins.int = ...,
         round_index: _builtins.int = ...,
+        round_config_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "deadline_s", b"deadline_s", "model_bytes", b"model_bytes", "model_round_id", b"model_round_id", "model_sha256", b"model_sha256", "round_index", b"round_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "deadline_s", b"deadline_s", "model_bytes", b"model_bytes", "model_round_id", b"model_round_id", "model_sha256", b"model_sha256", "round_config_json", b"round_config_json", "round_index", b"round_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -347,6 +355,7 @@ class SecAggSetup(_message.Message):
     CLIP_RANGE_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
+    DISTRIBUTED_DP_JSON_FIELD_NUMBER: _builtins.int
     PHASE_DEADLINE_S_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
     """"secagg" or "secagg+"."""
@@ -366,6 +375,14 @@ class SecAggSetup(_message.Message):
     """
     clip_range: _builtins.float
     weight: _builtins.float
+    distributed_dp_json: _builtins.str
+    """Distributed differential privacy (site level, trust "distributed"): the noise every site adds
+    to its encoded update before masking, as canonical JSON of
+    secure_fl.privacy.distributed.DistributedDPConfig; empty when the round carries no DP noise.
+    Each site checks it against the privacy floor of its own policy before it sends anything, and
+    it is bound into the round (SecAggConfig.binding) so sites shown different noise cannot
+    complete the round together.
+    """
     phase_deadline_s: _builtins.float
     """Seconds each protocol phase stays open."""
     @_builtins.property
@@ -401,11 +418,12 @@ class SecAggSetup(_message.Message):
         clip_range: _builtins.float = ...,
         weight: _builtins.float = ...,
         weights: _abc.Iterable[_builtins.float] | None = ...,
+        distributed_dp_json: _builtins.str = ...,
         phase_deadline_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bits", b"bits", "clip_range", b"clip_range", "frac_bits", b"frac_bits", "k", b"k", "phase_deadline_s", b"phase_deadline_s", "protocol", b"protocol", "site_ids", b"site_ids", "threshold", b"threshold", "vector_length", b"vector_length", "verify_keys", b"verify_keys", "weight", b"weight", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bits", b"bits", "clip_range", b"clip_range", "distributed_dp_json", b"distributed_dp_json", "frac_bits", b"frac_bits", "k", b"k", "phase_deadline_s", b"phase_deadline_s", "protocol", b"protocol", "site_ids", b"site_ids", "threshold", b"threshold", "vector_length", b"vector_length", "verify_keys", b"verify_keys", "weight", b"weight", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -502,6 +520,56 @@ class UpdateReady(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateReady: _TypeAlias = UpdateReady  # noqa: Y015
+
+@_typing.final
+class SiteMetrics(_message.Message):
+    """Site -> server: the site's evaluation of the global model it received this round (e.g. Dice on
+    its validation cases) and the number of cases behind it. Metrics are public to the server.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    samples: _builtins.int
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "round_id", b"round_id", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteMetrics: _TypeAlias = SiteMetrics  # noqa: Y015
 
 @_typing.final
 class RoundOutcome(_message.Message):

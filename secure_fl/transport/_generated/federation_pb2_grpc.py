@@ -55,6 +55,11 @@ class FederationStub:
                 request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.UpdateReady.SerializeToString,
                 response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
                 _registered_method=True)
+        self.ReportMetrics = channel.unary_unary(
+                '/secure_fl.federation.v1.Federation/ReportMetrics',
+                request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.SiteMetrics.SerializeToString,
+                response_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
+                _registered_method=True)
         self.UploadUpdate = channel.stream_unary(
                 '/secure_fl.federation.v1.Federation/UploadUpdate',
                 request_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Chunk.SerializeToString,
@@ -127,6 +132,13 @@ class FederationServicer:
 
     def ReportUpdateReady(self, request, context):
         """Secure aggregation: the site's update is ready; reports its public weight (sample count).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportMetrics(self, request, context):
+        """Any aggregation: the site's evaluation metrics of this round's global model (optional).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -212,6 +224,11 @@ def add_FederationServicer_to_server(servicer, server):
             'ReportUpdateReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportUpdateReady,
                     request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.UpdateReady.FromString,
+                    response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.SerializeToString,
+            ),
+            'ReportMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportMetrics,
+                    request_deserializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.SiteMetrics.FromString,
                     response_serializer=secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.SerializeToString,
             ),
             'UploadUpdate': grpc.stream_unary_rpc_method_handler(
@@ -363,6 +380,33 @@ class Federation:
             target,
             '/secure_fl.federation.v1.Federation/ReportUpdateReady',
             secure__fl_dot_transport_dot___generated_dot_federation__pb2.UpdateReady.SerializeToString,
+            secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secure_fl.federation.v1.Federation/ReportMetrics',
+            secure__fl_dot_transport_dot___generated_dot_federation__pb2.SiteMetrics.SerializeToString,
             secure__fl_dot_transport_dot___generated_dot_federation__pb2.Ack.FromString,
             options,
             channel_credentials,

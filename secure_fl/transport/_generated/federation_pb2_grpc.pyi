@@ -60,6 +60,8 @@ class FederationStub:
     """
     ReportUpdateReady: _grpc.UnaryUnaryMultiCallable[_federation_pb2.UpdateReady, _federation_pb2.Ack]
     """Secure aggregation: the site's update is ready; reports its public weight (sample count)."""
+    ReportMetrics: _grpc.UnaryUnaryMultiCallable[_federation_pb2.SiteMetrics, _federation_pb2.Ack]
+    """Any aggregation: the site's evaluation metrics of this round's global model (optional)."""
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
     """Plain (insecure baseline) aggregation: the update itself, in the clear (kind PLAIN_UPDATE)."""
     UploadCiphertext: _grpc.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]
@@ -100,6 +102,8 @@ class FederationAsyncStub(FederationStub):
     """
     ReportUpdateReady: _aio.UnaryUnaryMultiCallable[_federation_pb2.UpdateReady, _federation_pb2.Ack]  # type: ignore[assignment]
     """Secure aggregation: the site's update is ready; reports its public weight (sample count)."""
+    ReportMetrics: _aio.UnaryUnaryMultiCallable[_federation_pb2.SiteMetrics, _federation_pb2.Ack]  # type: ignore[assignment]
+    """Any aggregation: the site's evaluation metrics of this round's global model (optional)."""
     UploadUpdate: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
     """Plain (insecure baseline) aggregation: the update itself, in the clear (kind PLAIN_UPDATE)."""
     UploadCiphertext: _aio.StreamUnaryMultiCallable[_federation_pb2.Chunk, _federation_pb2.Ack]  # type: ignore[assignment]
@@ -161,6 +165,14 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
         """Secure aggregation: the site's update is ready; reports its public weight (sample count)."""
+
+    @_abc_1.abstractmethod
+    def ReportMetrics(
+        self,
+        request: _federation_pb2.SiteMetrics,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
+        """Any aggregation: the site's evaluation metrics of this round's global model (optional)."""
 
     @_abc_1.abstractmethod
     def UploadUpdate(
