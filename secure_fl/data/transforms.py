@@ -14,6 +14,10 @@ Output per sample: ``image`` and ``label`` as plain float32 ``torch.Tensor`` of 
 (1, D, H, W) (``cfg.grid`` for evaluation, ``cfg.patch`` for training), label in {0, 1}; the
 ``site`` and ``case_id`` strings pass through; the brain mask and the sampling indices are
 dropped so that batches collate. Spatial metadata is not kept: predictions live on the grid.
+
+Kept as one module (about 440 lines, over the ~400 guideline): it has one job, this pipeline. Its
+configuration, the five dictionary transforms (which exist only for these pipelines) and the two
+pipelines that chain them are read together: the order of the steps above is the contract.
 """
 
 from __future__ import annotations
