@@ -20,6 +20,14 @@ Run: ``.venv/bin/python -m pytest benchmarks/test_bench_grpc.py -m '' -p no:rand
   ``inproc_MB`` the simulation's compact encoding (``wire_size``), which has no model download.
   Each timed call of either kind is one round; the sites' synthetic targets are drawn before
   timing in both.
+* Wire work (``test_wire_work_per_round``): the serialisation, hashing and copying the gRPC path
+  does per round and the in-process round does not, measured component by component in one
+  process without sockets (TLS, HTTP/2 and gRPC's own copies are not in it). At 4.8 M the SHA-256
+  passes dominate: every site hashes the model download twice (chunk trailer, then the
+  announced digest) plus its float64 content digest and its upload; the server hashes each
+  upload and the model blob.
+* Profiles: with ``SECURE_FL_BENCH_PROFILE_DIR=DIR`` every process runs under cProfile and writes
+  ``DIR/<process>.log.prof`` when the federation ends (read them with ``pstats``).
 * CPU: ``cpu_s`` sums user and system time of the server and all site processes over the round;
   ``inproc_cpu_s`` is the simulation's. On a machine with several cores the site processes run in
   parallel, so wall time can beat the single-threaded simulation while using more CPU.
@@ -57,6 +65,8 @@ SIZES = {
     "4.8M": ([[2000, 2000], [800_000]], 2),
 }
 REPO = Path(__file__).resolve().parents[1]
+#: Environment variable naming a folder: run every process under cProfile, one .prof per process.
+PROFILE_ENV = "SECURE_FL_BENCH_PROFILE_DIR"
 _CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -81,6 +91,21 @@ def _loopback_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def _read_json(path: Path, timeout: float = 10.0) -> dict[str, Any]:
+    """The JSON object in ``path``, retried while the file is still being written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):
+                return data
+        except json.JSONDecodeError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} holds no JSON object")
+        time.sleep(0.01)
 
 
 class _Federation:
@@ -110,9 +135,13 @@ class _Federation:
         self.root = root
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen[bytes]:
+        # PROFILE_DIR set: each process runs under cProfile and writes <log>.prof when it exits
+        # (the federation runs its last round, then every process ends normally).
+        profile = os.environ.get(PROFILE_ENV)
+        prefix = ["-m", "cProfile", "-o", str(Path(profile) / f"{log}.prof")] if profile else []
         with open(self.root / log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "secure_fl.transport.cli", *args],
+                [sys.executable, *prefix, "-m", "secure_fl.transport.cli", *args],
                 cwd=REPO,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -124,7 +153,7 @@ class _Federation:
         self._spawn(["server", str(self.config_path)], "server.log")
         endpoint = self.state / "endpoint.json"
         self.wait_for(endpoint, 60)
-        address = json.loads(endpoint.read_text())["address"]
+        address = _read_json(endpoint)["address"]
         for name in self.names:
             path = self.site_configs[name]
             config = json.loads(path.read_text())
@@ -150,9 +179,13 @@ class _Federation:
             time.sleep(0.002)
 
     def record(self, round_id: int) -> dict[str, Any]:
-        return json.loads(self.record_path(round_id).read_text())
+        return _read_json(self.record_path(round_id))
 
     def stop(self) -> None:
+        if os.environ.get(PROFILE_ENV):  # let the processes end by themselves and write profiles
+            deadline = time.monotonic() + 120
+            while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+                time.sleep(0.1)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
@@ -244,7 +277,10 @@ def test_grpc_round(benchmark: Any, size_name: str, workdir: Path) -> None:
         last = records[-1]
         benchmark.extra_info.update(
             server_round_s=round(min(r["seconds"] for r in records), 2),
-            secagg_s=round(min(r["secagg_seconds"] for r in records), 2),
+            # secagg_s: the server's secure-aggregation part, when its records carry it.
+            secagg_s=min(
+                (r["secagg_seconds"] for r in records if "secagg_seconds" in r), default=None
+            ),
             grpc_MB=round((last["bytes_in"] + last["bytes_out"]) / 1e6, 2),
             model_MB=round(last["model_bytes_out"] / 1e6, 2),
             lo_MB=round(min(s["lo"] for s in samples) / 1e6, 2),
@@ -254,3 +290,96 @@ def test_grpc_round(benchmark: Any, size_name: str, workdir: Path) -> None:
         )
     finally:
         fed.stop()
+
+
+def _best(call: Any, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize("size_name", list(SIZES))
+def test_wire_work_per_round(benchmark: Any, size_name: str, capsys: Any) -> None:
+    """Where the gRPC path's own CPU goes, without sockets: the per-round serialisation, hashing
+    and copying that the in-process round does not do (TLS, HTTP/2 and gRPC are not in it). Each
+    component is the best of 3 in ms; ``*_round_ms`` scales them to one round (10 sites)."""
+    import hashlib
+
+    import numpy as np
+
+    from secure_fl.rounds.protobuf import masked_from_payload, masked_to_bytes
+    from secure_fl.secagg.messages import MaskedInput
+    from secure_fl.transport import tensors
+    from secure_fl.transport._generated import federation_pb2 as pb
+    from secure_fl.transport.checkpoint import model_blob
+    from secure_fl.transport.chunks import iter_chunk_bytes, receive_raw
+
+    shapes, _ = SIZES[size_name]
+    rng = np.random.default_rng(0)
+    model = {
+        f"w{i}": rng.standard_normal(shape).astype(np.float32) for i, shape in enumerate(shapes)
+    }
+    blob, digest_hex = model_blob(model)
+    digest = bytes.fromhex(digest_hex)
+    chunk = 1 << 20
+    header = pb.PayloadHeader(kind=pb.MODEL, length=len(model))
+    stream = list(iter_chunk_bytes(header, blob, chunk))
+    size = sum(v.size for v in model.values())
+    masked = MaskedInput(0, 1, rng.integers(0, 2**32, size=size, dtype=np.uint32))
+    upload = list(
+        iter_chunk_bytes(pb.PayloadHeader(kind=pb.MASKED_INPUT), masked_to_bytes(masked, 32), chunk)
+    )
+
+    def receive(chunks: list[bytes]) -> bytearray:
+        return receive_raw(
+            iter(chunks), max_chunk=chunk, max_total=1 << 31, check_header=lambda h: None
+        )[1]
+
+    parts = {
+        # server, once per round: the new global model
+        "server_dumps": lambda: tensors.dumps(model),
+        "server_sha256_of_blob": lambda: hashlib.sha256(blob).digest(),
+        "server_chunk_stream_hashing": lambda: list(iter_chunk_bytes(header, blob, chunk)),
+        "server_chunk_stream_given_sha": lambda: list(
+            iter_chunk_bytes(header, blob, chunk, sha256=digest)
+        ),
+        # site, once per round: model download and upload of the masked input
+        "site_receive_model": lambda: receive(stream),
+        "site_sha256_again": lambda: hashlib.sha256(blob).digest(),
+        "site_loads": lambda: tensors.loads(blob),
+        "site_content_digest": lambda: tensors.content_digest(model),
+        "site_upload_chunks": lambda: list(
+            iter_chunk_bytes(pb.PayloadHeader(), masked_to_bytes(masked, 32), chunk)
+        ),
+        # server, once per site: the masked input upload
+        "server_receive_upload": lambda: masked_from_payload(
+            pb.PayloadHeader(kind=pb.MASKED_INPUT, bits=32, length=size), receive(upload), 1
+        ),
+    }
+    benchmark.group = f"wire work per round, one process, {size_name}"
+    benchmark.name = "serialise, hash, copy (no sockets)"
+    ms = benchmark.pedantic(
+        lambda: {name: 1e3 * _best(call) for name, call in parts.items()}, rounds=1, iterations=1
+    )
+    site = sum(v for k, v in ms.items() if k.startswith("site_"))
+    server = (
+        ms["server_dumps"]
+        + ms["server_sha256_of_blob"]
+        + ms["server_chunk_stream_hashing"]
+        + SITES * ms["server_receive_upload"]
+    )
+    benchmark.extra_info.update({k: round(v, 1) for k, v in ms.items()})
+    benchmark.extra_info.update(
+        site_round_ms=round(SITES * site, 1),
+        server_round_ms=round(server, 1),
+        model_MB=round(len(blob) / 1e6, 1),
+    )
+    with capsys.disabled():
+        print(f"\nwire work per round ({size_name}, ms):")
+        for name, value in ms.items():
+            print(f"  {name:<34} {value:8.1f}")
+        print(f"  {'all sites per round':<34} {SITES * site:8.1f}")
+        print(f"  {'server per round':<34} {server:8.1f}")

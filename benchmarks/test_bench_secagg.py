@@ -5,6 +5,11 @@ Run: ``make bench`` (or ``.venv/bin/python -m pytest benchmarks -m '' --benchmar
 Model sizes are those of MONAI's 3D UNet with channels (16, 32, 64, 128) (about 1.2 M parameters)
 and (16, 32, 64, 128, 256) (about 4.8 M). Inputs are already encoded (uint32) so that the protocol
 itself is measured; ``test_aggregator_*`` measures the whole aggregator (encoding included).
+
+The speed targets (a whole round against Flower's SecAgg+ mask generation, a site's masking
+against its keystream floor) are the groups ``secagg round vs Flower masks`` and ``one site's
+masking``; ``test_speed_table`` measures them all once more, interleaved, and prints the table
+(also ``python benchmarks/secagg_speed.py``). No test here asserts a time.
 """
 
 from __future__ import annotations
@@ -13,9 +18,20 @@ import time
 
 import numpy as np
 import pytest
+from secagg_speed import (
+    PARAMS,
+    SITES,
+    flower_masks,
+    format_table,
+    masks_in_round,
+    measure,
+    secagg_round,
+    site_masking,
+)
 
 from secure_fl import aggregators
 from secure_fl.crypto import MaskPRG
+from secure_fl.crypto.parallel import mask_threads
 from secure_fl.secagg import Phase, make_config, run_round
 
 SIZES = {"1.2M": 1_200_000, "4.8M": 4_800_000}
@@ -27,36 +43,17 @@ def _inputs(n: int, size: int) -> dict[int, np.ndarray]:
     return {i: rng.integers(0, 2**32, size=size, dtype=np.uint32) for i in range(1, n + 1)}
 
 
-def _mt_mask(seed: bytes, size: int) -> np.ndarray:
-    """A mask drawn the way a widely used Python SecAgg+ implementation draws it: the 32-byte seed
-    folded to 32 bits, then NumPy's global Mersenne Twister. Brute-forceable (2**32 seeds); here
-    only as the speed baseline the issue names."""
-    seed32 = 0
-    for i in range(0, len(seed), 4):
-        seed32 ^= int.from_bytes(seed[i : i + 4], "little")
-    np.random.seed(seed32)
-    return np.random.randint(0, 2**32 - 1, size)
-
-
 def _mask_floor(size: int, masks: int) -> float:
-    """Seconds to generate and add ``masks`` AES-CTR masks into a preallocated buffer (best of 3),
+    """Seconds to generate the keystream of ``masks`` masks into scratch buffers (best of 3),
     measured now, in the same run as the benchmark it is compared with."""
     prg = MaskPRG(size, 32)
-    acc = np.zeros(size, dtype=np.uint32)
+    seeds = [i.to_bytes(32, "little") for i in range(masks)]
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        for i in range(masks):
-            prg.add_into(acc, i.to_bytes(32, "little"), 1)
+        prg.discard(seeds)
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def _masks_in_round(n: int, k: int, dropped: int) -> int:
-    """Mask vectors generated in one round: each site k pairwise + 1 self; the server regenerates
-    each survivor's self mask and each dropped site's masks with its surviving neighbours."""
-    survivors = n - dropped
-    return survivors * (k + 1) + survivors + dropped * k
 
 
 @pytest.mark.parametrize("size_name", list(SIZES))
@@ -112,74 +109,63 @@ def test_secure_round(benchmark, n: int, size_name: str, protocol: str, dropout:
         server_ms=round(1e3 * result.server.seconds, 1),
         site_MB=round(float(np.mean([result.clients[s].bytes_sent for s in live])) / 1e6, 2),
         server_MB=round(result.server.bytes_sent / 1e6, 2),
-        masks=_masks_in_round(n, k, len(gone)),
+        masks=masks_in_round(n, k, len(gone)),
     )
 
 
-def test_mask_generation_floor(benchmark) -> None:
-    """The floor: AES-256-CTR keystream into a preallocated buffer, plus the modular add."""
-    size = SIZES["4.8M"]
-    prg = MaskPRG(size, 32)
-    acc = np.zeros(size, dtype=np.uint32)
-    benchmark.group = "one 4.8M mask"
-    benchmark.name = "AES-256-CTR mask, generate and add"
-    benchmark.pedantic(lambda: prg.add_into(acc, b"\x01" * 32, 1), rounds=20, iterations=1)
+ROUND_GROUP = f"secagg round vs Flower masks ({SITES} sites, {PARAMS:,}, k=9, 110 masks)"
+SITE_GROUP = f"one site's masking ({PARAMS:,}, k+1=10 masks)"
 
 
-def test_mt_mask_baseline(benchmark) -> None:
-    size = SIZES["4.8M"]
-    benchmark.group = "one 4.8M mask"
-    benchmark.name = "MT19937 32-bit-seeded mask (baseline)"
-    benchmark.pedantic(lambda: _mt_mask(b"\x01" * 32, size), rounds=10, iterations=1)
+def test_flower_masks_for_a_round_baseline(benchmark) -> None:
+    """Flower 1.4x's SecAgg+ mask generation (pseudo_rand_gen over the UNet's tensors) for the
+    masks of the same round, without adding them."""
+    masks = masks_in_round(SITES, SITES - 1, 0)
+    benchmark.group = ROUND_GROUP
+    benchmark.name = f"Flower 1.4x pseudo_rand_gen, {masks} masks (baseline)"
+    benchmark.pedantic(flower_masks(masks), rounds=3, iterations=1)
+    benchmark.extra_info["masks"] = masks
 
 
-def test_round_against_mt_masks(benchmark) -> None:
-    """A whole SecAgg round (10 sites, 4.8 M, all parties' work) against the MT implementation's
-    mask generation alone for the same number of masks."""
-    size = SIZES["4.8M"]
-    inputs = _inputs(10, size)
-    config = make_config(
-        list(inputs), vector_length=size, bits=32, dropout_rate=0.1, corrupt_fraction=0.0
+@pytest.mark.parametrize("active", [False, True])
+def test_round_against_flower_masks(benchmark, active: bool) -> None:
+    """A whole SecAgg round (10 sites x 4,806,481, complete graph, all parties' work)."""
+    benchmark.group = ROUND_GROUP
+    benchmark.name = f"secagg round, {'active' if active else 'semi-honest'}, all parties"
+    result = benchmark.pedantic(secagg_round(active=active), rounds=5, iterations=1)
+    benchmark.extra_info.update(
+        site_ms=round(1e3 * float(np.mean([c.seconds for c in result.clients.values()])), 1),
+        server_ms=round(1e3 * result.server.seconds, 1),
+        threads=mask_threads(),
     )
-    masks = _masks_in_round(10, 9, 0)
-    benchmark.group = "secagg round vs MT masks (10 sites, 4.8M)"
-    benchmark.name = "secagg round, all parties"
-    benchmark.pedantic(lambda: run_round(config, inputs), rounds=3, iterations=1)
-    benchmark.extra_info["masks"] = masks
 
 
-def test_mt_masks_kept_per_site(benchmark) -> None:
-    """The same MT masks, each site keeping its k+1 masks until it has added them (fresh memory
-    for every mask, as an implementation that materialises its masks pays)."""
-    size = SIZES["4.8M"]
-    benchmark.group = "secagg round vs MT masks (10 sites, 4.8M)"
-    benchmark.name = "MT mask generation, masks kept per site"
-
-    def generate() -> None:
-        for site in range(10):
-            server_extra = 1 if site == 0 else 0  # the server regenerates 10 self masks
-            masks = [
-                _mt_mask((site * 100 + j).to_bytes(32, "little"), size)
-                for j in range(10 + server_extra * 10)
-            ]
-            del masks
-
-    benchmark.pedantic(generate, rounds=1, iterations=1)
-    benchmark.extra_info["masks"] = _masks_in_round(10, 9, 0)
+@pytest.mark.parametrize("what", ["floor", "masking", "previous", "previous floor"])
+def test_site_masking(benchmark, what: str) -> None:
+    """One site's k+1 masks: generate-and-add onto its input, against the same keystream into a
+    scratch buffer (the floor), and against the previous whole-vector passes."""
+    masking, floor, previous, previous_floor = site_masking(SITES)
+    call, name = {
+        "floor": (floor, "keystream floor, same masks into scratch (baseline)"),
+        "masking": (masking, "masking: chunked generate-and-add, threads"),
+        "previous": (previous, "previous: whole-vector AES-CTR passes, one thread"),
+        "previous floor": (previous_floor, "previous floor: AES-CTR keystream, one thread"),
+    }[what]
+    benchmark.group = SITE_GROUP
+    benchmark.name = name
+    benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["threads"] = mask_threads()
 
 
-def test_mt_masks_for_a_round_baseline(benchmark) -> None:
-    size = SIZES["4.8M"]
-    masks = _masks_in_round(10, 9, 0)
-    benchmark.group = "secagg round vs MT masks (10 sites, 4.8M)"
-    benchmark.name = "MT mask generation alone (baseline)"
-
-    def generate() -> None:
-        for i in range(masks):
-            _mt_mask(i.to_bytes(32, "little"), size)
-
-    benchmark.pedantic(generate, rounds=1, iterations=1)
-    benchmark.extra_info["masks"] = masks
+def test_speed_table(benchmark, capsys) -> None:
+    """Both groups above measured once more in one interleaved pass; prints the table."""
+    benchmark.group = "speed table (interleaved, best of 3)"
+    benchmark.name = "secagg_speed.measure()"
+    rows = benchmark.pedantic(measure, rounds=1, iterations=1)
+    for row in rows:
+        benchmark.extra_info[row.name] = f"{row.seconds * 1e3:.1f} ms, {row.ratio:.2f}x"
+    with capsys.disabled():
+        print("\n" + format_table(rows))
 
 
 @pytest.mark.parametrize("name", ["plain (baseline)", "secagg", "secagg+"])

@@ -506,12 +506,15 @@ class SecAggClient(NoPickle):
         self._need(len(u2), "share holders completed the key sharing")
         self._held.update(received)
         self._u2 = u2
-        masked = self._input.copy()
-        self._prg.add_into(masked, self._self_seed, 1)
+        # masked = input + PRG(self seed) + sum over peers of sign(me - peer) * PRG(pair seed),
+        # generated and added in one chunked, multi-threaded pass (MaskPRG.add_many_into).
+        terms: list[tuple[bytes, int]] = [(self._self_seed, 1)]
         mask_context = cfg.context("pairwise-mask")
         for peer in sorted(u2 & neighbours):
             seed = agree_key(self._mask_key, self._adverts[peer].mask_public, context=mask_context)
-            self._prg.add_into(masked, seed, 1 if me > peer else -1)
+            terms.append((seed, 1 if me > peer else -1))
+        masked = np.empty_like(self._input)
+        self._prg.add_many_into(masked, terms, base=self._input)
         self._input = None  # the plain input is not kept past this point
         return MaskedInput(cfg.round_id, me, masked)
 

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from secure_fl.crypto import MaskPRG, Share, X25519KeyPair, agree_key, combine, verify
+from secure_fl.crypto.prg import sum_into
 from secure_fl.errors import (
     CryptoError,
     InconsistentSharesError,
@@ -346,11 +347,13 @@ class SecAggServer:
 
     def _close_masked(self, arrived: frozenset[int]) -> dict[int, ServerMessage]:
         self.u3 = arrived
+        vectors = []
         for site in sorted(arrived):
             message = self._got[site]
             if not isinstance(message, MaskedInput):
                 raise LocalProtocolError("internal: a non-MaskedInput message was collected")
-            np.add(self._sum, message.vector, out=self._sum)
+            vectors.append(message.vector)
+        sum_into(self._sum, vectors)  # one chunked, multi-threaded pass over all inputs
         self._expected = arrived
         rid = self.config.round_id
         if self.config.active:
@@ -426,10 +429,11 @@ class SecAggServer:
                         "reconstructed"
                         + (f" (excluded holders: {sorted(excluded)})" if excluded else "")
                     )
-        total = self._sum
+        # Every mask to remove is collected first and removed in one chunked, multi-threaded pass.
+        terms: list[tuple[bytes, int]] = []
         for owner in sorted(self.u3):
             seed = self._reconstruct(seed_shares[owner], owner, "self-mask seed")
-            self._prg.add_into(total, seed, -1)
+            terms.append((seed, -1))
         mask_context = cfg.context("pairwise-mask")
         for owner in sorted(self.dropped):
             secret = self._reconstruct(key_shares[owner], owner, "mask key")
@@ -443,7 +447,9 @@ class SecAggServer:
                     continue  # the peer never got the owner's shares, so it did not mask with it
                 seed = agree_key(key, self._adverts[peer].mask_public, context=mask_context)
                 # The survivor added sign(peer > owner) * PRG(seed); remove it.
-                self._prg.add_into(total, seed, -1 if peer > owner else 1)
+                terms.append((seed, -1 if peer > owner else 1))
+        total = self._sum
+        self._prg.add_many_into(total, terms)
         self._result = total
         self.phase = ServerPhase.DONE
         return {}

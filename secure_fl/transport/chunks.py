@@ -80,23 +80,36 @@ def _data_view(raw: bytes) -> memoryview | None:
 
 
 def iter_chunk_bytes(
-    header: pb.PayloadHeader, data: bytes | bytearray | memoryview, chunk_bytes: int
+    header: pb.PayloadHeader,
+    data: bytes | bytearray | memoryview,
+    chunk_bytes: int,
+    *,
+    sha256: bytes | None = None,
 ) -> Iterator[bytes]:
     """The serialised form of :func:`iter_chunks` (the same bytes protobuf produces), built with
-    one copy of the data: for calls whose request serializer is the identity."""
+    one copy of the data: for calls whose request serializer is the identity.
+
+    ``sha256`` is the SHA-256 of ``data`` when the caller already computed it (a model blob is
+    hashed for its digest anyway); it is then not computed a second time. A wrong value makes
+    every receiver refuse the stream (checksum mismatch). Errors: ValueError for ``chunk_bytes``
+    < 1 or a ``sha256`` that is not 32 bytes."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if sha256 is not None and len(sha256) != hashlib.sha256().digest_size:
+        raise ValueError(f"sha256 must be 32 bytes, got {len(sha256)}")
     view = memoryview(data).cast("B")
     head = pb.PayloadHeader()
     head.CopyFrom(header)
     head.total_bytes = len(view)
     yield pb.Chunk(header=head).SerializeToString()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if sha256 is None else None
     for start in range(0, len(view), chunk_bytes):
         piece = view[start : start + chunk_bytes]
-        digest.update(piece)
+        if digest is not None:
+            digest.update(piece)
         yield b"".join((bytes((_DATA_TAG,)), _varint(len(piece)), piece))
-    yield pb.Chunk(trailer=pb.PayloadTrailer(sha256=digest.digest())).SerializeToString()
+    checksum = digest.digest() if digest is not None else bytes(sha256 or b"")
+    yield pb.Chunk(trailer=pb.PayloadTrailer(sha256=checksum)).SerializeToString()
 
 
 class PayloadReceiver:

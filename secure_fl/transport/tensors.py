@@ -28,6 +28,7 @@ _DTYPES = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
 _MAX_HEADER = 16 * 1024 * 1024
 _MAX_TENSORS = 100_000
 _MAX_NAME = 512
+_DIGEST_PIECE = 32 * 1024  # float64 values hashed per piece by content_digest (256 KiB)
 
 #: A model or update: tensor name -> float array, in a fixed order.
 Tensors = dict[str, np.ndarray]
@@ -36,11 +37,13 @@ Tensors = dict[str, np.ndarray]
 def dumps(tensors: Mapping[str, np.ndarray]) -> bytes:
     """Serialise ``tensors`` (name -> float16/32/64 numpy array) in the layout above.
 
+    The tensor data is copied once, straight into the result (no intermediate ``tobytes``).
+
     Errors: InvalidUpdateError for a non-string or overlong name, a non-array value or a dtype
     other than float16/float32/float64.
     """
     entries: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+    views: list[memoryview] = []
     offset = 0
     for name, array in tensors.items():
         if not isinstance(name, str) or not 0 < len(name) <= _MAX_NAME:
@@ -50,20 +53,22 @@ def dumps(tensors: Mapping[str, np.ndarray]) -> bytes:
                 f"tensor {name!r} must be a numpy array of dtype {sorted(_DTYPES)}, got "
                 f"{getattr(array, 'dtype', type(array).__name__)}"
             )
-        data = np.ascontiguousarray(array, dtype=_DTYPES[array.dtype.name]).tobytes()
+        # A view when the array is already C-contiguous little-endian (the usual case).
+        data = np.ascontiguousarray(array, dtype=_DTYPES[array.dtype.name]).reshape(-1)
+        view = data.view(np.uint8).data
         entries.append(
             {
                 "name": name,
                 "dtype": array.dtype.name,
                 "shape": list(array.shape),
                 "offset": offset,
-                "nbytes": len(data),
+                "nbytes": view.nbytes,
             }
         )
-        blobs.append(data)
-        offset += len(data)
+        views.append(view)
+        offset += view.nbytes
     header = json.dumps({"tensors": entries}, separators=(",", ":")).encode()
-    return b"".join([MAGIC, len(header).to_bytes(8, "little"), header, *blobs])
+    return b"".join([MAGIC, len(header).to_bytes(8, "little"), header, *views])
 
 
 def _fail(reason: str) -> InvalidUpdateError:
@@ -139,11 +144,15 @@ def content_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
     re-typed, re-ordered or re-shaped copy of a model counts as the same model. (Two honest models
     that differ only in those never occur in one federation.)
 
+    The float64 values are produced and hashed in cache-sized pieces: no float64 copy of the
+    model is ever held (the digest is the same as hashing the whole float64 vector at once).
+
     Errors: InvalidUpdateError for a non-float array, a name that is not a non-empty string, or
     NaN / infinite values (such a model has no canonical content and is refused).
     """
     digest = hashlib.sha256(CONTENT_DOMAIN)
     digest.update(len(tensors).to_bytes(8, "little"))
+    buf = np.empty(_DIGEST_PIECE, dtype="<f8")
     for name in sorted(tensors):
         array = tensors[name]
         if not isinstance(name, str) or not name:
@@ -152,13 +161,17 @@ def content_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
             raise InvalidUpdateError(
                 f"tensor {name!r} must be a numpy array of dtype {sorted(_DTYPES)}"
             )
-        values = np.array(array, dtype="<f8", order="C", copy=True).reshape(-1)
-        if not np.all(np.isfinite(values)):
-            raise InvalidUpdateError(f"tensor {name!r} holds NaN or infinite values")
-        values[values == 0.0] = 0.0  # -0.0 == 0.0: one canonical zero
+        flat = array.reshape(-1)  # C order; a view when the array is C-contiguous
         raw_name = name.encode()
         digest.update(len(raw_name).to_bytes(8, "little"))
         digest.update(raw_name)
-        digest.update(values.size.to_bytes(8, "little"))
-        digest.update(values.tobytes())
+        digest.update(flat.size.to_bytes(8, "little"))
+        for start in range(0, flat.size, _DIGEST_PIECE):
+            piece = buf[: min(_DIGEST_PIECE, flat.size - start)]
+            piece[...] = flat[start : start + piece.size]  # exact upcast to float64
+            if not np.isfinite(piece).all():
+                raise InvalidUpdateError(f"tensor {name!r} holds NaN or infinite values")
+            # x + 0.0 == x for every finite x except -0.0, which becomes 0.0 (one canonical zero).
+            np.add(piece, 0.0, out=piece)
+            digest.update(piece.data.cast("B"))
     return digest.digest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
 from secure_fl.crypto import DeterministicRandom, MaskPRG, expand_mask
-from secure_fl.crypto.prg import _keystream
+from secure_fl.crypto.prg import CHUNK_BYTES, _keystream, sum_into
 from secure_fl.errors import ConfigError, InvalidKeyError
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
@@ -113,13 +114,138 @@ def test_masks_cancel(bits: int) -> None:
     np.testing.assert_array_equal(acc, x)
 
 
-def test_add_into_reuses_scratch() -> None:
-    prg = MaskPRG(512, 32)
-    acc = np.zeros(512, dtype=np.uint32)
-    prg.add_into(acc, SEED)
-    scratch = prg._scratch
-    prg.add_into(acc, bytes(32), -1)
-    assert prg._scratch is scratch
+def test_add_into_allocates_no_vector_sized_scratch() -> None:
+    """Masks are generated chunk by chunk: no buffer of the vector's size is allocated."""
+    length = 1 << 20  # 4 MiB of uint32
+    acc = np.zeros(length, dtype=np.uint32)
+    MaskPRG(length, 32, threads=2).add_into(acc, SEED)  # warm-up: thread pool, zero chunk
+    prg = MaskPRG(length, 32, threads=2)  # a fresh instance: any per-instance buffer counts
+    tracemalloc.start()
+    try:
+        prg.add_into(acc, bytes(32), -1)
+        prg.add_many_into(acc, [(SEED, 1), (bytes(32), 1)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Two threads, each with two chunk-sized buffers, and small change: a third of the vector.
+    assert peak < 4 * CHUNK_BYTES + (1 << 18) < 4 * length
+
+
+def _reference_sum(base: np.ndarray, terms: list[tuple[bytes, int]], bits: int) -> np.ndarray:
+    acc = base.copy()
+    prg = MaskPRG(base.shape[0], bits, threads=1)
+    for seed, sign in terms:
+        prg.add_into(acc, seed, sign)
+    return acc
+
+
+# (length, chunk_bytes, threads): partial last chunks, single chunks, and vectors of >= 1 MiB
+# that are split into slabs across threads (slab boundaries resume the keystream mid-mask).
+SHAPES = [
+    (1, 64, 1),
+    (7, 64, 2),
+    (9, 64, 1),
+    (1000, 64, 1),
+    (1000, 80, 2),
+    (4097, 4096, 1),
+    (300_001, 4096, 2),
+    (300_001, 48_000, 3),
+    (150_003, 16_384, 2),
+]
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize(("length", "chunk_bytes", "threads"), SHAPES)
+def test_add_many_into_equals_one_add_into_per_term(
+    bits: int, length: int, chunk_bytes: int, threads: int
+) -> None:
+    rng = DeterministicRandom(b"many")
+    terms = [(rng(32), sign) for sign in (1, -1, -1, 1, 1)]
+    base = np.random.default_rng(7).integers(0, 2**bits, size=length, dtype=DTYPES[bits])
+    expected = _reference_sum(base, terms, bits)
+    prg = MaskPRG(length, bits, threads=threads, chunk_bytes=chunk_bytes)
+    out = np.empty_like(base)
+    prg.add_many_into(out, terms, base=base)
+    np.testing.assert_array_equal(out, expected)
+    acc = base.copy()
+    prg.add_many_into(acc, terms)
+    np.testing.assert_array_equal(acc, expected)
+    same = base.copy()
+    prg.add_many_into(same, terms, base=same)  # base is acc itself: in place
+    np.testing.assert_array_equal(same, expected)
+    reference = np.frombuffer(
+        _keystream(terms[0][0], bytes(16), length * bits // 8), f"<u{bits // 8}"
+    )
+    np.testing.assert_array_equal(prg.expand(terms[0][0]), reference)
+
+
+def test_add_many_into_without_terms_copies_base() -> None:
+    base = np.arange(100, dtype=np.uint32)
+    out = np.zeros(100, dtype=np.uint32)
+    MaskPRG(100, 32).add_many_into(out, [], base=base)
+    np.testing.assert_array_equal(out, base)
+
+
+def test_add_many_into_validation() -> None:
+    prg = MaskPRG(8, 32)
+    acc = np.zeros(8, dtype=np.uint32)
+    with pytest.raises(ConfigError, match=r"terms\[1\] sign"):
+        prg.add_many_into(acc, [(SEED, 1), (SEED, 0)])
+    with pytest.raises(ConfigError, match=r"terms\[0\]"):
+        prg.add_many_into(acc, [SEED])  # type: ignore[list-item]
+    with pytest.raises(InvalidKeyError, match="seed"):
+        prg.add_many_into(acc, [(bytes(31), 1)])
+    with pytest.raises(ConfigError, match="base"):
+        prg.add_many_into(acc, [(SEED, 1)], base=np.zeros(8, dtype=np.uint64))
+    wide = np.zeros(9, dtype=np.uint32)
+    with pytest.raises(ConfigError, match="base"):
+        prg.add_many_into(wide[:8], [(SEED, 1)], base=wide[1:])  # overlaps acc, is not acc
+    np.testing.assert_array_equal(acc, 0)  # nothing written on a refused call
+
+
+def test_discard_checks_seeds_and_writes_nothing() -> None:
+    prg = MaskPRG(300_001, 32, threads=2, chunk_bytes=4096)
+    prg.discard([SEED, bytes(32)])
+    with pytest.raises(InvalidKeyError, match="seed"):
+        prg.discard([SEED, b"short"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"threads": 0}, "threads"),
+        ({"threads": True}, "threads"),
+        ({"chunk_bytes": 0}, "chunk_bytes"),
+        ({"chunk_bytes": 100}, "chunk_bytes"),
+        ({"chunk_bytes": 48}, "chunk_bytes"),
+    ],
+)
+def test_constructor_validation_of_threads_and_chunk(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        MaskPRG(8, 32, **kwargs)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_sum_into_equals_sequential_adds(bits: int) -> None:
+    rng = np.random.default_rng(3)
+    length = 300_001
+    vectors = [rng.integers(0, 2**bits, size=length, dtype=DTYPES[bits]) for _ in range(5)]
+    acc = rng.integers(0, 2**bits, size=length, dtype=DTYPES[bits])
+    expected = acc.copy()
+    for v in vectors:
+        np.add(expected, v, out=expected)
+    sum_into(acc, vectors, threads=2)
+    np.testing.assert_array_equal(acc, expected)
+
+
+def test_sum_into_validation() -> None:
+    acc = np.zeros(8, dtype=np.uint32)
+    with pytest.raises(ConfigError, match=r"vectors\[1\]"):
+        sum_into(acc, [np.zeros(8, dtype=np.uint32), np.zeros(8, dtype=np.uint64)])
+    with pytest.raises(ConfigError, match=r"vectors\[0\]"):
+        sum_into(acc, [np.zeros(9, dtype=np.uint32)])
+    with pytest.raises(ConfigError, match="acc"):
+        sum_into(np.zeros(8, dtype=np.int32), [])
 
 
 @pytest.mark.parametrize("seed", [b"", bytes(16), bytes(31), bytes(33), "0" * 32])
