@@ -1,6 +1,7 @@
 """The secure-aggregation demo: ten sites, one drops out after the key exchange, the exact sum.
 
 Until the federated-training issue lands, this is what ``secure-fl demo`` and ``make demo`` run.
+It drives the round layer (:mod:`secure_fl.rounds`) in process, as every other driver does.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 from secure_fl.aggregators import create
-from secure_fl.encoding import flatten, plan_bit_width
-from secure_fl.secagg import Phase, make_config, run_round
+from secure_fl.encoding import flatten
+from secure_fl.secagg import Phase
 
 
 def _fake_unet_update(rng: np.random.Generator, scale: float) -> dict[str, np.ndarray]:
@@ -49,39 +50,50 @@ def run_demo(
     echo(f"secure_fl demo: {sites} sites, {size:,} parameters each, protocol {protocol}")
     echo(f"site {gone} drops out after the key exchange, before sending its masked input\n")
 
-    # 1. The protocol in the integer domain: the sum is exact.
-    plan = plan_bit_width(
-        num_sites=sites, weights=list(weights.values()), clip_range=10.0, precision=2.0**-24
-    )
-    codec = plan.codec()
-    inputs = {
-        i + 1: codec.encode(flatten(updates[n])[0], weight=plan.weights[i], rng=rng).values
-        for i, n in enumerate(names)
-    }
-    config = make_config(
-        list(inputs),
+    # 1. The round layer in the integer domain (what a deployment runs): the sum is exact.
+    from secure_fl.crypto import SigningKey
+    from secure_fl.rounds import AggregationSpec, plan_round, run_local
+
+    ids = {n: i + 1 for i, n in enumerate(names)}
+    keys = {ids[n]: SigningKey.generate() for n in names}
+    plan = plan_round(
+        AggregationSpec(protocol, dropout_rate=0.1),
+        {ids[n]: weights[n] for n in names},
         vector_length=size,
-        bits=plan.bits,
-        protocol=protocol,
-        dropout_rate=0.1,
-        corrupt_fraction=0.0,
+        round_id=0,
+        verify_keys={i: k.public_bytes for i, k in keys.items()},
     )
+    codec = plan.codec
+    config = plan.secagg
+    if codec is None or config is None or plan.bit_plan is None:
+        raise RuntimeError(f"{protocol!r} is not a secure-aggregation protocol")
+    vectors = {ids[n]: flatten(updates[n])[0] for n in names}
     start = time.perf_counter()
-    result = run_round(config, inputs, dropouts={names.index(gone) + 1: Phase.MASKED_INPUT})
+    outcome = run_local(
+        plan,
+        vectors,
+        dropouts={ids[gone]: Phase.MASKED_INPUT},
+        signing_keys=keys,
+        rng={i: np.random.default_rng([seed, i]) for i in ids.values()},
+    )
     elapsed = time.perf_counter() - start
+    # Independent check: each survivor's encoding, redone with the same stochastic rounding.
     expected = np.zeros(size, dtype=codec.dtype)
-    for i, n in enumerate(names):
-        if n != gone:
-            expected += inputs[i + 1]
-    exact = bool(np.array_equal(result.total, expected))
+    for n in survivors:
+        i = ids[n]
+        weight = plan.normalised[i]
+        expected += codec.encode(
+            vectors[i], weight=weight, rng=np.random.default_rng([seed, i])
+        ).values
+    exact = outcome.total is not None and bool(np.array_equal(outcome.total, expected))
     k = config.degree
     echo(
         f"protocol: threshold {config.threshold} of {k + 1} share holders, k={k} neighbours, "
-        f"{plan.bits}-bit ring, scale 2^{plan.frac_bits}"
+        f"{plan.bit_plan.bits}-bit ring, scale 2^{plan.bit_plan.frac_bits}"
     )
     echo(
-        f"server recovered the sum of {len(result.survivors)} survivors in {elapsed:.2f} s; "
-        f"masks of {sorted(result.dropped)} removed through Shamir shares"
+        f"server recovered the sum of {len(outcome.survivors)} survivors in {elapsed:.2f} s; "
+        f"masks of {sorted(outcome.dropped)} removed through Shamir shares"
     )
     echo(f"integer sum equals the plaintext sum of the survivors exactly: {exact}")
 

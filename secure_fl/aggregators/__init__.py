@@ -15,6 +15,7 @@ from secure_fl.aggregators.ckks import CKKSAggregator
 from secure_fl.aggregators.masked import MaskedAggregator
 from secure_fl.aggregators.plain import PlainAggregator
 from secure_fl.errors import ConfigError
+from secure_fl.rounds.spec import AggregationSpec
 
 #: Names accepted by :func:`create`.
 NAMES = ("plain", "secagg", "secagg+", "ckks")
@@ -23,21 +24,26 @@ NAMES = ("plain", "secagg", "secagg+", "ckks")
 def create(name: str, **options: Any) -> Aggregator:
     """Return the aggregator called ``name`` configured with ``options``.
 
-    ``name`` is one of ``"plain"``, ``"secagg"``, ``"secagg+"``, ``"ckks"``. Options are keyword
-    arguments of :class:`PlainAggregator`, :class:`MaskedAggregator` or :class:`CKKSAggregator`.
+    ``name`` is one of ``"plain"``, ``"secagg"``, ``"secagg+"``, ``"ckks"``. Options are the
+    fields of :class:`secure_fl.rounds.spec.AggregationSpec` that apply to ``name`` (see
+    :data:`secure_fl.rounds.spec.OPTIONS`) and the driver options (``seed`` for SecAgg; the
+    contexts and ``measure_error`` for CKKS): the keyword arguments of
+    :class:`PlainAggregator`, :class:`MaskedAggregator` or :class:`CKKSAggregator`.
 
-    Errors: ConfigError for an unknown name or an unknown or invalid option.
+    Errors: ConfigError for an unknown name or an unknown or invalid option (the message lists
+    the options allowed for ``name``).
     """
     if name not in NAMES:
         raise ConfigError(f"aggregator name must be one of {NAMES}, got {name!r}")
     try:
-        if name == "plain":
-            return PlainAggregator(**options)
-        if name == "ckks":
-            return CKKSAggregator(**options)
-        return MaskedAggregator(name, **options)
-    except TypeError as exc:
+        AggregationSpec.split_options(name, options, where="options")
+    except ConfigError as exc:
         raise ConfigError(f"invalid option for aggregator {name!r}: {exc}") from exc
+    if name == "plain":
+        return PlainAggregator(**options)
+    if name == "ckks":
+        return CKKSAggregator(**options)
+    return MaskedAggregator(name, **options)
 
 
 __all__ = [

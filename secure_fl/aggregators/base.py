@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from secure_fl import validation
 from secure_fl.encoding import UpdateSpec, check_same_spec, flatten
 from secure_fl.errors import ConfigError, InvalidUpdateError
 
@@ -281,18 +282,8 @@ def _difference(reference: UpdateSpec, other: UpdateSpec, site: str) -> str:
 def check_l2_clip(value: object) -> float | None:
     """Validate an aggregator's optional ``l2_clip`` option (finite and > 0, or None).
 
-    Errors: ConfigError naming the option.
-    """
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"l2_clip must be a positive number or None, got {value!r}")
-    return float(value)
+    Errors: ConfigError naming the option."""
+    return validation.optional("l2_clip", value, validation.positive)
 
 
 class Aggregator(ABC):

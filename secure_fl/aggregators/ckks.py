@@ -5,8 +5,10 @@ ciphertexts and streams them chunk by chunk; the server adds ciphertexts under t
 only and never sees a decryption; the sites decrypt the sum themselves and divide by the
 survivors' share of the weight. The returned mean is the site role's result (what every site
 computes locally). In this in-process aggregator one object plays every role, but each role runs
-through its own class with only the context it is entitled to (:mod:`secure_fl.he.aggregate`).
-At least two sites must contribute (ThresholdError otherwise), as over the network.
+through the round halves of :mod:`secure_fl.rounds.ckks` (the same recipe the gRPC server and
+sites run), each with only the context it is entitled to, driven chunk-major by
+:func:`secure_fl.rounds.ckks_local.run_ckks_local`. At least two sites must contribute
+(ThresholdError otherwise), as over the network.
 
 Threat model in one line: every site holds the same secret key, so a server colluding with any one
 site can decrypt every update; pairwise-masking SecAgg (``secagg`` / ``secagg+``) does not have this
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from secure_fl.aggregators.base import (
     AggregationReport,
@@ -28,13 +30,14 @@ from secure_fl.aggregators.base import (
     check_l2_clip,
     prepare,
 )
-from secure_fl.encoding import l2_clip, unflatten
+from secure_fl.encoding import unflatten
 from secure_fl.errors import ConfigError
-from secure_fl.he.aggregate import encrypted_mean
 from secure_fl.he.context import PublicContext, SecretContext, check_fingerprint
+from secure_fl.he.decrypt import require_two_contributors
 from secure_fl.he.packing import DEFAULT_CHUNK_CIPHERTEXTS
 from secure_fl.he.parallel import EncryptionPool
 from secure_fl.he.params import CKKSPreset, get_preset
+from secure_fl.rounds.ckks_local import run_ckks_local
 
 
 class CKKSAggregator(Aggregator):
@@ -68,7 +71,7 @@ class CKKSAggregator(Aggregator):
     Errors: ConfigError for invalid options, a secret context offered to the server, or contexts
     whose fingerprints differ; at ``aggregate``: ThresholdError for fewer than two surviving
     sites, InvalidUpdateError (see :func:`prepare`, plus
-    values beyond ``max_abs``), and the errors of :func:`secure_fl.he.aggregate.encrypted_mean`.
+    values beyond ``max_abs``), and the errors of :func:`secure_fl.rounds.ckks_local.run_ckks_local`.
     """
 
     name = "ckks"
@@ -188,31 +191,24 @@ class CKKSAggregator(Aggregator):
         start = time.perf_counter()
         prepared = prepare(updates, weights, dropped)
         survivors = list(prepared.survivors)
-        vectors: dict[str, Any] = {}
-        clipped_updates: list[str] = []
-        for site in survivors:
-            vector = prepared.vectors[site]
-            if self.l2_clip is not None:
-                vector, info = l2_clip(vector, self.l2_clip)
-                if info.clipped:
-                    clipped_updates.append(site)
-            vectors[site] = vector
+        require_two_contributors(len(survivors))  # before a round id is spent
         round_id = self._round
         self._round += 1
-        if self.workers > 1 and self._pool is None:
+        size = prepared.spec.size
+        if size and self.workers > 1 and self._pool is None:
             self._pool = EncryptionPool(self._secret, self.workers)
-        mean, stats = encrypted_mean(
+        mean, stats, clipped_updates = run_ckks_local(
             self._secret,
             self._public,
-            vectors,
+            {s: prepared.vectors[s] for s in survivors},
             prepared.weights,
             survivors,
             round_id=round_id,
             chunk_ciphertexts=self.chunk_ciphertexts,
+            l2_clip_norm=self.l2_clip,
             reference=self.measure_error,
             pool=self._pool,
         )
-        size = prepared.spec.size
         sent = [stats.bytes_sent[s] for s in survivors]
         preset = self.preset
         report = AggregationReport(

@@ -5,7 +5,8 @@ by its normalised weight, encodes it in fixed point with unbiased stochastic rou
 ``Z_{2^bits}`` and runs one SecAgg / SecAgg+ round. The server learns only the modular sum of the
 survivors' encodings, which decodes to their weighted sum; it divides by the survivors' total weight.
 
-Site weights (sample counts) are public to the server, as in FedAvg.
+Site weights (sample counts) are public to the server, as in FedAvg. The recipe lives once in
+:mod:`secure_fl.rounds` (plan, site half, server half); this module only drives it in process.
 """
 
 from __future__ import annotations
@@ -22,21 +23,28 @@ from secure_fl.aggregators.base import (
     AggregationResult,
     Aggregator,
     Updates,
-    check_l2_clip,
     prepare,
     warn_clipped,
 )
 from secure_fl.crypto import DeterministicRandom
-from secure_fl.encoding import l2_clip, plan_bit_width, unflatten
+from secure_fl.encoding import unflatten
 from secure_fl.errors import ConfigError
-from secure_fl.secagg import Phase, SitePolicy, make_config, run_round
-from secure_fl.secagg.config import encoding_binding
+from secure_fl.rounds.local import run_local
+from secure_fl.rounds.plan import plan_round
+from secure_fl.rounds.spec import AggregationSpec
+from secure_fl.secagg import Phase
 
 
 class MaskedAggregator(Aggregator):
     """SecAgg (complete graph) or SecAgg+ (sparse random graph) secure aggregation, in process.
 
-    Options (keyword only):
+    A thin driver of the round layer: :func:`secure_fl.rounds.plan_round` plans the round and
+    :func:`secure_fl.rounds.run_local` runs the same site and server halves
+    (:class:`~secure_fl.rounds.secagg.SecAggSiteRound`, :class:`~secure_fl.rounds.secagg.
+    SecAggServerRound`) as a deployment, each site checking the round against the in-process
+    policy (:func:`secure_fl.rounds.local.in_process_policy`).
+
+    Options (keyword only; the fields of :class:`~secure_fl.rounds.spec.AggregationSpec`):
 
     * ``clip_range`` — per-coordinate bound; larger values are clipped, counted in the report and
       logged at WARNING (logger ``secure_fl.aggregators``) with the site and the count, since the
@@ -72,19 +80,32 @@ class MaskedAggregator(Aggregator):
     ) -> None:
         if protocol not in ("secagg", "secagg+"):
             raise ConfigError(f"protocol must be 'secagg' or 'secagg+', got {protocol!r}")
-        if not isinstance(active, bool):
-            raise ConfigError(f"active must be True or False, got {active!r}")
+        options: dict[str, Any] = {
+            "clip_range": clip_range,
+            "precision": precision,
+            "bits": bits,
+            "l2_clip": l2_clip,
+            "threshold": threshold,
+            "dropout_rate": dropout_rate,
+            "corrupt_fraction": corrupt_fraction,
+            "active": active,
+        }
+        if k is not None:
+            options["k"] = k
+        self.spec = AggregationSpec.from_options(protocol, options, where="options")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"seed must be an integer or None, got {seed!r}")
         self.name = protocol
         self.protocol = protocol
-        self.clip_range = clip_range
-        self.precision = precision
-        self.bits = bits
-        self.l2_clip = check_l2_clip(l2_clip)
-        self.threshold = threshold
-        self.k = k
-        self.dropout_rate = dropout_rate
-        self.corrupt_fraction = corrupt_fraction
-        self.active = active
+        self.clip_range = self.spec.clip_range
+        self.precision = self.spec.precision
+        self.bits = self.spec.bits
+        self.l2_clip = self.spec.l2_clip
+        self.threshold = self.spec.threshold
+        self.k = self.spec.k
+        self.dropout_rate = self.spec.dropout_rate
+        self.corrupt_fraction = self.spec.corrupt_fraction
+        self.active = self.spec.active
         self.seed = seed
         self._round = 0
 
@@ -98,16 +119,6 @@ class MaskedAggregator(Aggregator):
         start = time.perf_counter()
         prepared = prepare(updates, weights, dropped, min_sites=2)
         sites = prepared.sites
-        plan = plan_bit_width(
-            num_sites=len(sites),
-            weights=[prepared.weights[s] for s in sites],
-            clip_range=self.clip_range,
-            precision=self.precision,
-            bits=self.bits,
-        )
-        codec = plan.codec()
-        # The plan's normalised weights, exactly those its no-wrap bound was computed for.
-        norm = dict(zip(sites, plan.weights, strict=True))
         if self.seed is None:
             randbytes: Any = os.urandom
             rng = np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
@@ -118,6 +129,7 @@ class MaskedAggregator(Aggregator):
             rng = np.random.default_rng([self.seed, self._round])
 
         ids = {site: index + 1 for index, site in enumerate(sites)}
+        names = {i: s for s, i in ids.items()}
         signing_keys = None
         verify_keys = None
         if self.active:
@@ -126,88 +138,54 @@ class MaskedAggregator(Aggregator):
             signing_keys = {ids[s]: SigningKey.generate(randbytes) for s in sites}
             verify_keys = {i: key.public_bytes for i, key in signing_keys.items()}
         round_id = self._round
-        config = make_config(
-            list(ids.values()),
+        plan = plan_round(
+            self.spec,
+            {ids[s]: prepared.weights[s] for s in sites},
             vector_length=prepared.spec.size,
-            bits=plan.bits,
-            protocol=self.protocol,
-            round_id=self._round,
-            threshold=self.threshold,
-            k=self.k,
-            dropout_rate=self.dropout_rate,
-            corrupt_fraction=self.corrupt_fraction,
-            active=self.active,
+            round_id=round_id,
             verify_keys=verify_keys,
-            # Every site's weight and the codec, bound into the round's keys and signatures as
-            # the transport does (protocols/secagg.md).
-            binding=encoding_binding(
-                [ids[s] for s in sites],
-                [prepared.weights[s] for s in sites],
-                bits=codec.bits,
-                frac_bits=codec.frac_bits,
-                clip_range=codec.clip_range,
-                vector_length=prepared.spec.size,
-            ),
         )
         self._round += 1
-
-        inputs: dict[int, np.ndarray] = {}
-        clipped: dict[str, int] = {}
-        clipped_updates: list[str] = []
-        encode_seconds: dict[str, float] = {}
-        for site in sites:
-            t0 = time.perf_counter()
-            vector = prepared.vectors[site]
-            if self.l2_clip is not None:
-                vector, info = l2_clip(vector, self.l2_clip)
-                if info.clipped:
-                    clipped_updates.append(site)
-            encoded = codec.encode(vector, weight=norm[site], rng=rng)
-            inputs[ids[site]] = encoded.values
-            clipped[site] = encoded.clipped
-            warn_clipped(self.name, site, encoded.clipped, prepared.spec.size, plan.clip_range)
-            encode_seconds[site] = time.perf_counter() - t0
-
-        result = run_round(
-            config,
-            inputs,
+        outcome = run_local(
+            plan,
+            {ids[s]: prepared.vectors[s] for s in sites},
             dropouts={ids[s]: Phase.MASKED_INPUT for s in prepared.dropped},
             signing_keys=signing_keys,
             randbytes=randbytes,
-            policy=SitePolicy(corrupt_fraction=self.corrupt_fraction, require_active=self.active),
+            rng=rng,
         )
-        names = {i: s for s, i in ids.items()}
-        survivors = [names[i] for i in sorted(result.survivors)]
-        surviving_weight = sum(norm[s] for s in survivors)
-        t0 = time.perf_counter()
-        mean = codec.decode(result.total) / surviving_weight
-        decode_seconds = time.perf_counter() - t0
-        bytes_sent = {names[i]: st.bytes_sent for i, st in result.clients.items()}
-        sent = [bytes_sent[s] for s in survivors if s in bytes_sent]
+        record = outcome.record
         size = prepared.spec.size
+        clipped = {names[i]: int(n) for i, n in record["clipped"].items()}
+        for site in sites:
+            warn_clipped(self.name, site, clipped[site], size, float(record["clip_range"]))
+        survivors = [names[i] for i in sorted(outcome.survivors)]
+        bytes_sent = {names[i]: int(b) for i, b in record["bytes_sent"].items()}
+        sent = [bytes_sent[s] for s in survivors if s in bytes_sent]
+        mean = outcome.mean
+        if mean is None:  # a SecAgg round always decodes its mean
+            raise ConfigError("the round produced no mean")
         report = AggregationReport(
             aggregator=self.name,
             included=survivors,
-            dropped=sorted(names[i] for i in result.dropped),
+            dropped=sorted(names[i] for i in outcome.dropped),
             clipped=clipped,
             clipped_total=sum(clipped.values()),
-            clipped_updates=clipped_updates,
+            clipped_updates=[names[i] for i in record["clipped_updates"]],
             bytes_sent=bytes_sent,
-            server_bytes_sent=result.server.bytes_sent,
-            site_seconds={
-                names[i]: st.seconds + encode_seconds[names[i]] for i, st in result.clients.items()
-            },
-            server_seconds=result.server.seconds + decode_seconds,
+            server_bytes_sent=int(record["server_bytes_sent"]),
+            site_seconds={names[i]: float(t) for i, t in record["site_seconds"].items()},
+            server_seconds=float(record["server_seconds"]),
             seconds=time.perf_counter() - start,
-            max_error=plan.mean_error_bound(surviving_weight, len(survivors)),
+            max_error=float(record["max_error"]),
             expansion=(sum(sent) / len(sent)) / (4 * size) if sent and size else None,
             round=round_id,
-            threshold=config.threshold,
-            k=config.degree,
-            active=config.active,
-            excluded=sorted(names[i] for i in result.excluded),
-            bits=plan.bits,
-            frac_bits=plan.frac_bits,
-            clip_range=plan.clip_range,
+            threshold=int(record["threshold"]),
+            k=int(record["k"]),
+            active=bool(record["active"]),
+            excluded=sorted(names[i] for i in outcome.excluded),
+            bits=int(record["bits"]),
+            frac_bits=int(record["frac_bits"]),
+            clip_range=float(record["clip_range"]),
         )
         return AggregationResult(unflatten(mean, prepared.spec), report.as_dict())

@@ -11,20 +11,15 @@ Roles and artefacts (see ``protocols/ckks.md``):
   ever goes to the server: see ``protocols/ckks.md``); :class:`EncryptionPool` encrypts on several
   cores. :func:`encrypted_mean` plays all three for an in-process round;
   :class:`secure_fl.aggregators.ckks.CKKSAggregator` puts it behind the common aggregator
-  interface.
+  interface. :class:`StreamingSum` is the server's running sum over uploads that stream in
+  (bounded memory); the round recipe that drives all of them is :mod:`secure_fl.rounds.ckks`.
 * :data:`PRESETS` are the named parameter sets, each checked against the HE Standard's 128-bit
   limits; :data:`DEFAULT_PRESET` (``n8192-add``) is sized for additions only.
 
 TenSEAL is imported on first use, so importing this package does not need it.
 """
 
-from secure_fl.he.aggregate import (
-    CiphertextSummer,
-    RoundStats,
-    SiteEncryptor,
-    SumDecryptor,
-    encrypted_mean,
-)
+from secure_fl.he.aggregate import CiphertextSummer, SiteEncryptor
 from secure_fl.he.context import (
     PUBLIC_FILE,
     SECRET_FILE,
@@ -34,6 +29,7 @@ from secure_fl.he.context import (
     check_fingerprint,
     provision,
 )
+from secure_fl.he.decrypt import RoundStats, SumDecryptor, encrypted_mean
 from secure_fl.he.packing import DEFAULT_CHUNK_CIPHERTEXTS, Layout
 from secure_fl.he.parallel import EncryptionPool
 from secure_fl.he.params import (
@@ -43,6 +39,7 @@ from secure_fl.he.params import (
     CKKSPreset,
     get_preset,
 )
+from secure_fl.he.stream import StreamingSum, TaintedSumError
 
 __all__ = [
     "DEFAULT_CHUNK_CIPHERTEXTS",
@@ -60,7 +57,9 @@ __all__ = [
     "RoundStats",
     "SecretContext",
     "SiteEncryptor",
+    "StreamingSum",
     "SumDecryptor",
+    "TaintedSumError",
     "check_fingerprint",
     "encrypted_mean",
     "get_preset",

@@ -81,6 +81,16 @@ def encode_frame(
     return body + hashlib.sha256(body).digest()
 
 
+def peek_chunk(data: bytes | bytearray | memoryview) -> int | None:
+    """The chunk index a frame's header claims, read without checking anything else (None when
+    ``data`` is too short or not a frame). For ordering only: :func:`decode_frame` checks it."""
+    if not isinstance(data, bytes | bytearray | memoryview) or len(data) < _HEADER.size:
+        return None
+    if bytes(data[:8]) != MAGIC:
+        return None
+    return int(_HEADER.unpack_from(data)[5])
+
+
 def decode_frame(data: bytes) -> Frame:
     """Parse and digest-check one frame.
 

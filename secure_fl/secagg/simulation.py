@@ -3,6 +3,25 @@
 The harness is the transport of a simulation: it moves the protocol core's message objects between
 one :class:`SecAggServer` and many :class:`SecAggClient` objects, drops the messages of sites that
 "vanish" at a chosen phase, and measures each party's compute time and bytes sent.
+
+Why this is not a call of :func:`secure_fl.rounds.local.run_local` (the round layer's in-process
+driver, which runs the whole recipe: plan, clip, encode, mask, unmask, decode): :func:`run_round`
+is the *protocol-core* harness the SecAgg tests and benchmarks use, one layer below the recipe.
+
+* Its inputs are already-encoded vectors of ``Z_{2^bits}`` under any :class:`SecAggConfig`
+  (any bits, threshold, degree, binding, site ids); ``run_local`` takes float updates and a
+  :class:`~secure_fl.rounds.plan.RoundPlan`, and its site halves encode them, so the
+  protocol-level tests (modular sums, wrap-around, exact totals) could not be expressed.
+* Its interceptors see the core's messages in every phase, including the first advertisement,
+  which :meth:`SecAggClient.start` produces without a server message; ``run_local`` starts a site
+  from the round layer's setup message instead.
+* It returns the core's view (:class:`RoundResult`: the modular ``total``, the SecAgg+ ``graph``,
+  per-party :class:`PartyStats`), not a decoded mean.
+* ``secure_fl.rounds`` imports ``secure_fl.secagg``; calling back up from here would make the
+  protocol core depend on the layer built on it.
+
+The phase loop is the same transport logic as ``run_local``'s; the recipe (planning, encoding,
+weights) exists only in :mod:`secure_fl.rounds`.
 """
 
 from __future__ import annotations
@@ -68,7 +87,9 @@ def run_round(
     intercept_reply: ReplyInterceptor | None = None,
     policy: SitePolicy | None = None,
 ) -> RoundResult:
-    """Run one round among ``config.site_ids`` and return the securely computed sum.
+    """Run one round among ``config.site_ids`` and return the securely computed sum (the
+    protocol-core harness; why it is not a call of :func:`secure_fl.rounds.local.run_local`: see
+    the module docstring).
 
     ``inputs`` maps every site id to its encoded input. ``dropouts`` maps a site to the phase at
     which it vanishes: it sends nothing in that phase or later. ``signing_keys`` are needed in the

@@ -1,5 +1,7 @@
-"""Round logic shared by the server, the sites and the in-process reference: the initial model,
-the encoding plan, the secure-aggregation configuration, per-party randomness and model updates.
+"""Transport helpers around the round layer: the initial model, per-party randomness, digests and
+applying a mean to the model. The round recipe itself (plan, encoding, SecAgg configuration) is
+:mod:`secure_fl.rounds` (:func:`secure_fl.rounds.plan_round`, the round halves); ``own_weight``
+and ``vector_sha256`` are re-exported from there under their historical names.
 
 Randomness: by default every random choice comes from the OS CSPRNG (the server makes none that
 protect anything: a sparse SecAgg+ graph comes from the sites' committed nonces). With an
@@ -13,18 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
-from fractions import Fraction
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
 from secure_fl.crypto import DeterministicRandom, RandomBytes
-from secure_fl.encoding import BitPlan, FixedPointCodec, flatten, plan_bit_width
-from secure_fl.errors import InvalidUpdateError, PolicyError
-from secure_fl.secagg import SecAggConfig, make_config
-from secure_fl.transport.config import AggregationSettings, ModelSpec
-from secure_fl.transport.tensors import Tensors, loads, same_structure
+from secure_fl.errors import InvalidUpdateError
+from secure_fl.rounds.checks import own_weight
+from secure_fl.rounds.secagg import vector_sha256
+from secure_fl.transport.config import ModelSpec
+from secure_fl.transport.tensors import Tensors, loads
 
 
 def initial_model(spec: ModelSpec) -> Tensors:
@@ -36,10 +36,12 @@ def initial_model(spec: ModelSpec) -> Tensors:
 
 
 def model_size(model: Mapping[str, np.ndarray]) -> int:
+    """The number of values in ``model`` (the flat vector length of a round)."""
     return sum(int(v.size) for v in model.values())
 
 
 def sha256(data: bytes | bytearray | memoryview) -> bytes:
+    """The SHA-256 digest of ``data`` (model and payload digests)."""
     return hashlib.sha256(data).digest()
 
 
@@ -59,98 +61,6 @@ def encoding_rng(test_seed: int | None, site_id: int, round_id: int) -> np.rando
     return np.random.default_rng([test_seed, site_id, round_id, 0x5EC0DE])
 
 
-def plan_round(settings: AggregationSettings, weights: Sequence[float]) -> BitPlan:
-    """The fixed-point plan for one round: ``weights`` of the participants in id order.
-    Errors: ConfigError when no bit width can hold the sum."""
-    return plan_bit_width(
-        num_sites=len(weights),
-        weights=list(weights),
-        clip_range=settings.clip_range,
-        precision=settings.precision,
-        bits=settings.bits,
-    )
-
-
-def round_config(
-    settings: AggregationSettings,
-    site_ids: Sequence[int],
-    *,
-    vector_length: int,
-    bits: int,
-    round_id: int,
-    verify_keys: Mapping[int, bytes] | None = None,
-    binding: bytes = b"",
-) -> SecAggConfig:
-    """The SecAggConfig of one round among ``site_ids`` (the server proposes it; every site
-    checks it against its own policy, and a sparse SecAgg+ graph is derived by the sites in the
-    round, not chosen here). ``binding``: :func:`secure_fl.transport.convert.setup_binding` of
-    the participants' weights and the codec. Errors: ConfigError."""
-    return make_config(
-        list(site_ids),
-        vector_length=vector_length,
-        bits=bits,
-        protocol=settings.protocol,
-        round_id=round_id,
-        threshold=settings.threshold,
-        k=settings.k,
-        dropout_rate=settings.dropout_rate,
-        corrupt_fraction=settings.corrupt_fraction,
-        active=settings.active,
-        verify_keys=verify_keys if settings.active else None,
-        binding=binding,
-    )
-
-
-def own_weight(
-    listed: Mapping[int, float], site_id: int, reported: float, announced: float
-) -> float:
-    """A site's normalised weight, computed by the site itself from the setup's weights list.
-
-    ``listed`` are every participant's weights as the server lists them, ``reported`` what this
-    site reported in UpdateReady and ``announced`` the normalised weight the server sent. The
-    result is ``listed[site_id] / sum(listed)`` normalised exactly as
-    :func:`secure_fl.encoding.plan_bit_width` does, so it is bit-identical to the server's plan.
-    This (with the weights list bound into the round's keys, see ``SecAggConfig.binding``) stops
-    a server from scaling this site's update up and the others' down to isolate it in the sum.
-
-    Errors: PolicyError (before anything is sent) when this site is not listed, its listed weight
-    differs from the one it reported, the result underflows to 0, or ``announced`` differs from
-    it by more than 1e-12 relative.
-    """
-    if site_id not in listed:
-        raise PolicyError("the setup lists no weight for this site")
-    if listed[site_id] != float(reported):
-        raise PolicyError(
-            f"the setup lists this site's weight as {listed[site_id]!r}, it reported {reported!r}"
-        )
-    exact = [Fraction(listed[s]) for s in sorted(listed)]
-    norm = float(Fraction(listed[site_id]) / sum(exact, Fraction(0)))
-    if norm <= 0.0:
-        raise PolicyError("this site's normalised weight underflows to 0")
-    if abs(float(announced) - norm) > 1e-12 * norm:
-        raise PolicyError(
-            f"the setup's weight {announced!r} is not this site's share of the listed weights "
-            f"({norm!r})"
-        )
-    return norm
-
-
-def encode_update(
-    update: Mapping[str, np.ndarray],
-    model: Mapping[str, np.ndarray],
-    codec: FixedPointCodec,
-    weight: float,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, int]:
-    """Flatten ``update`` and encode ``weight * clip(update)``; returns (values, clipped count).
-    Errors: InvalidUpdateError when the update does not match the model's structure."""
-    if not same_structure(update, model):
-        raise InvalidUpdateError("update does not match the model's names, shapes and dtypes")
-    vector, _ = flatten(dict(update))
-    encoded = codec.encode(vector, weight=weight, rng=rng)
-    return encoded.values, encoded.clipped
-
-
 def apply_mean(model: Mapping[str, np.ndarray], mean: np.ndarray) -> Tensors:
     """``model + mean`` (``mean`` flattened in the model's order), in the model's dtypes."""
     out: Tensors = {}
@@ -164,21 +74,13 @@ def apply_mean(model: Mapping[str, np.ndarray], mean: np.ndarray) -> Tensors:
     return out
 
 
-def weighted_mean(
-    updates: Mapping[int, Mapping[str, np.ndarray]], weights: Mapping[int, float]
-) -> Any:
-    """The plain weighted mean of flattened updates (the insecure baseline), float64."""
-    total = sum(weights[s] for s in updates)
-    acc: np.ndarray | None = None
-    for site in sorted(updates):
-        vector, _ = flatten(dict(updates[site]))
-        term = vector * (weights[site] / total)
-        acc = term if acc is None else acc + term
-    return acc
-
-
-def vector_sha256(vector: np.ndarray) -> str:
-    """SHA-256 (hex) of an unsigned vector's little-endian bytes: a digest of a modular sum that
-    does not depend on the host's byte order."""
-    little = vector.astype(vector.dtype.newbyteorder("<"), copy=False)
-    return hashlib.sha256(np.ascontiguousarray(little).tobytes()).hexdigest()
+__all__ = [
+    "apply_mean",
+    "encoding_rng",
+    "initial_model",
+    "model_size",
+    "own_weight",
+    "sha256",
+    "site_randbytes",
+    "vector_sha256",
+]

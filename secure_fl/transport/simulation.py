@@ -1,10 +1,10 @@
 """The in-process reference of one federated round: what the network path must reproduce.
 
-:func:`simulate_round` takes the sites' task results, plans the encoding, encodes each update with
-the same per-site randomness the site processes use (see :mod:`secure_fl.transport.rounds`), builds
-the same SecAggConfig as the server (same graph and threshold) and runs the protocol with the
-in-process harness :func:`secure_fl.secagg.run_round`. With the same ``insecure_test_seed`` and the
-same dropouts, the modular sum equals the network server's bit for bit. It is also the baseline of
+:func:`simulate_round` takes the sites' task results and runs the round layer's own halves in
+process (:func:`secure_fl.rounds.plan_round` + :func:`secure_fl.rounds.run_local`), with the same
+per-site randomness the site processes use (see :mod:`secure_fl.transport.rounds`): the same plan,
+binding, graph and threshold as the server. With the same ``insecure_test_seed`` and the same
+dropouts, the modular sum equals the network server's bit for bit. It is also the baseline of
 ``benchmarks/test_bench_grpc.py``. No grpc here.
 """
 
@@ -16,36 +16,37 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from secure_fl.crypto import DeterministicRandom, SigningKey
-from secure_fl.encoding import BitPlan
-from secure_fl.errors import ConfigError
-from secure_fl.secagg import Phase, RoundResult, SecAggConfig, run_round
-from secure_fl.transport.config import AggregationSettings
-from secure_fl.transport.convert import setup_binding
+from secure_fl.crypto import SigningKey
+from secure_fl.encoding import BitPlan, flatten
+from secure_fl.errors import ConfigError, InvalidUpdateError
+from secure_fl.rounds.local import run_local
+from secure_fl.rounds.plan import plan_round
+from secure_fl.rounds.spec import AggregationSpec
+from secure_fl.secagg import Phase, RoundResult, SecAggConfig
+from secure_fl.secagg.simulation import PartyStats
 from secure_fl.transport.rounds import (
     apply_mean,
-    encode_update,
     encoding_rng,
     model_size,
-    plan_round,
-    round_config,
+    site_randbytes,
 )
 from secure_fl.transport.tasks import SiteTask, TaskResult, check_result
-from secure_fl.transport.tensors import Tensors
+from secure_fl.transport.tensors import Tensors, same_structure
 
 
 @dataclass(frozen=True)
 class SimulatedRound:
-    """The reference outcome: the modular ``total`` of the survivors' encodings, the decoded
-    weighted ``mean`` update, the new ``model``, the protocol ``result`` (bytes, seconds), the
-    ``config`` and ``plan`` used, and the wall-clock ``seconds`` of the whole round."""
+    """The reference outcome: the modular ``total`` of the survivors' encodings (plain: the
+    float64 mean), the decoded weighted ``mean`` update, the new ``model``, the protocol
+    ``result`` (bytes, seconds per party), the ``config`` and ``plan`` used (None for plain),
+    and the wall-clock ``seconds`` of the whole round."""
 
     total: np.ndarray = field(repr=False)
     mean: np.ndarray = field(repr=False)
     model: Tensors = field(repr=False)
     survivors: frozenset[int]
-    config: SecAggConfig
-    plan: BitPlan
+    config: SecAggConfig | None
+    plan: BitPlan | None
     result: RoundResult = field(repr=False)
     seconds: float
 
@@ -63,7 +64,7 @@ def compute_results(
 def simulate_round(
     model: Mapping[str, np.ndarray],
     results: Mapping[int, TaskResult],
-    settings: AggregationSettings,
+    settings: AggregationSpec,
     round_id: int,
     *,
     test_seed: int | None,
@@ -72,55 +73,61 @@ def simulate_round(
 ) -> SimulatedRound:
     """Run round ``round_id`` in process among the sites of ``results`` (site id -> task result;
     these are the sites that reported their update), with ``dropouts`` (site -> the phase at which
-    it vanishes, as in :func:`run_round`).
+    it vanishes, as in :func:`secure_fl.rounds.run_local`; a plain upload is MASKED_INPUT).
 
-    Errors: ConfigError for a non-secagg protocol or inconsistent inputs; ThresholdError when too
-    few sites remain (as the network server would abort).
+    Errors: ConfigError for a CKKS spec (see :mod:`secure_fl.transport.ckks`) or inconsistent
+    inputs; InvalidUpdateError for an update that does not match the model; ThresholdError when
+    too few sites remain (as the network server would abort).
     """
-    if settings.protocol not in ("secagg", "secagg+"):
-        raise ConfigError(f"simulate_round runs secagg / secagg+, not {settings.protocol!r}")
+    if settings.protocol not in ("plain", "secagg", "secagg+"):
+        raise ConfigError(
+            f"simulate_round runs plain / secagg / secagg+, not {settings.protocol!r}"
+        )
     start = time.perf_counter()
     ids = sorted(results)
-    plan = plan_round(settings, [float(results[s].weight) for s in ids])
-    codec = plan.codec()
-    norm = dict(zip(ids, plan.weights, strict=True))
-    verify_keys = (
-        {s: k.public_bytes for s, k in signing_keys.items()} if signing_keys is not None else None
-    )
-    listed = {s: float(results[s].weight) for s in ids}
-    config = round_config(
+    vector_length = model_size(model)
+    plan = plan_round(
         settings,
-        ids,
-        vector_length=model_size(model),
-        bits=plan.bits,
+        {s: float(results[s].weight) for s in ids},
+        vector_length=vector_length,
         round_id=round_id,
-        verify_keys=verify_keys,
-        binding=setup_binding(listed, codec, model_size(model)),
+        verify_keys={s: k.public_bytes for s, k in (signing_keys or {}).items()} or None,
     )
-    inputs = {
-        s: encode_update(
-            results[s].update, model, codec, norm[s], encoding_rng(test_seed, s, round_id)
-        )[0]
-        for s in ids
-    }
-    harness_rand = DeterministicRandom(f"simulate/{test_seed}/{round_id}".encode())
-    result = run_round(
-        config,
-        inputs,
+    vectors: dict[int, np.ndarray] = {}
+    for s in ids:
+        if not same_structure(results[s].update, model):
+            raise InvalidUpdateError("update does not match the model's names, shapes and dtypes")
+        vectors[s] = flatten(dict(results[s].update))[0]
+    outcome = run_local(
+        plan,
+        vectors,
         dropouts=dropouts,
         signing_keys=signing_keys,
-        randbytes=harness_rand if test_seed is not None else None,
+        randbytes={s: site_randbytes(test_seed, s, round_id) for s in ids},
+        rng={s: encoding_rng(test_seed, s, round_id) for s in ids},
     )
-    surviving_weight = sum(norm[s] for s in result.survivors)
-    mean = codec.decode(result.total) / surviving_weight
-    new_model = apply_mean(model, mean)
+    if outcome.mean is None:
+        raise ConfigError("the round produced no mean")
+    record = outcome.record
+    result = RoundResult(
+        total=outcome.total if outcome.total is not None else outcome.mean,
+        survivors=outcome.survivors,
+        dropped=outcome.dropped,
+        clients={
+            s: PartyStats(float(record["site_seconds"][s]), int(record["bytes_sent"][s]))
+            for s in ids
+        },
+        server=PartyStats(float(record["server_seconds"]), int(record["server_bytes_sent"])),
+        client_errors=dict(record["site_errors"]),
+        excluded=outcome.excluded,
+    )
     return SimulatedRound(
         total=result.total,
-        mean=mean,
-        model=new_model,
-        survivors=result.survivors,
-        config=config,
-        plan=plan,
+        mean=outcome.mean,
+        model=apply_mean(model, outcome.mean),
+        survivors=outcome.survivors,
+        config=plan.secagg,
+        plan=plan.bit_plan,
         result=result,
         seconds=time.perf_counter() - start,
     )

@@ -184,3 +184,20 @@ def test_two_site_federation_aggregates(name: str) -> None:
     expected = _plain_mean(updates, dict.fromkeys(updates, 1.0), list(updates))
     for got, want in zip(result.mean, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=result.report["max_error"] + 1e-7, rtol=0)
+
+
+def test_in_process_sites_apply_the_deployed_site_policy() -> None:
+    from secure_fl.errors import PolicyError
+
+    # The in-process halves are the deployed ones: a threshold below the sites' own minimum is
+    # refused by every site before it sends anything, as over gRPC.
+    with pytest.raises(PolicyError, match="threshold 2 is below"):
+        aggregators.create("secagg", threshold=2, seed=0).aggregate(_updates(6))
+
+
+def test_an_option_of_another_aggregator_is_refused_listing_the_allowed_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        aggregators.create("plain", threshold=3)
+    assert "invalid option" in str(info.value) and "allowed: ['l2_clip']" in str(info.value)
+    with pytest.raises(ConfigError, match=r"options\.dropout_rate must be a finite number"):
+        aggregators.create("secagg+", dropout_rate=0.7)

@@ -305,3 +305,37 @@ def test_one_contributor_is_refused_and_two_sites_work(agg: CKKSAggregator) -> N
     want = _plain_mean(updates, weights, ["site-0", "site-1"])
     assert result.report["included"] == ["site-0", "site-1"]
     assert np.max(np.abs(result.mean[0].astype(np.float64) - want)) < 1e-6 * np.max(np.abs(want))
+
+
+def test_every_ckks_mean_refuses_one_contributor_and_skips_an_empty_vector() -> None:
+    """The one rule and the one empty-vector path (he.decrypt.require_two_contributors,
+    RoundStats.empty), as the in-process recipe and encrypted_mean apply them."""
+    from secure_fl.he import encrypted_mean
+    from secure_fl.he.decrypt import RoundStats, require_two_contributors
+    from secure_fl.rounds.ckks_local import run_ckks_local
+
+    secret = SecretContext.generate()
+    public = secret.public()
+    one = {"a": np.ones(10)}
+    for count in (0, 1):
+        with pytest.raises(ThresholdError, match="at least 2 contributing sites"):
+            require_two_contributors(count)
+    require_two_contributors(2)
+    with pytest.raises(ThresholdError, match="at least 2"):
+        run_ckks_local(secret, public, one, {"a": 1.0, "b": 1.0}, ["a"])
+    with pytest.raises(ThresholdError, match="at least 2"):
+        encrypted_mean(secret, public, one, {"a": 1.0, "b": 1.0}, ["a"])
+    empty = {"a": np.zeros(0), "b": np.zeros(0)}
+    for reference in (True, False):
+        mean, stats, clipped = run_ckks_local(
+            secret, public, empty, {"a": 1.0, "b": 2.0}, ["a", "b"], reference=reference
+        )
+        assert mean.shape == (0,) and clipped == []
+        assert stats.ciphertexts == 0 and stats.bytes_sent == {"a": 0, "b": 0}
+        if reference:  # (NaN != NaN: the other case is compared field by field)
+            assert stats == RoundStats.empty(["a", "b"], reference=True)
+            assert stats.max_error == 0.0
+        else:
+            assert math.isnan(stats.max_error) and math.isnan(stats.max_rel_error)
+    mean, stats = encrypted_mean(secret, public, empty, {"a": 1.0, "b": 2.0}, ["a", "b"])
+    assert mean.shape == (0,) and stats.chunks == 0 and stats.max_rel_error == 0.0

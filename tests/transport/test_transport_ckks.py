@@ -9,7 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from secure_fl.errors import ConfigError
 from secure_fl.transport import ckks as ckks_wire
 from secure_fl.transport import tensors
 from secure_fl.transport.config import load_server_config
-from secure_fl.transport.rounds import apply_mean, initial_model, weighted_mean
+from secure_fl.transport.rounds import apply_mean, initial_model
 
 pytest.importorskip("tenseal")
 
@@ -67,6 +67,15 @@ def ckks_federation(
     return make(names, **options)
 
 
+def _weighted_mean(
+    updates: Mapping[int, Mapping[str, np.ndarray]], weights: Mapping[int, float]
+) -> np.ndarray:
+    """The plain float64 weighted mean of the flattened ``updates`` (the insecure reference)."""
+    total = sum(weights[s] for s in sorted(updates))
+    flat = [weights[s] * flatten(dict(updates[s]))[0] for s in sorted(updates)]
+    return np.sum(flat, axis=0) / total  # type: ignore[no-any-return]
+
+
 def reference(
     fed: Federation, rounds: int, survivors: Sequence[Sequence[str]], keys: Path
 ) -> tuple[tensors.Tensors, float]:
@@ -82,7 +91,7 @@ def reference(
         results = {s: t.compute_update(model, r) for s, t in tasks.items()}
         # Weights: every site that reported (all of them); the mean: the survivors.
         included = [fed.ids[n] for n in survivors[r]]
-        mean = weighted_mean(
+        mean = _weighted_mean(
             {s: results[s].update for s in included}, {s: results[s].weight for s in included}
         )
         vectors = {str(s): flatten(dict(res.update))[0] for s, res in results.items()}
@@ -338,7 +347,7 @@ def test_server_checks_uploads(
     # The mean: a's constant 0.25 and b's update, weighted 10 : b's weight.
     model = initial_model(load_server_config(fed.server_config).model)
     b = fed.tasks()[2].compute_update(model, 0)
-    want = weighted_mean(
+    want = _weighted_mean(
         {1: {k: np.full(v.shape, 0.25, v.dtype) for k, v in model.items()}, 2: b.update},
         {1: 10.0, 2: b.weight},
     )
@@ -471,7 +480,7 @@ def test_a_site_checks_the_encrypted_model_before_it_decrypts() -> None:
     fewer than 2 contributors, frames missing or of another kind, a lying share that pushes the
     values out of range, and junk are refused; the honest model decrypts to the weighted mean."""
     from secure_fl.errors import DecryptionError, RemoteProtocolError
-    from secure_fl.he import Layout, SiteEncryptor
+    from secure_fl.he import Layout, SiteEncryptor, StreamingSum
     from secure_fl.he.wire import decode_frame, encode_frame
 
     secret, other = SecretContext.generate(), SecretContext.generate()
@@ -487,7 +496,14 @@ def test_a_site_checks_the_encrypted_model_before_it_decrypts() -> None:
             n: list(SiteEncryptor(ctx, layout).stream(v, factor=factors[n], round_id=4))
             for n, v in models.items()
         }
-        frames = ckks_wire.sum_uploads(ctx.public(), layout, 4, uploads)
+        summer = StreamingSum(ctx.public(), layout, round_id=4, sites=uploads)
+        for name, site_frames in uploads.items():
+            summer.open(name)
+            for frame in site_frames:
+                summer.add_frame(name, frame)
+            summer.finish(name)
+        summer.close()
+        frames = list(summer.sum_frames())
         fields: dict[str, object] = {
             "fingerprint": ctx.fingerprint,
             "round_id": 4,
