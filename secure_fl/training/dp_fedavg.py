@@ -1,18 +1,22 @@
 """Site-level DP-FedAvg (McMahan et al. 2018) on top of secure aggregation.
 
 Each round, every site is sampled independently with probability ``q`` (``site_sample_rate``,
-drawn from the OS CSPRNG); a sampled site trains from the global model, clips its whole update (the model delta) to ``clip`` in
-L2 — clipped updates are counted and reported — and contributes it to the secure sum. The global
-model moves by ``(sum + noise) / (q * n)`` (the fixed denominator of McMahan et al., which keeps
-the sensitivity of the average at ``clip / (q n)``).
+drawn from the OS CSPRNG); a sampled site trains from the global model, clips its whole update
+(the model delta) to ``clip`` in L2 — clipped updates are counted and reported — and
+contributes it to the secure sum. The global model moves by ``(sum + noise) / (q * n)`` (the
+fixed denominator of McMahan et al., which keeps the sensitivity of the average at
+``clip / (q n)``).
 
-Two trust models:
+Two trust models, each a DP wrapper of :mod:`secure_fl.aggregators.dp` around the aggregator
+(this module keeps no secure-aggregation recipe of its own):
 
-* ``central``: the masked-sum aggregator (``secagg`` / ``secagg+`` / ``plain``) returns the exact sum
-  of the clipped updates; the server then adds Gaussian noise of standard deviation
-  ``noise_multiplier * clip`` to it. The server is trusted with the noise.
-* ``distributed``: each site adds its share of discrete Gaussian or Skellam noise to its encoded
-  update *before* masking (:mod:`secure_fl.privacy.distributed`), sized so that any ``t - c``
+* ``central`` (:class:`~secure_fl.aggregators.dp.CentralGaussian`): the masked-sum aggregator
+  (``secagg`` / ``secagg+`` / ``plain``) returns the exact sum of the clipped updates; the server
+  then adds Gaussian noise of standard deviation ``noise_multiplier * clip`` to it. The server
+  is trusted with the noise.
+* ``distributed`` (:class:`~secure_fl.aggregators.dp.DistributedNoise`): each site adds its
+  share of discrete Gaussian or Skellam noise to its encoded update *before* masking
+  (:mod:`secure_fl.privacy.distributed`), sized so that any ``t - c``
   honest survivors together add the full noise, where ``t`` is the smallest number of survivors
   the secure-aggregation protocol accepts and ``c = ceil(corrupt_fraction * n)`` the sites that
   may collude with the server (and subtract their own shares). Refused when ``t - c < 1``.
@@ -23,6 +27,13 @@ the sum of clipped updates of the sites that took part. **No amplification by si
 claimed**: the server sees which sites take part, so each site is charged, with sampling rate 1,
 for exactly the rounds it took part in (``q < 1`` lowers each site's spend, not the per-round
 epsilon). The privacy unit is one institution's entire contribution to the round.
+
+Fine-tuning (``train.trainable``): with central noise, only the trainable entries of the model
+state are flattened, clipped and noised (every other entry must come back from the sites
+unchanged - a site that changed a frozen parameter is refused, it would leave the mechanism
+unnoised), so the mechanism's dimension is the trainable ``d`` and the frozen pretrained weights
+receive no noise. With distributed noise the whole state is still released (the noise plan of
+:mod:`secure_fl.training.privacy_run` is sized for the full model).
 
 Randomness: participation, the central noise, the sites' distributed noise and the rotation come
 from the OS CSPRNG; ``SiteDP(reproducible=True)`` (``privacy.reproducible_noise``, research runs
@@ -43,7 +54,7 @@ import numpy as np
 
 from secure_fl.aggregators import create as create_aggregator
 from secure_fl.encoding import flatten, l2_clip, unflatten
-from secure_fl.errors import ConfigError
+from secure_fl.errors import ConfigError, ProtocolError
 from secure_fl.training.model import State, state_add, state_sub
 from secure_fl.training.strategies import (
     Federation,
@@ -107,6 +118,27 @@ class DPFedAvg(Strategy):
         self.dropouts = {int(k): list(v) for k, v in (dropouts or {}).items()}
         self.last_round: dict[str, Any] = {}
         self._participants: dict[int, list[str]] = {}
+        self._frozen: frozenset[str] | None = None
+
+    def frozen_keys(self, fed: Federation) -> frozenset[str]:
+        """The state entries outside the DP mechanism: the parameters ``train.trainable``
+        freezes at the sites (none without ``trainable``, and none with distributed noise -
+        see the module docstring). Read once from the first site's network (built if needed);
+        a site object without a network (a remote site) freezes nothing."""
+        if self._frozen is None:
+            frozen: frozenset[str] = frozenset()
+            trainer = fed.sites[fed.names[0]] if fed.names else None
+            trainable = getattr(getattr(trainer, "train_config", None), "trainable", ())
+            if trainer is not None and trainable and self.dp.trust == "central":
+                if getattr(trainer, "network", None) is None:
+                    trainer.initialize()
+                frozen = frozenset(
+                    name
+                    for name, param in trainer.network.named_parameters()
+                    if not param.requires_grad
+                )
+            self._frozen = frozen
+        return self._frozen
 
     def init_state(self, fed: Federation) -> StrategyState:
         return {"global": dict(fed.initial)}
@@ -166,7 +198,7 @@ class DPFedAvg(Strategy):
         self.last_round = {"sampled": sampled, "survivors": 0, "clipped_updates": []}
         if not sampled:
             # Nobody sampled: the release is pure noise, as the analysis assumes.
-            return self._noise_only(current, round_id, denominator), _info(
+            return self._noise_only(current, round_id, denominator, fed), _info(
                 list(fed.sites.values()), {"aggregator": "none", "included": [], "dropped": []}
             )
         deltas: dict[str, np.ndarray] = {}
@@ -174,28 +206,44 @@ class DPFedAvg(Strategy):
         clipped: list[str] = []
         for name in sampled:
             local = _train(fed.sites[name], current, round_id, self.name)
-            vector, spec = flatten(state_sub(local, current), site=name)
+            delta = state_sub(local, current)
+            frozen = self.frozen_keys(fed)
+            moved = sorted(k for k in frozen if k in delta and np.any(delta[k] != 0))
+            if moved:
+                raise ProtocolError(
+                    f"site {name} changed parameters that train.trainable freezes "
+                    f"({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''}); refusing "
+                    "to release them outside the DP mechanism"
+                )
+            delta = {k: v for k, v in delta.items() if k not in frozen}
+            vector, spec = flatten(delta, site=name)
             vector, info = l2_clip(vector, self.dp.clip)
             if info.clipped:
                 clipped.append(name)
             deltas[name] = vector
-        assert spec is not None
+        if spec is None:  # pragma: no cover - sampled is not empty
+            raise ConfigError("no site was trained")
         dropped = [s for s in self.dropouts.get(round_id, []) if s in deltas]
         if self.dp.trust == "central":
             total, report = self._central_sum(deltas, dropped, round_id)
         else:
             total, report = self._distributed_sum(deltas, dropped, round_id)
         survivors = [s for s in sampled if s not in dropped]
-        update: State = dict(unflatten(total / denominator, spec))  # a mapping, as flattened
+        update: State = dict(unflatten(total / denominator, spec))  # the DP'd entries only
         # Only the count: who took part is not needed downstream (and no amplification is claimed).
         report = {**report, "clipped_updates": clipped, "sampled_count": len(sampled)}
         self.last_round = {
             "sampled": sampled,
             "survivors": len(survivors),
             "clipped_updates": clipped,
+            "dp_event": report.get("dp_event"),  # the wrapper's DPEvent: the ledger confirms it
+            "dp_dimension": int(total.size),
         }
         trained = [fed.sites[n] for n in sampled]
-        return {"global": state_add(current, update)}, _info(trained, report)
+        moved_state = state_add({k: current[k] for k in update}, update)
+        return {"global": {k: moved_state.get(k, v) for k, v in current.items()}}, _info(
+            trained, report
+        )
 
     def _seeded_rng(self, *labels: object) -> np.random.Generator:
         digest = hashlib.sha256(repr(("secure_fl dp-fedavg", self.dp.seed, *labels)).encode())
@@ -208,34 +256,55 @@ class DPFedAvg(Strategy):
             return self._seeded_rng("noise", round_id, *labels)
         return np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
 
-    def _noise_only(self, current: State, round_id: int, denominator: float) -> StrategyState:
+    def _noise_only(
+        self, current: State, round_id: int, denominator: float, fed: Federation
+    ) -> StrategyState:
         rng = self._noise_rng(round_id)
+        frozen = self.frozen_keys(fed)
+        std = self.dp.noise_multiplier * self.dp.clip
         noisy = {
-            k: (
-                v + rng.normal(0.0, self.dp.noise_multiplier * self.dp.clip, v.shape) / denominator
-            ).astype(np.float32)
+            k: v
+            if k in frozen
+            else (v + rng.normal(0.0, std, v.shape) / denominator).astype(np.float32)
             for k, v in current.items()
         }
         return {"global": noisy}
 
+    def _noise_seed(self, round_id: int, label: str) -> int | None:
+        """None (fresh OS entropy in the wrapper), or with ``reproducible`` a seed derived from
+        the run seed, the round and ``label``."""
+        if not self.dp.reproducible:
+            return None
+        return int(self._seeded_rng(label, round_id).integers(0, 2**63 - 1))
+
     def _central_sum(
         self, deltas: Mapping[str, np.ndarray], dropped: Sequence[str], round_id: int
     ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The survivors' clipped sum plus Gaussian noise of std ``noise_multiplier * clip``
+        (:class:`~secure_fl.aggregators.dp.CentralGaussian` around the secure aggregator)."""
+        from secure_fl.aggregators.dp import CentralGaussian
+        from secure_fl.aggregators.plain import PlainAggregator
+
+        plain = len(deltas) == 1 or self.aggregator_name == "plain"
+        inner = PlainAggregator() if plain else self.aggregator
+        wrapper = CentralGaussian(
+            inner,
+            clip=self.dp.clip,
+            noise_multiplier=self.dp.noise_multiplier,
+            seed=self._noise_seed(round_id, "noise"),
+        )
+        result = wrapper.aggregate({s: [v] for s, v in deltas.items()}, None, dropped=dropped)
         survivors = [s for s in deltas if s not in dropped]
-        if len(deltas) == 1 or self.aggregator_name == "plain":
-            total = np.sum([deltas[s] for s in survivors], axis=0)
+        total = np.asarray(result.mean[0], dtype=np.float64) * len(survivors)
+        if plain:
             report: dict[str, Any] = {"aggregator": "plain", "included": survivors}
         else:
-            result = self.aggregator.aggregate(
-                {s: [v] for s, v in deltas.items()}, None, dropped=dropped
-            )
-            total = np.asarray(result.mean[0], dtype=np.float64) * len(survivors)
             report = {k: v for k, v in result.report.items() if k != "site_seconds"}
-        noise = self._noise_rng(round_id).normal(
-            0.0, self.dp.noise_multiplier * self.dp.clip, total.shape
-        )
-        report["noise_std"] = self.dp.noise_multiplier * self.dp.clip
-        return total + noise, report
+        if result.event is None:  # pragma: no cover - the wrapper always reports its event
+            raise ConfigError("the DP wrapper reported no event")
+        report["noise_std"] = result.event.noise_std
+        report["dp_event"] = result.event.to_dict()
+        return total, report
 
     def distributed_config(self, n_sites: int, dimension: int) -> DistributedDPConfig:
         """The distributed-noise plan of a round of ``n_sites``: noise sized so that the ``t - c``
@@ -259,55 +328,26 @@ class DPFedAvg(Strategy):
     def _distributed_sum(
         self, deltas: Mapping[str, np.ndarray], dropped: Sequence[str], round_id: int
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        from secure_fl.privacy.distributed import decode_sum, encode_site
-        from secure_fl.secagg import Phase, make_config, run_round
+        """The survivors' clipped sum plus distributed noise
+        (:class:`~secure_fl.aggregators.dp.DistributedNoise` around SecAgg / SecAgg+)."""
+        from secure_fl.aggregators.dp import DistributedNoise
 
-        names = list(deltas)
-        n = len(names)
-        threshold = self.threshold(n)
-        honest, colluders = self.noise_threshold(n)
+        n = len(deltas)
+        _, colluders = self.noise_threshold(n)
         cfg = self.distributed_config(n, next(iter(deltas.values())).size)
-        # public per round, shared by the sites
-        rotation_seed = (
-            self._seeded_rng("rotation", round_id).bytes(32)
-            if self.dp.reproducible
-            else os.urandom(32)
+        inner = create_aggregator(
+            self.aggregator_name, **{**self.aggregator_options, "threshold": self.threshold(n)}
         )
-        ids = {name: i + 1 for i, name in enumerate(names)}
-        inputs = {}
-        for name in names:
-            share = encode_site(
-                deltas[name],
-                cfg,
-                rotation_seed=rotation_seed,
-                rng=self._noise_rng(round_id, "site", name),
-            )
-            inputs[ids[name]] = share.values
-        config = make_config(
-            list(ids.values()),
-            vector_length=cfg.padded_dimension,
-            bits=cfg.bits,
-            protocol="secagg+" if self.aggregator_name == "secagg+" else "secagg",
+        wrapper = DistributedNoise(
+            inner,
+            cfg,
+            seed=self._noise_seed(round_id, "distributed"),
+            colluders=colluders,
             round_id=round_id,
-            threshold=threshold,
-            dropout_rate=float(self.aggregator_options.get("dropout_rate", 0.1)),
-            corrupt_fraction=float(self.aggregator_options.get("corrupt_fraction", 0.0)),
         )
-        result = run_round(config, inputs, dropouts={ids[s]: Phase.MASKED_INPUT for s in dropped})
-        decoded = decode_sum(
-            result.total, cfg, rotation_seed=rotation_seed, survivors=len(result.survivors)
-        )
-        report = {
-            "aggregator": f"{config.protocol}+{self.dp.mechanism}",
-            "included": [n for n in names if ids[n] in result.survivors],
-            "dropped": list(dropped),
-            "threshold": config.threshold,
-            "noise_threshold": honest,
-            "colluders": colluders,
-            "bits": cfg.bits,
-            "padded_dimension": cfg.padded_dimension,
-            "beyond_range": decoded.beyond_range,
-            "noise_std": decoded.noise_std,
-            "bytes_sent": {n: result.clients[ids[n]].bytes_sent for n in names},
-        }
-        return np.asarray(decoded.values, dtype=np.float64), report
+        result = wrapper.aggregate({s: [v] for s, v in deltas.items()}, None, dropped=dropped)
+        if result.event is None:  # pragma: no cover - the wrapper always reports its event
+            raise ConfigError("the DP wrapper reported no event")
+        total = np.asarray(result.mean[0], dtype=np.float64) * result.event.survivors
+        report = {**result.report, "dropped": list(dropped), "dp_event": result.event.to_dict()}
+        return total, report

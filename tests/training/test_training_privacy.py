@@ -258,16 +258,18 @@ def test_distributed_noise_is_sized_for_the_honest_survivors(
 def test_distributed_noise_without_an_honest_survivor_is_refused(
     tiny_datalist: Path, tmp_path: Path
 ) -> None:
-    config = tiny_config(
-        tiny_datalist,
-        aggregation=AggregationConfig(
-            name="secagg", options={"threshold": 2, "corrupt_fraction": 0.5}
-        ),
-        privacy=PrivacyConfig(
-            level="site", trust="distributed", mechanism="skellam", noise_multiplier=1.0
-        ),
-    )
+    # Refused when the configuration loads (the aggregation spec allows corrupt_fraction < 0.5)
+    # or, at the latest, when the privacy round sizes the noise: either way before any round.
     with pytest.raises(ConfigError, match="corrupt_fraction"):
+        config = tiny_config(
+            tiny_datalist,
+            aggregation=AggregationConfig(
+                name="secagg", options={"threshold": 2, "corrupt_fraction": 0.5}
+            ),
+            privacy=PrivacyConfig(
+                level="site", trust="distributed", mechanism="skellam", noise_multiplier=1.0
+            ),
+        )
         _privacy_round(tmp_path, config, _fed(4))
 
 
