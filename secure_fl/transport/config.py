@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from secure_fl.errors import ConfigError
+from secure_fl.rounds.spec import AggregationSpec
 
 FEDERATION_PROTOCOL = "secure_fl/federation/v1"
 AGGREGATIONS = ("secagg", "secagg+", "plain", "ckks")
@@ -113,7 +114,8 @@ class Deadlines:
     before starting with those present; ``update_s``: time for sites to compute and report their
     update; ``phase_s``: each secure-aggregation phase; ``liveness_s``: a site silent for longer is
     not invited to a round; ``poll_wait_s``: longest long-poll; ``linger_s``: how long the server
-    stays up after the last round so that sites learn it is over."""
+    stays up after the last round so that sites learn it is over; ``heartbeat_s``: while the server
+    waits for sites (joins, an update, a phase, uploads) it logs a ``waiting`` event this often."""
 
     wait_for_sites_s: float = 120.0
     update_s: float = 3600.0
@@ -121,6 +123,7 @@ class Deadlines:
     liveness_s: float = 60.0
     poll_wait_s: float = 10.0
     linger_s: float = 10.0
+    heartbeat_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -130,49 +133,18 @@ class Deadlines:
             "liveness_s",
             "poll_wait_s",
             "linger_s",
+            "heartbeat_s",
         ):
             _positive(f"deadlines.{name}", getattr(self, name))
 
 
-@dataclass(frozen=True)
-class AggregationSettings:
-    """How updates are combined. ``protocol`` is one of :data:`AGGREGATIONS`; the rest configure
-    the fixed-point encoding (see :func:`secure_fl.encoding.plan_bit_width`) and SecAgg / SecAgg+
-    (see :func:`secure_fl.secagg.make_config`). ``plain`` sends updates in the clear (a baseline,
-    never for patient data; every site must allow it in its own policy). ``active`` (default
-    true) runs the active-adversary SecAgg variant; the semi-honest variant needs ``false`` here
-    *and* ``policy.require_active: false`` in each site's config. ``ckks`` (see :mod:`secure_fl.transport.ckks`) uses the ``ckks``
-    section of the config and ``chunk_ciphertexts`` ciphertexts per frame."""
-
-    protocol: str = "secagg+"
-    clip_range: float = 10.0
-    precision: float = 2.0**-24
-    bits: int | None = None
-    threshold: int | None = None
-    k: int | None = None
-    dropout_rate: float = 0.1
-    corrupt_fraction: float = 0.0
-    active: bool = True
-    chunk_ciphertexts: int = 64
-
-    def __post_init__(self) -> None:
-        if self.protocol not in AGGREGATIONS:
-            raise ConfigError(
-                f"aggregation.protocol must be one of {AGGREGATIONS}, got {self.protocol!r}"
-            )
-        _positive("aggregation.clip_range", self.clip_range)
-        _positive("aggregation.precision", self.precision)
-        if self.bits not in (None, 32, 64):
-            raise ConfigError(f"aggregation.bits must be 32, 64 or null, got {self.bits!r}")
-        if (
-            isinstance(self.chunk_ciphertexts, bool)
-            or not isinstance(self.chunk_ciphertexts, int)
-            or not 1 <= self.chunk_ciphertexts <= 4096
-        ):
-            raise ConfigError(
-                "aggregation.chunk_ciphertexts must be an integer in [1, 4096], got "
-                f"{self.chunk_ciphertexts!r}"
-            )
+#: How updates are combined: the one typed aggregation spec of the round layer (see
+#: :class:`secure_fl.rounds.spec.AggregationSpec`); the old name stays for importers. ``plain``
+#: sends updates in the clear (a baseline, never for patient data; every site must allow it in its
+#: own policy); the semi-honest variant needs ``active: false`` here *and*
+#: ``policy.require_active: false`` in each site's config; ``ckks`` (see
+#: :mod:`secure_fl.transport.ckks`) uses the ``ckks`` section of the config.
+AggregationSettings = AggregationSpec
 
 
 @dataclass(frozen=True)
@@ -224,7 +196,14 @@ class SitePolicy:
     corrupt sites and of dropouts this site assumes; with the round's ``n`` (and ``k``) they give
     the smallest threshold (and, for SecAgg+, the smallest degree) the site accepts.
     ``vector_length``: the exact length of the flattened update, when known (else the size of the
-    downloaded model is required).
+    downloaded model is required). The privacy floor (distributed DP, checked by
+    :class:`secure_fl.transport.privacy.SitePrivacy` before anything is sent): ``require_dp``
+    refuses a SecAgg round without distributed DP noise; ``min_noise_multiplier`` refuses a
+    round whose noise multiplier is below it (null: no floor on the multiplier);
+    ``max_dp_rounds`` is the most DP rounds this site takes part in (counted by the site itself
+    in ``state_dir/dp_rounds.jsonl``, :mod:`secure_fl.transport.site_dp`; null: no limit). A
+    floor or a budget implies ``require_dp`` (a round without noise would bypass them): it is
+    set to true here, and the config loader refuses ``require_dp: false`` written beside them.
 
     Errors: ConfigError naming the field and its allowed range.
     """
@@ -235,6 +214,9 @@ class SitePolicy:
     corrupt_fraction: float = 0.0
     dropout_rate: float = 0.1
     vector_length: int | None = None
+    require_dp: bool = False
+    min_noise_multiplier: float | None = None
+    max_dp_rounds: int | None = None
 
     def __post_init__(self) -> None:
         aggs = self.aggregations
@@ -268,6 +250,27 @@ class SitePolicy:
             raise ConfigError(
                 f"policy.vector_length must be an integer >= 1 or null, got {length!r}"
             )
+        if not isinstance(self.require_dp, bool):
+            raise ConfigError(f"policy.require_dp must be true or false, got {self.require_dp!r}")
+        floor = self.min_noise_multiplier
+        if floor is not None and (
+            isinstance(floor, bool)
+            or not isinstance(floor, int | float)
+            or not 0.0 < float(floor) < float("inf")
+        ):
+            raise ConfigError(
+                f"policy.min_noise_multiplier must be a finite number > 0 or null, got {floor!r}"
+            )
+        budget = self.max_dp_rounds
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+        ):
+            raise ConfigError(
+                f"policy.max_dp_rounds must be an integer >= 1 or null, got {budget!r}"
+            )
+        if floor is not None or budget is not None:
+            # A floor or a budget implies require_dp (class docstring).
+            object.__setattr__(self, "require_dp", True)
 
     def accepts(self, aggregation: str) -> bool:
         """Whether this policy accepts ``aggregation`` at all."""
@@ -281,7 +284,15 @@ class ServerConfig:
     """The federation server's configuration (see ``protocols/federation.md``).
 
     ``insecure_test_seed`` makes the server's random choices (the SecAgg+ graph) reproducible: for
-    tests and benchmarks only.
+    tests and benchmarks only. ``round_config``: a flat JSON object of scalars sent to every site
+    each round (``RoundStart.round_config_json``: learning rate, local epochs, FedProx mu...).
+    ``server_optimizer``: ``{"name": "fedavgm", "lr": 1.0, "momentum": 0.9}`` and so on
+    (:func:`secure_fl.aggregators.server_opt.make_server_optimizer`), applied to the decoded mean
+    (plain, secagg, secagg+; refused with ckks: the server cannot step an encrypted model).
+    ``privacy``: a :class:`secure_fl.privacy.config.PrivacyConfig` the server enforces
+    (:mod:`secure_fl.transport.privacy`), or None.
+
+    Errors: ConfigError naming the field and the allowed range.
     """
 
     federation: str
@@ -299,8 +310,19 @@ class ServerConfig:
     insecure_test_seed: int | None = None
     log_file: Path | None = None
     ckks: CkksFiles | None = None
+    round_config: Mapping[str, Any] = field(default_factory=dict)
+    server_optimizer: Mapping[str, Any] | None = None
+    privacy: Any = None  # secure_fl.privacy.config.PrivacyConfig | None
 
     def __post_init__(self) -> None:
+        _check_round_config(self.round_config)
+        if self.server_optimizer is not None:
+            if self.aggregation.protocol == "ckks":
+                raise ConfigError(
+                    "server_optimizer cannot be used with aggregation.protocol ckks: the server "
+                    "holds only the encrypted model and cannot run an optimiser on it"
+                )
+            _server_optimizer(self.server_optimizer)  # validates name and options
         _check_roster(self.roster)
         _positive("rounds", self.rounds)
         _positive("max_attempts", self.max_attempts)
@@ -531,24 +553,61 @@ def _limits(s: _Section) -> Limits:
     return Limits(**kwargs)
 
 
+def _check_round_config(value: object) -> None:
+    """``round_config`` must be a flat JSON object of scalars. Errors: ConfigError."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"round_config must be a JSON object, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"round_config keys must be strings, got {key!r}")
+        if item is not None and not isinstance(item, str | int | float | bool):
+            raise ConfigError(
+                f"round_config.{key} must be a JSON scalar (string, number, boolean or null), "
+                f"got {type(item).__name__}"
+            )
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"round_config.{key} must be finite, got {item!r}")
+
+
+def make_server_optimizer_from(spec: Mapping[str, Any]) -> Any:
+    """A fresh server optimiser for a ``server_optimizer`` object (``name`` plus its options).
+    Errors: ConfigError naming ``server_optimizer.<field>``."""
+    return _server_optimizer(spec)
+
+
+def _server_optimizer(spec: Mapping[str, Any]) -> Any:
+    from secure_fl.aggregators.server_opt import make_server_optimizer
+
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"server_optimizer must be a JSON object, got {type(spec).__name__}")
+    options = {k: v for k, v in spec.items() if k != "name"}
+    return make_server_optimizer(spec.get("name", "fedavg"), **options)
+
+
+def _server_privacy(raw: object) -> Any:
+    if raw is None:
+        return None
+    from secure_fl.privacy.config import PrivacyConfig
+
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"privacy must be a JSON object, got {type(raw).__name__}")
+    return PrivacyConfig.from_dict(raw)
+
+
+def _aggregation(s: _Section) -> AggregationSpec:
+    """The ``aggregation`` section: an unknown key is refused listing the protocol's options; a
+    key of another protocol only at its default value (files written with every key)."""
+    sec = s.section("aggregation")
+    protocol = sec.raw("protocol", "secagg+")
+    options = {k: sec.raw(k) for k in sec.data if k != "protocol"}
+    return AggregationSpec.from_options(protocol, options, where="aggregation", lenient=True)
+
+
 def load_server_config(path: str | Path) -> ServerConfig:
     """Parse the server's JSON configuration. Errors: ConfigError naming the field."""
     data, base = _read_json(Path(path))
     s = _Section(data, "", base)
-    agg = s.section("aggregation")
-    aggregation = AggregationSettings(
-        protocol=agg.str_("protocol", "secagg+"),
-        clip_range=agg.float_("clip_range", 10.0),
-        precision=agg.float_("precision", 2.0**-24),
-        bits=agg.opt_int("bits"),
-        threshold=agg.opt_int("threshold"),
-        k=agg.opt_int("k"),
-        dropout_rate=agg.float_("dropout_rate", 0.1),
-        corrupt_fraction=agg.float_("corrupt_fraction", 0.0),
-        active=agg.bool_("active", True),
-        chunk_ciphertexts=agg.int_("chunk_ciphertexts", 64),
-    )
-    agg.done()
+    aggregation = _aggregation(s)
     mod = s.section("model")
     shapes_raw = mod.raw("shapes", [[16, 16], [16]])
     if not isinstance(shapes_raw, list) or not all(
@@ -580,6 +639,9 @@ def load_server_config(path: str | Path) -> ServerConfig:
         insecure_test_seed=s.opt_int("insecure_test_seed"),
         log_file=s.opt_path("log_file"),
         ckks=_ckks(s),
+        round_config=s.raw("round_config", None) or {},
+        server_optimizer=s.raw("server_optimizer", None),
+        privacy=_server_privacy(s.raw("privacy", None)),
     )
     s.done()
     return config
@@ -600,7 +662,26 @@ def _policy(s: _Section) -> SitePolicy:
         corrupt_fraction=p.float_("corrupt_fraction", 0.0),
         dropout_rate=p.float_("dropout_rate", 0.1),
         vector_length=p.opt_int("vector_length"),
+        require_dp=p.bool_("require_dp", False),
+        min_noise_multiplier=(
+            p.float_("min_noise_multiplier")
+            if p.has("min_noise_multiplier")
+            else p.raw("min_noise_multiplier")
+        ),
+        max_dp_rounds=p.opt_int("max_dp_rounds"),
     )
+    if p.has("require_dp") and p.raw("require_dp") is False:
+        implied = [
+            name
+            for name in ("min_noise_multiplier", "max_dp_rounds")
+            if getattr(out, name) is not None
+        ]
+        if implied:
+            raise ConfigError(
+                f"policy.require_dp is false but policy.{implied[0]} is set: a floor or a "
+                "budget on DP rounds implies require_dp (a round without noise would bypass "
+                "it); set require_dp to true or remove the field"
+            )
     p.done()
     return out
 
@@ -614,6 +695,9 @@ def policy_to_json(policy: SitePolicy) -> dict[str, Any]:
         "corrupt_fraction": policy.corrupt_fraction,
         "dropout_rate": policy.dropout_rate,
         "vector_length": policy.vector_length,
+        "require_dp": policy.require_dp,
+        "min_noise_multiplier": policy.min_noise_multiplier,
+        "max_dp_rounds": policy.max_dp_rounds,
     }
 
 

@@ -30,30 +30,32 @@ With ``unet`` (``secure-fl provision --task unet``) every site's ``task`` trains
 (:func:`secure_fl.training.remote.unet_site_task`, with that site's datalist) and the server starts
 from the model written by :func:`secure_fl.training.remote.write_initial_model`; no JSON needs
 editing by hand.
+
+The certificates are issued by :mod:`secure_fl.transport.pki`, the UNet task by
+:mod:`secure_fl.transport.provision_unet`, the privacy options by
+:mod:`secure_fl.transport.provision_privacy`; every name is importable from here.
 """
 
 from __future__ import annotations
 
-import datetime
 import importlib
-import ipaddress
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from secure_fl.crypto import SigningKey
 from secure_fl.errors import ConfigError
+from secure_fl.privacy.config import PrivacyConfig
 from secure_fl.transport.config import (
     AGGREGATIONS,
     AggregationSettings,
@@ -61,129 +63,25 @@ from secure_fl.transport.config import (
     policy_to_json,
     valid_name,
 )
+from secure_fl.transport.pki import (
+    _cert_pem,
+    _host_names,
+    _issue,
+    _key_pem,
+    _name,
+    issue_site_certificate,
+    new_ca,
+)
+from secure_fl.transport.provision_unet import (
+    INITIAL_MODEL,
+    UNET_FACTORY,
+    UNetTask,
+    _unet_remote,
+    site_datalists,
+)
 from secure_fl.transport.tls import cert_fingerprint
 
 DEFAULT_SERVER_NAME = "secure-fl-server"
-UNET_FACTORY = "secure_fl.training.remote:unet_site_task"
-INITIAL_MODEL = "initial_model.tensors"
-
-
-def _shape(name: str, value: Sequence[int], size: int | None) -> tuple[int, ...]:
-    out = tuple(value)
-    if (
-        not out
-        or (size is not None and len(out) != size)
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in out)
-    ):
-        count = f"{size} integers" if size is not None else "integers"
-        raise ConfigError(f"{name} must be {count} >= 1, got {list(out)!r}")
-    return out
-
-
-@dataclass(frozen=True)
-class UNetTask:
-    """The 3D-UNet training task written into every site's config by :func:`provision`.
-
-    ``datalists``: site name -> the path of that site's datalist *as read on the site's machine*
-    (a relative path is relative to the directory ``secure-fl site`` runs in; the file is not
-    read at provisioning). A site trains the cases whose ``site`` is its name (every case when
-    none is). ``grid``, ``patch``, ``channels``, ``lr``, ``local_epochs``, ``batch_size`` and
-    ``seed`` are the options of :func:`secure_fl.training.remote.unet_site_task`; ``channels``
-    and ``seed`` also make the server's initial model. ``extra``: further task options, as is.
-
-    Errors: ConfigError naming the field and its allowed range.
-    """
-
-    datalists: Mapping[str, str]
-    grid: tuple[int, ...] = (48, 48, 48)
-    patch: tuple[int, ...] = (32, 32, 32)
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    lr: float = 3e-3
-    local_epochs: int = 1
-    batch_size: int = 2
-    seed: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.datalists, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) and v for k, v in self.datalists.items()
-        ):
-            raise ConfigError("datalists must map site names to non-empty paths")
-        object.__setattr__(self, "datalists", MappingProxyType(dict(self.datalists)))
-        object.__setattr__(self, "grid", _shape("grid", self.grid, 3))
-        object.__setattr__(self, "patch", _shape("patch", self.patch, 3))
-        object.__setattr__(self, "channels", _shape("channels", self.channels, None))
-        if len(self.channels) < 2:
-            raise ConfigError(f"channels must list at least 2 widths, got {list(self.channels)}")
-        if any(p > g for p, g in zip(self.patch, self.grid, strict=True)):
-            raise ConfigError(f"patch {list(self.patch)} must fit in grid {list(self.grid)}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not self.lr > 0:
-            raise ConfigError(f"lr must be a number > 0, got {self.lr!r}")
-        for name in ("local_epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
-
-    def site_task(self, site: str, rounds: int) -> dict[str, Any]:
-        """The ``task`` section of ``site``'s config. Errors: ConfigError without a datalist."""
-        if site not in self.datalists:
-            raise ConfigError(
-                f"no datalist for site {site!r} (--site-datalist or --datalist-template)"
-            )
-        options: dict[str, Any] = {
-            "datalist": self.datalists[site],
-            "grid": list(self.grid),
-            "patch": list(self.patch),
-            "channels": list(self.channels),
-            "lr": self.lr,
-            "local_epochs": self.local_epochs,
-            "batch_size": self.batch_size,
-            "rounds": rounds,
-            "seed": self.seed,
-            **self.extra,
-        }
-        return {"kind": "python", "factory": UNET_FACTORY, "options": options}
-
-
-def site_datalists(
-    sites: Sequence[str], *, template: str | None = None, per_site: Sequence[str] = ()
-) -> dict[str, str]:
-    """Each site's datalist path from a ``template`` (``{site}`` is replaced by the site's name)
-    and ``NAME=PATH`` entries (which win over the template).
-
-    Errors: ConfigError for an entry without ``=``, a name off ``sites``, a repeated name, or a
-    site left without a datalist."""
-    out = {name: template.replace("{site}", name) for name in sites} if template else {}
-    seen: set[str] = set()
-    for entry in per_site:
-        name, sep, path = entry.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise ConfigError(f"--site-datalist must be NAME=PATH, got {entry!r}")
-        if name not in sites:
-            raise ConfigError(f"--site-datalist names {name!r}, which is not in --sites")
-        if name in seen:
-            raise ConfigError(f"--site-datalist names {name!r} twice")
-        seen.add(name)
-        out[name] = path
-    missing = [name for name in sites if name not in out]
-    if missing:
-        raise ConfigError(
-            f"no datalist for site(s) {', '.join(missing)}: give --datalist-template "
-            "(e.g. /data/{site}/datalist.json) or --site-datalist NAME=PATH for each"
-        )
-    return out
-
-
-def _unet_remote() -> Any:
-    """:mod:`secure_fl.training.remote` (imports torch and MONAI). Errors: ConfigError."""
-    try:
-        return importlib.import_module("secure_fl.training.remote")
-    except ImportError as exc:
-        raise ConfigError(f"--task unet needs torch and MONAI (secure_fl.training): {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -218,143 +116,6 @@ def _mkdir_private(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _name(common: str, federation: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"secure_fl federation {federation}"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common),
-        ]
-    )
-
-
-def _issue(
-    *,
-    subject: x509.Name,
-    public_key: Any,
-    issuer: x509.Name,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    days: int,
-    ca: bool,
-    usage: list[x509.ObjectIdentifier] | None,
-    san: list[x509.GeneralName] | None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    else:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-    if usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
-    out: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            out.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            out.append(x509.DNSName(host))
-    return out
-
-
-def issue_site_certificate(
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    name: str,
-    federation: str,
-    *,
-    days: int = 365,
-) -> tuple[bytes, bytes]:
-    """A client certificate (PEM) and its key (PEM) for site ``name``, signed by the CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _issue(
-        subject=_name(name, federation),
-        public_key=key.public_key(),
-        issuer=ca_cert.subject,
-        issuer_key=ca_key,
-        days=days,
-        ca=False,
-        usage=[ExtendedKeyUsageOID.CLIENT_AUTH],
-        san=[x509.DNSName(name)],
-    )
-    return _cert_pem(cert), _key_pem(key)
-
-
-def new_ca(
-    federation: str, *, days: int = 3650
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A fresh self-signed CA for ``federation``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = _name(f"secure_fl CA {federation}", federation)
-    cert = _issue(
-        subject=name,
-        public_key=key.public_key(),
-        issuer=name,
-        issuer_key=key,
-        days=days,
-        ca=True,
-        usage=None,
-        san=None,
-    )
-    return cert, key
-
-
 def ckks_provisioner() -> Callable[..., Any] | None:
     """The CKKS key provisioner, ``secure_fl.he.provision(directory) -> Provisioned`` (with
     ``secret_path``, ``public_path`` and ``fingerprint``), when that package and TenSEAL are
@@ -386,6 +147,7 @@ def provision(
     dropout_rate: float = 0.1,
     model_shapes: Sequence[Sequence[int]] = ((16, 16), (16,)),
     unet: UNetTask | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> Provisioned:
     """Create a federation directory (layout in the module docstring) for ``sites``.
 
@@ -405,8 +167,16 @@ def provision(
     the server's ``model.path`` is ``server/initial_model.tensors`` (written here); the pinned
     vector length is then that model's parameter count (``model_shapes`` is ignored).
 
+    ``privacy``: site-level DP over gRPC (:mod:`secure_fl.transport.privacy`): the server config
+    gets the ``privacy`` section (its ``state_dir`` becomes an auditable run folder) and every
+    site a privacy floor
+    (:func:`secure_fl.transport.provision_privacy.privacy_floor`: with trust ``distributed`` it requires the
+    sites' noise, at least the multiplier the target calls for; the server's ``min_sites`` is
+    then every site, so that the noise threshold always holds).
+
     Errors: ConfigError for invalid or duplicate site names, fewer than 2 sites, an unknown
-    protocol, a directory that already holds a federation, ``ckks=True`` without TenSEAL, a site
+    protocol, privacy the server cannot serve (not site level, or not over SecAgg / SecAgg+),
+    a directory that already holds a federation, ``ckks=True`` without TenSEAL, a site
     without a datalist, or ``unet`` without torch and MONAI.
     """
     root = Path(directory)
@@ -436,6 +206,11 @@ def provision(
         initial = remote.initial_model(unet.channels, unet.seed)
         model_shapes = [tuple(int(d) for d in v.shape) for v in initial.values()]
     vector_length = sum(math.prod(shape) for shape in model_shapes)
+    floor: dict[str, Any] = {}
+    if privacy is not None:
+        from secure_fl.transport.provision_privacy import privacy_floor
+
+        floor = privacy_floor(privacy, protocol, rounds)
     site_policy = SitePolicy(
         aggregations=(protocol,),
         allow_plain=protocol == "plain",
@@ -443,6 +218,7 @@ def provision(
         corrupt_fraction=corrupt_fraction,
         dropout_rate=dropout_rate,
         vector_length=vector_length,
+        **floor,
     )
     fed = federation or root.resolve().name or "federation"
     if not valid_name(fed):
@@ -524,7 +300,7 @@ def provision(
         "roster": roster,
         "state_dir": "state",
         "rounds": rounds,
-        "min_sites": 2,
+        "min_sites": len(names) if floor.get("require_dp") else 2,
         "aggregation": {
             "protocol": protocol,
             "clip_range": 10.0,
@@ -538,6 +314,8 @@ def provision(
     }
     if server_ckks is not None:
         server_config["ckks"] = server_ckks
+    if privacy is not None:
+        server_config["privacy"] = privacy.to_dict()
     server_path = server_dir / "server.json"
     server_path.write_text(json.dumps(server_config, indent=2) + "\n")
     site_paths: dict[str, Path] = {}
@@ -671,3 +449,21 @@ def load_signing_key(path: Path) -> SigningKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} is not an Ed25519 private key")
     return SigningKey(key)
+
+
+__all__ = [
+    "DEFAULT_SERVER_NAME",
+    "INITIAL_MODEL",
+    "UNET_FACTORY",
+    "Provisioned",
+    "RotatedCkks",
+    "UNetTask",
+    "ckks_provisioner",
+    "issue_site_certificate",
+    "load_signing_key",
+    "new_ca",
+    "provision",
+    "rotate_ckks",
+    "site_datalists",
+    "write_private",
+]

@@ -129,15 +129,24 @@ def test_plain_aggregation_uploads_updates_in_chunks(federation: Callable[..., F
     fed.start_all()
     codes = fed.wait_all(timeout=60)
     assert codes == dict.fromkeys(["server", *names], 0), fed.all_logs()
+    from secure_fl.encoding import flatten
+    from secure_fl.rounds.local import run_local
+    from secure_fl.rounds.plan import plan_round
     from secure_fl.transport.config import load_server_config
-    from secure_fl.transport.rounds import apply_mean, initial_model, weighted_mean
+    from secure_fl.transport.rounds import apply_mean, initial_model
 
-    model = initial_model(load_server_config(fed.server_config).model)
+    config = load_server_config(fed.server_config)
+    model = initial_model(config.model)
     results = {s: t.compute_update(model, 0) for s, t in fed.tasks().items()}
-    mean = weighted_mean(
-        {s: r.update for s, r in results.items()}, {s: r.weight for s, r in results.items()}
+    # The same plain round, run in process by the round layer's own driver.
+    vectors = {s: flatten(dict(r.update))[0] for s, r in results.items()}
+    plan = plan_round(
+        config.aggregation,
+        {s: r.weight for s, r in results.items()},
+        vector_length=len(vectors[1]),
+        round_id=0,
     )
-    expected = apply_mean(model, mean)
+    expected = apply_mean(model, run_local(plan, vectors).mean)
     record = fed.round_record(0)
     assert record["completed"] and record["survivors"] == [1, 2, 3]
     assert record["model_sha256"] == model_blob(expected)[1]

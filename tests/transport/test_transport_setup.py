@@ -113,9 +113,9 @@ def test_site_config_has_no_test_hooks(tmp_path: Path) -> None:
     path.write_text(json.dumps(config))
     calls: list[tuple[str, int]] = []
     runner = SiteRunner(load_site_config(path), crash_hook=lambda p, r: calls.append((p, r)))
-    runner._crash_point("unmask", 7)
+    runner.driver._crash_point("unmask", 7)
     assert calls == [("unmask", 7)]
-    SiteRunner(load_site_config(path))._crash_point("unmask", 7)  # no hook: nothing happens
+    SiteRunner(load_site_config(path)).driver._crash_point("unmask", 7)  # no hook: nothing happens
     config["name"] = "zed"
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="not on the roster"):
@@ -287,6 +287,7 @@ def test_authenticator_checks_roster_usage_and_pin(tmp_path: Path) -> None:
 
 def test_site_refuses_a_second_unmask_with_another_survivor_set(tmp_path: Path) -> None:
     from secure_fl.errors import RemoteProtocolError
+    from secure_fl.rounds.checks import check_roster
     from secure_fl.secagg import make_config
     from secure_fl.transport.site import SiteRunner
 
@@ -294,28 +295,30 @@ def test_site_refuses_a_second_unmask_with_another_survivor_set(tmp_path: Path) 
     config = load_site_config(done.site_configs["a"])
     runner = SiteRunner(config)
     config.state_dir.mkdir(parents=True)
-    runner._guard_unmask(4, frozenset({1, 2, 3}))
-    runner._guard_unmask(4, frozenset({1, 2, 3}))  # the same set again: nothing new revealed
-    runner._guard_unmask(5, frozenset({1, 2}))
+    guard = runner.driver.unmask_guard
+    guard.check_and_record(4, frozenset({1, 2, 3}))
+    guard.check_and_record(4, frozenset({1, 2, 3}))  # the same set again: nothing new revealed
+    guard.check_and_record(5, frozenset({1, 2}))
     with pytest.raises(RemoteProtocolError, match="another survivor set"):
-        runner._guard_unmask(4, frozenset({1, 2}))
+        guard.check_and_record(4, frozenset({1, 2}))
     with pytest.raises(RemoteProtocolError, match="another survivor set"):
-        SiteRunner(config)._guard_unmask(4, frozenset({1, 3}))  # survives a restart
+        SiteRunner(config).driver.unmask_guard.check_and_record(4, frozenset({1, 3}))  # restart
     # The round configuration is checked against the provisioned roster.
+    roster = {e.site_id: e.verify_key for e in config.roster}
     keys = {e.site_id: e.verify_key for e in config.roster}
     good = make_config(
         [1, 2, 3], vector_length=3, bits=32, threshold=2, active=True, verify_keys=keys
     )
-    runner._check_setup_against_roster(good)
+    check_roster(good, config.site_id, roster)
     forged = {**keys, 2: b"\x07" * 32}
     bad = make_config(
         [1, 2, 3], vector_length=3, bits=32, threshold=2, active=True, verify_keys=forged
     )
     with pytest.raises(RemoteProtocolError, match="verification key of site 2"):
-        runner._check_setup_against_roster(bad)
+        check_roster(bad, config.site_id, roster)
     stranger = make_config([1, 2, 9], vector_length=3, bits=32, threshold=2)
     with pytest.raises(RemoteProtocolError, match="not on the roster"):
-        runner._check_setup_against_roster(stranger)
+        check_roster(stranger, config.site_id, roster)
 
 
 def test_provision_task_unet_writes_the_unet_task_and_initial_model(tmp_path: Path) -> None:
@@ -405,6 +408,7 @@ def test_server_logs_number_rounds_from_1_and_give_the_round_id_apart(tmp_path: 
     fresh per attempt, so after retries the two differ (here: second round, id 6)."""
     import dataclasses
 
+    from secure_fl.transport.coordinator import drive
     from secure_fl.transport.server import FederationServer
 
     done = provision(tmp_path / "fed", ["a", "b"], ckks=False)
@@ -418,7 +422,12 @@ def test_server_logs_number_rounds_from_1_and_give_the_round_id_apart(tmp_path: 
     server._completed = 1  # the first round is done; failed attempts used ids 1..5
     for _ in range(5):
         server._new_round_id()
-    assert server._run_attempt({1: "a", 2: "b"}) is False  # nobody reports: the attempt fails
+    coord, now = server._coord, 100.0  # driven without sockets, with a fake clock
+    for site in (1, 2):
+        coord.join(site, now)
+    drive(coord, now)  # both sites live: the attempt starts
+    drive(coord, now + 1.0)  # nobody reports before the deadline: the attempt fails
+    assert coord.completed == 1 and coord.current is None
     fields = {event: f for event, f in log.events if event in ("round-start", "round-failed")}
     assert set(fields) == {"round-start", "round-failed"}, log.events
     for event, f in fields.items():

@@ -356,6 +356,7 @@ class SecAggSetup(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     DISTRIBUTED_DP_JSON_FIELD_NUMBER: _builtins.int
+    L2_CLIP_FIELD_NUMBER: _builtins.int
     PHASE_DEADLINE_S_FIELD_NUMBER: _builtins.int
     protocol: _builtins.str
     """"secagg" or "secagg+"."""
@@ -382,6 +383,10 @@ class SecAggSetup(_message.Message):
     Each site checks it against the privacy floor of its own policy before it sends anything, and
     it is bound into the round (SecAggConfig.binding) so sites shown different noise cannot
     complete the round together.
+    """
+    l2_clip: _builtins.float
+    """The L2 bound every site applies to its whole update before encoding (site-level DP and any
+    round that asks for it); 0 means none. Part of the round's binding like the codec.
     """
     phase_deadline_s: _builtins.float
     """Seconds each protocol phase stays open."""
@@ -419,11 +424,12 @@ class SecAggSetup(_message.Message):
         weight: _builtins.float = ...,
         weights: _abc.Iterable[_builtins.float] | None = ...,
         distributed_dp_json: _builtins.str = ...,
+        l2_clip: _builtins.float = ...,
         phase_deadline_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bits", b"bits", "clip_range", b"clip_range", "distributed_dp_json", b"distributed_dp_json", "frac_bits", b"frac_bits", "k", b"k", "phase_deadline_s", b"phase_deadline_s", "protocol", b"protocol", "site_ids", b"site_ids", "threshold", b"threshold", "vector_length", b"vector_length", "verify_keys", b"verify_keys", "weight", b"weight", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "bits", b"bits", "clip_range", b"clip_range", "distributed_dp_json", b"distributed_dp_json", "frac_bits", b"frac_bits", "k", b"k", "l2_clip", b"l2_clip", "phase_deadline_s", b"phase_deadline_s", "protocol", b"protocol", "site_ids", b"site_ids", "threshold", b"threshold", "vector_length", b"vector_length", "verify_keys", b"verify_keys", "weight", b"weight", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -467,6 +473,7 @@ class CkksSetup(_message.Message):
     VECTOR_LENGTH_FIELD_NUMBER: _builtins.int
     CHUNK_CIPHERTEXTS_FIELD_NUMBER: _builtins.int
     PHASE_DEADLINE_S_FIELD_NUMBER: _builtins.int
+    L2_CLIP_FIELD_NUMBER: _builtins.int
     context_sha256: _builtins.bytes
     """The federation's CKKS fingerprint (32 bytes; protocols/ckks.md)."""
     poly_modulus_degree: _builtins.int
@@ -478,6 +485,8 @@ class CkksSetup(_message.Message):
     chunk_ciphertexts: _builtins.int
     phase_deadline_s: _builtins.float
     """Seconds the upload stays open."""
+    l2_clip: _builtins.float
+    """The L2 bound each site clips its update to before encrypting (0: none)."""
     def __init__(
         self,
         *,
@@ -488,10 +497,11 @@ class CkksSetup(_message.Message):
         vector_length: _builtins.int = ...,
         chunk_ciphertexts: _builtins.int = ...,
         phase_deadline_s: _builtins.float = ...,
+        l2_clip: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ciphertexts", b"chunk_ciphertexts", "context_sha256", b"context_sha256", "phase_deadline_s", b"phase_deadline_s", "poly_modulus_degree", b"poly_modulus_degree", "scale", b"scale", "vector_length", b"vector_length", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ciphertexts", b"chunk_ciphertexts", "context_sha256", b"context_sha256", "l2_clip", b"l2_clip", "phase_deadline_s", b"phase_deadline_s", "poly_modulus_degree", b"poly_modulus_degree", "scale", b"scale", "vector_length", b"vector_length", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
