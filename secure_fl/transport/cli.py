@@ -124,20 +124,49 @@ def add_subcommands(subparsers: argparse._SubParsersAction[Any]) -> None:
     task.add_argument(
         "--local-epochs", type=int, default=1, help="--task unet (default: %(default)s)"
     )
+    from secure_fl.transport.provision_privacy import add_privacy_arguments
+
+    add_privacy_arguments(p)
     p.set_defaults(handler=_provision)
 
     s = subparsers.add_parser("server", help="run the federation server")
     s.add_argument("config", metavar="CONFIG", help="the server's JSON config")
+    add_log_format(s)
     s.set_defaults(handler=_server)
 
     t = subparsers.add_parser("site", help="run a site")
     t.add_argument("config", metavar="CONFIG", help="the site's JSON config")
+    add_log_format(t)
     t.set_defaults(handler=_site)
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    """Add ``--log-format {auto,text,json}`` to ``parser`` (see :mod:`secure_fl.transport.logs`:
+    ``auto`` is human-readable lines with ISO-8601 UTC times on a terminal, JSON lines
+    otherwise; a log file is always JSON lines)."""
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "text", "json"],
+        default="auto",
+        help="log lines on stderr: text (ISO-8601 UTC time, level, party, event, key=value), "
+        "json (one object per line), or auto: text on a terminal, json otherwise; a log_file "
+        "is always JSON lines (default: %(default)s)",
+    )
+
+
+def apply_log_format(args: argparse.Namespace) -> None:
+    """Make ``args.log_format`` (when the command has the flag) the process's log format."""
+    fmt = getattr(args, "log_format", None)
+    if fmt is not None:
+        from secure_fl.transport import logs
+
+        logs.set_default_format(fmt)
 
 
 def _provision(args: argparse.Namespace) -> int:
     from secure_fl.errors import ConfigError
     from secure_fl.transport.provision import provision, rotate_ckks
+    from secure_fl.transport.provision_privacy import privacy_from_args
 
     if args.rotate_ckks:
         rotated = rotate_ckks(args.federation_dir)
@@ -169,6 +198,7 @@ def _provision(args: argparse.Namespace) -> int:
         corrupt_fraction=args.corrupt_fraction,
         dropout_rate=args.dropout_rate,
         unet=unet,
+        privacy=privacy_from_args(args),
     )
     print(f"federation provisioned in {done.root}")
     print(f"  server config: {done.server_config}")
@@ -219,6 +249,7 @@ def _server(args: argparse.Namespace) -> int:
     from secure_fl.transport.config import load_server_config
     from secure_fl.transport.server import run_server
 
+    apply_log_format(args)
     return run_server(load_server_config(args.config))
 
 
@@ -227,16 +258,24 @@ def _site(args: argparse.Namespace) -> int:
     from secure_fl.transport.site import (
         EXIT_FAIL_CLOSED,
         EXIT_NOT_TRAINED,
+        EXIT_TLS,
         FAIL_CLOSED_MARKER,
         run_site,
     )
 
+    apply_log_format(args)
     config = load_site_config(args.config)
     code = run_site(config)
     if code == EXIT_NOT_TRAINED:
         print(
             "error: the federation stopped after 0 rounds; no model was trained "
             "(no final model written)",
+            file=sys.stderr,
+        )
+    elif code == EXIT_TLS:
+        print(
+            "error: TLS verification failed (CA mismatch between this site and the server; "
+            "the reason is in the log's tls-verification-failed line)",
             file=sys.stderr,
         )
     elif code == EXIT_FAIL_CLOSED:

@@ -19,6 +19,7 @@ holders is bounded statistically).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -66,6 +67,80 @@ def check_aggregation(policy: SitePolicy, aggregation: str) -> None:
             f"the server asks for aggregation {aggregation!r}; this site's policy accepts "
             f"{list(policy.aggregations)}"
         )
+
+
+def dp_required(policy: Any) -> bool:
+    """Whether ``policy`` requires distributed DP noise in every round: ``require_dp``, or
+    implied by a noise floor (``min_noise_multiplier``) or a budget of DP rounds
+    (``max_dp_rounds``): a floor or a budget that a round *without* noise could bypass would
+    protect nothing."""
+    return bool(
+        getattr(policy, "require_dp", False)
+        or getattr(policy, "min_noise_multiplier", None) is not None
+        or getattr(policy, "max_dp_rounds", None) is not None
+    )
+
+
+def check_privacy_floor(policy: SitePolicy, aggregation: str) -> None:
+    """Refuse, at the round's start, an aggregation that cannot carry the distributed DP noise
+    this site's policy requires (:func:`dp_required`: ``policy.require_dp``, or implied by
+    ``policy.min_noise_multiplier`` / ``policy.max_dp_rounds``; only SecAgg / SecAgg+ rounds
+    whose setup carries noise at or above the floor, checked at the setup). Errors:
+    PolicyError."""
+    if dp_required(policy) and aggregation not in ("secagg", "secagg+"):
+        raise PolicyError(
+            f"the server asks for aggregation {aggregation!r}, which carries no distributed DP "
+            "noise; this site's policy requires it (policy.require_dp, implied by "
+            "policy.min_noise_multiplier and policy.max_dp_rounds: secagg or secagg+ with "
+            "noise at or above the floor)"
+        )
+
+
+#: The longest JSON text a site parses from a server instruction (round config, DP config).
+MAX_INSTRUCTION_JSON_CHARS = 64 * 1024
+#: The deepest nesting of arrays / objects a site accepts in such a JSON text.
+MAX_INSTRUCTION_JSON_DEPTH = 32
+
+
+def bounded_json(
+    text: str,
+    field: str,
+    *,
+    max_chars: int = MAX_INSTRUCTION_JSON_CHARS,
+    max_depth: int = MAX_INSTRUCTION_JSON_DEPTH,
+) -> Any:
+    """Parse ``text`` (the server-sent JSON field named ``field``) after checking, without
+    recursion, that it is at most ``max_chars`` characters long and nests arrays / objects at
+    most ``max_depth`` deep (so that a hostile server cannot exhaust the parser's recursion or
+    the site's memory). Errors: ValueError naming ``field``, the limit and what was sent."""
+    if len(text) > max_chars:
+        raise ValueError(
+            f"{field} is {len(text)} characters long; at most {max_chars} are accepted"
+        )
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > max_depth:
+                    raise ValueError(
+                        f"{field} nests arrays/objects more than {max_depth} deep; at most "
+                        f"{max_depth} levels are accepted"
+                    )
+        elif ch in "]}":
+            depth -= 1
+    return json.loads(text)
 
 
 def check_secagg_round(
@@ -163,4 +238,7 @@ def describe(policy: SitePolicy) -> dict[str, Any]:
         "corrupt_fraction": policy.corrupt_fraction,
         "dropout_rate": policy.dropout_rate,
         "vector_length": policy.vector_length,
+        "require_dp": policy.require_dp,
+        "min_noise_multiplier": policy.min_noise_multiplier,
+        "max_dp_rounds": policy.max_dp_rounds,
     }

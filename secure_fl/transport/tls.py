@@ -6,6 +6,11 @@ the TLS session and accepts it only if its common name is on the roster, it is v
 authentication (extended key usage ``clientAuth``), and its SHA-256 fingerprint matches the
 roster entry when one is pinned. The site's identity is never taken from a message field.
 
+A TLS verification failure is fatal for a site, with one line naming the CA mismatch
+(:func:`diagnose_handshake`): the server's certificate not signed by the site's CA file, or the
+site's certificate refused by the server (not signed by the CA the server trusts). Retrying
+cannot fix either, so a site does not retry forever.
+
 The standard gRPC health service (:class:`RosterHealthServicer`) goes through the same check: an
 identity off the roster (even with a certificate of the federation's CA) is refused with
 PERMISSION_DENIED and learns nothing, not even whether the server is serving.
@@ -15,7 +20,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -186,3 +194,107 @@ class RosterHealthServicer(health.HealthServicer):
         if send_response_callback is None:
             return super().Watch(request, context)
         return super().Watch(request, context, send_response_callback)
+
+
+#: What gRPC says when this end refused the peer's certificate (BoringSSL / OpenSSL wording).
+_VERIFY_FAILED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+#: What gRPC says when the connection broke during or right after the handshake: the server may
+#: have refused this site's certificate (TLS 1.3 sends that verdict after the handshake).
+_MAYBE_REFUSED = ("Socket closed", "handshake", "TSI_", "ALERT", "alert", "Connection reset")
+
+
+def _cert_summary(path: Path) -> str:
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return "unreadable"
+    return f"issued by {cert.issuer.rfc4514_string()!r}"
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """``host:port`` (``[v6]:port``, an optional ``dns:`` / ``ipv4:`` / ``ipv6:`` scheme) as a
+    (host, port) pair, or None when ``address`` is not of that form."""
+    text = address
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :]
+            break
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def probe_server(tls: TlsFiles, address: str, server_name: str, timeout_s: float = 5.0) -> str:
+    """Open one TLS connection to ``address`` as a site would (``tls.ca`` as the only trust
+    anchor, the site's certificate, ALPN h2) and report what happened: ``"ok"`` (the server
+    spoke after the handshake), ``"closed"`` (it closed the connection right after the
+    handshake: it refused this site's certificate), ``"verify: <reason>"`` (the server's
+    certificate failed this site's check) or ``"unreachable"``. Sends no application data."""
+    where = split_address(address)
+    if where is None:
+        return "unreachable"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cafile=str(tls.ca))
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        return f"verify: this site's TLS files cannot be loaded ({exc})"
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection(where, timeout=timeout_s) as raw,
+            ctx.wrap_socket(raw, server_hostname=server_name) as conn,
+        ):
+            conn.settimeout(timeout_s)
+            try:
+                data = conn.recv(1)
+            except TimeoutError:
+                return "ok"  # the connection stayed open: the server accepted us
+            except (ssl.SSLError, ConnectionError):
+                return "closed"
+            return "ok" if data else "closed"
+    except ssl.SSLCertVerificationError as exc:
+        return f"verify: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        return "closed" if "ALERT" in str(exc).upper() else "unreachable"
+    except OSError:
+        return "unreachable"
+
+
+def diagnose_handshake(
+    detail: str, tls: TlsFiles, address: str, server_name: str, *, probe: bool = True
+) -> str | None:
+    """The one-line reason of a TLS verification failure, from a failed call's gRPC ``detail``
+    (and, when the detail is ambiguous and ``probe`` is true, two :func:`probe_server`
+    connections half a second apart): the server's certificate not signed by this site's CA
+    (``tls.ca``), or this site's certificate (``tls.cert``) refused by the server. None when the
+    failure is not a TLS verification failure (the server is down, restarting, ...): the caller
+    retries as usual."""
+    if any(word in detail for word in _VERIFY_FAILED):
+        reason = detail.rsplit("CERTIFICATE_VERIFY_FAILED:", 1)[-1].strip(" :OK") or "refused"
+        return (
+            f"TLS verification failed (CA mismatch): the certificate of the server {address} "
+            f"({server_name!r}) is not signed by this site's CA {tls.ca} ({reason}); the server "
+            "and this site were provisioned by different federations (or the CA file is wrong)"
+        )
+    if not probe or not any(word in detail for word in _MAYBE_REFUSED):
+        return None
+    outcome = probe_server(tls, address, server_name)
+    if outcome.startswith("verify: "):
+        return (
+            f"TLS verification failed (CA mismatch): the certificate of the server {address} "
+            f"({server_name!r}) does not pass this site's check against its CA {tls.ca} "
+            f"({outcome[len('verify: ') :]})"
+        )
+    if outcome != "closed":
+        return None
+    time.sleep(0.5)
+    if probe_server(tls, address, server_name) != "closed":
+        return None
+    return (
+        f"TLS verification failed (CA mismatch): the server {address} refuses this site's "
+        f"certificate {tls.cert} ({_cert_summary(tls.cert)}): it is not signed by the CA the "
+        "server trusts (or it expired); the server and this site were provisioned by different "
+        "federations"
+    )

@@ -157,12 +157,31 @@ def test_curious_server_receives_only_fresh_site_ciphertexts(fed: Federation) ->
     ]:
         if hasattr(server, attr):
             setattr(server, attr, record_unary(name, getattr(server, attr)))
-    real_receive = server_module.receive_raw
+    real_receive = server_module.receive_raw  # type: ignore[attr-defined]
 
     def receive(*args: Any, **kwargs: Any) -> Any:
         header, data, nbytes = real_receive(*args, **kwargs)
         streams.append((header, bytes(data)))
         return header, data, nbytes
+
+    # CKKS uploads are fed frame by frame into the running sum (never reassembled by the
+    # server): record every raw chunk of those streams and reassemble the payload here.
+    real_upload = ckks_wire.receive_upload
+
+    def receive_upload(stream: Any, *args: Any, **kwargs: Any) -> Any:
+        raw: list[bytes] = []
+
+        def tee() -> Iterator[bytes]:
+            for item in stream:
+                raw.append(bytes(item))
+                yield item
+
+        result = real_upload(tee(), *args, **kwargs)
+        header, data, _ = real_receive(
+            raw, max_chunk=1 << 30, max_total=1 << 40, check_header=lambda h: None
+        )
+        streams.append((header, bytes(data)))
+        return result
 
     real_set = getattr(server, "_set_encrypted_model", None)  # absent before this fix
 
@@ -173,8 +192,9 @@ def test_curious_server_receives_only_fresh_site_ciphertexts(fed: Federation) ->
 
     if real_set is not None:
         server._set_encrypted_model = set_encrypted  # type: ignore[method-assign]
-    original = server_module.receive_raw
-    server_module.receive_raw = receive  # type: ignore[assignment]
+    original = server_module.receive_raw  # type: ignore[attr-defined]
+    server_module.receive_raw = receive  # type: ignore[attr-defined]
+    ckks_wire.receive_upload = receive_upload
     try:
         server.start()
         fed.address = server.address
@@ -185,7 +205,8 @@ def test_curious_server_receives_only_fresh_site_ciphertexts(fed: Federation) ->
             assert fed.wait(name, 90) == 0, fed.all_logs()
         assert server.wait(30) == 0
     finally:
-        server_module.receive_raw = original  # type: ignore[assignment]
+        server_module.receive_raw = original  # type: ignore[attr-defined]
+        ckks_wire.receive_upload = real_upload
         server.stop()
 
     assert set(unary) <= {"Join", "Poll", "ReportUpdateReady"}, set(unary)
@@ -193,7 +214,7 @@ def test_curious_server_receives_only_fresh_site_ciphertexts(fed: Federation) ->
     assert kinds == {"CKKS_CIPHERTEXT"}, kinds
     assert len(streams) == 6 and len(sent_models) == 2  # 3 sites x 2 rounds; 2 global models
 
-    sent_cts = set()
+    sent_cts: set[bytes] = set()
     for blob in sent_models:
         for frame in ckks_wire.decode_model(blob).frames:
             sent_cts.update(decode_frame(frame).blobs)

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from secure_fl.rounds import protobuf as rounds_pb
 from secure_fl.transport import convert
 from secure_fl.transport.config import (
     RosterEntry,
@@ -268,14 +269,15 @@ def test_semi_honest_variant_is_refused_when_the_site_requires_active(
 def test_forged_vector_length_is_refused(
     fed: Callable[..., Fed], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = convert.setup_to_pb
+    # The one wire conversion every server path uses (transport.convert delegates to it).
+    real = rounds_pb.setup_to_pb
 
     def lying(*args: Any, **kwargs: Any) -> Any:
         setup = real(*args, **kwargs)
         setup.vector_length += 1
         return setup
 
-    monkeypatch.setattr(convert, "setup_to_pb", lying)
+    monkeypatch.setattr(rounds_pb, "setup_to_pb", lying)
     assert_refused(fed(["a", "b", "c"]).run(), "vector_length")
 
 
@@ -344,14 +346,14 @@ def test_server_announcing_a_weight_other_than_the_listed_share_is_refused(
 def test_server_listing_a_weight_other_than_the_reported_one_is_refused(
     fed: Callable[..., Fed], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = convert.setup_to_pb
+    real = rounds_pb.setup_to_pb
 
     def lying(*args: Any, **kwargs: Any) -> Any:
         setup = real(*args, **kwargs)
         setup.weights[0] *= 2.0
         return setup
 
-    monkeypatch.setattr(convert, "setup_to_pb", lying)
+    monkeypatch.setattr(rounds_pb, "setup_to_pb", lying)
     run = fed(["a", "b", "c"]).run()
     assert run.server.sent(*SECAGG_CALLS) == []
     assert any("it reported" in r for r in run.warnings("a")), run.warnings("a")

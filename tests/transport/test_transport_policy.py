@@ -226,3 +226,27 @@ def test_a_round_where_every_other_site_may_be_a_colluder_is_refused() -> None:
     _check(SitePolicy(), num_sites=2, k=1, threshold=2, roster_size=10)  # c = 0: allowed
     assert policy.round_colluders(0.2, 3, 10) == 2
     assert policy.round_colluders(0.0, 2, 10) == 0
+
+
+def test_provision_cli_writes_the_privacy_section_and_the_site_floor(tmp_path: Path) -> None:
+    """`secure-fl provision ... --privacy site --target-epsilon 8`: the server gets the privacy
+    section (and so writes the ledger the audit reads); with distributed trust every site pins
+    the noise floor in its own policy."""
+    from secure_fl.transport.cli import main as cli_main
+
+    args = ["provision", str(tmp_path / "c"), "--sites", "a,b,c,d", "--protocol", "secagg+"]
+    assert cli_main([*args, "--privacy", "site", "--target-epsilon", "8"]) == 0
+    server = load_server_config(tmp_path / "c" / "server" / "server.json")
+    assert server.privacy is not None and server.privacy.level == "site"
+    assert server.privacy.target_epsilon == 8.0 and server.privacy.trust == "central"
+    args[1] = str(tmp_path / "d")
+    assert (
+        cli_main([*args, "--privacy", "site", "--trust", "distributed", "--target-epsilon", "8"])
+        == 0
+    )
+    site = load_site_config(tmp_path / "d" / "sites" / "a" / "site.json")
+    assert site.policy.require_dp and site.policy.min_noise_multiplier is not None
+    # No privacy by default.
+    args[1] = str(tmp_path / "e")
+    assert cli_main(args) == 0
+    assert load_server_config(tmp_path / "e" / "server" / "server.json").privacy is None
