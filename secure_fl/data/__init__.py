@@ -3,11 +3,14 @@
 * :mod:`~secure_fl.data.datalist` - :class:`Case`, :func:`load_datalist`, :func:`write_datalist`,
   :func:`scan_brats_folder`, :func:`split_by_site`.
 * :mod:`~secure_fl.data.synthetic` - :func:`generate_federation`, the built-in default data.
-* :mod:`~secure_fl.data.transforms` - :class:`PreprocessConfig`, :func:`train_transforms`,
+* :mod:`~secure_fl.data.preprocess_config` - :class:`PreprocessConfig` (torch-free).
+* :mod:`~secure_fl.data.transforms` - :func:`train_transforms`,
   :func:`eval_transforms`.
 * :mod:`~secure_fl.data.loaders` - :func:`make_dataset`, :func:`make_loader`.
 * :mod:`~secure_fl.data.checks` - :func:`check_cases`, :func:`require_valid` (every bad scan named
   with its file and reason, before training).
+* :mod:`~secure_fl.data.regions` - label schemes and tumour sub-regions: :func:`target_labels`
+  (whole tumour, tumour core, enhancing tumour as label values), :data:`TARGETS`.
 
 Only the datalist names are imported eagerly; the others load on first use (torch and MONAI are
 heavy).
@@ -27,12 +30,14 @@ from secure_fl.data.datalist import (
     split_by_site,
     write_datalist,
 )
+from secure_fl.data.regions import LABEL_SCHEMES, TARGETS, target_labels
 
 if TYPE_CHECKING:
     from secure_fl.data.checks import CheckReport, check_cases, require_valid
     from secure_fl.data.loaders import make_dataset, make_loader
+    from secure_fl.data.preprocess_config import PreprocessConfig
     from secure_fl.data.synthetic import SiteProfile, generate_federation, site_profiles
-    from secure_fl.data.transforms import PreprocessConfig, eval_transforms, train_transforms
+    from secure_fl.data.transforms import eval_transforms, train_transforms
 
 _LAZY = {
     "CheckReport": "secure_fl.data.checks",
@@ -41,7 +46,7 @@ _LAZY = {
     "SiteProfile": "secure_fl.data.synthetic",
     "generate_federation": "secure_fl.data.synthetic",
     "site_profiles": "secure_fl.data.synthetic",
-    "PreprocessConfig": "secure_fl.data.transforms",
+    "PreprocessConfig": "secure_fl.data.preprocess_config",
     "eval_transforms": "secure_fl.data.transforms",
     "train_transforms": "secure_fl.data.transforms",
     "make_dataset": "secure_fl.data.loaders",
@@ -49,6 +54,8 @@ _LAZY = {
 }
 
 __all__ = [
+    "LABEL_SCHEMES",
+    "TARGETS",
     "Case",
     "CheckReport",
     "PreprocessConfig",
@@ -65,6 +72,7 @@ __all__ = [
     "site_name",
     "site_profiles",
     "split_by_site",
+    "target_labels",
     "train_transforms",
     "write_datalist",
 ]

@@ -19,38 +19,95 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secure_fl.aggregators import NAMES as AGGREGATORS
-from secure_fl.data import PreprocessConfig
+from secure_fl.data.preprocess_config import PreprocessConfig
 from secure_fl.errors import ConfigError
 from secure_fl.privacy.config import PrivacyConfig
+from secure_fl.rounds.spec import PROTOCOLS as AGGREGATORS
+from secure_fl.rounds.spec import AggregationSpec
 from secure_fl.training.model import ModelConfig
-from secure_fl.training.strategies import STRATEGIES
-from secure_fl.training.trainer import TrainConfig
+from secure_fl.training.strategy_names import STRATEGIES
+from secure_fl.training.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the cases come from: a datalist JSON, or (when ``datalist`` is empty) the built-in
-    synthetic federation, generated under ``synthetic_dir`` if not already there."""
+    synthetic federation, generated under ``synthetic_dir`` if not already there.
+
+    ``synthetic_cases``: cases per synthetic site: empty for the default counts (10, 8, 6, 12,
+    cycled), one number for every site, or one per site (each in [1, 10000]; e.g. 64 at a
+    ``synthetic_shape`` of 24^3 for DP runs of realistic cohort size)."""
 
     datalist: str = ""
     synthetic_dir: str = "data/synthetic"
     synthetic_sites: int = 4
     synthetic_shape: tuple[int, int, int] = (48, 48, 48)
     synthetic_seed: int = 0
+    synthetic_cases: tuple[int, ...] = ()
     val_fraction: float = 0.25
     cache: bool = True
+    # Real-data evaluation (secure_fl.training.heldout): held-out institutions (never train,
+    # tested at the end), the tumour sub-region, the label scheme, the stacked MRI sequences,
+    # and the units of Hausdorff 95.
+    holdout_sites: tuple[str, ...] = ()
+    target: str = "whole_tumour"
+    label_scheme: str = "auto"
+    modalities: tuple[str, ...] = ("flair",)
+    hd95_units: str = "mm"
 
     def __post_init__(self) -> None:
+        from secure_fl.training.heldout import check_data_options
+
+        check_data_options(self)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.synthetic_sites < 2:
             raise ConfigError(f"data.synthetic_sites must be >= 2, got {self.synthetic_sites}")
+        if len(self.synthetic_cases) not in (0, 1, self.synthetic_sites):
+            raise ConfigError(
+                f"data.synthetic_cases must list 0, 1 or data.synthetic_sites="
+                f"{self.synthetic_sites} case counts, got {len(self.synthetic_cases)}"
+            )
+        for i, count in enumerate(self.synthetic_cases):
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10_000:
+                raise ConfigError(
+                    f"data.synthetic_cases[{i}] must be an int in [1, 10000], got {count!r}"
+                )
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Options of the aggregating strategies (fedavg, fedprox): ``server_optimizer`` is the table
+    ``{name = "fedavg" | "fedavgm" | "fedadam", <options>}`` of the server-side optimiser
+    (:mod:`secure_fl.aggregators.server_opt`: fedavg ``lr``; fedavgm ``lr``, ``momentum``; fedadam
+    ``lr``, ``beta1``, ``beta2``, ``tau``). Resolved on load to the name and every option, so
+    config.json records the defaults that ran. Default: plain FedAvg (``lr = 1``).
+
+    Errors: ConfigError naming ``strategy.server_optimizer.<option>`` and its allowed range.
+    """
+
+    server_optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
+
+    def __post_init__(self) -> None:
+        from secure_fl.aggregators.server_opt import server_optimizer_from_mapping
+
+        opt = server_optimizer_from_mapping(
+            self.server_optimizer, where="strategy.server_optimizer"
+        )
+        object.__setattr__(self, "server_optimizer", {"name": opt.name, **opt.options()})
 
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    """The aggregator FedAvg / FedProx use, by name, with its options (see secure_fl.aggregators)."""
+    """The aggregator FedAvg / FedProx use, by name, with its options (see secure_fl.aggregators).
+
+    The options are checked when the config loads, against the one aggregation spec
+    (:meth:`secure_fl.rounds.spec.AggregationSpec.split_options`: the spec's options of that
+    protocol, plus the driver's ``seed``): a wrong option fails here, listing the allowed ones,
+    not rounds later.
+
+    Errors: ConfigError naming ``aggregation.options.<option>`` and the allowed range.
+    """
 
     name: str = "plain"
     options: dict[str, Any] = field(default_factory=dict)
@@ -58,6 +115,9 @@ class AggregationConfig:
     def __post_init__(self) -> None:
         if self.name not in AGGREGATORS:
             raise ConfigError(f"aggregation.name must be one of {AGGREGATORS}, got {self.name!r}")
+        if not isinstance(self.options, Mapping):
+            raise ConfigError(f"aggregation.options must be a table, got {self.options!r}")
+        AggregationSpec.split_options(self.name, self.options, where="aggregation.options")
 
 
 @dataclass(frozen=True)
@@ -81,6 +141,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -103,8 +164,11 @@ class ExperimentConfig:
                     f"preprocess.patch[{i}]={p} must be a multiple of {self.model.downsampling} "
                     f"(model.channels has {len(self.model.channels)} levels) and <= grid[{i}]={d}"
                 )
+        from secure_fl.training.heldout import check_experiment_data
 
-        from secure_fl.training.privacy_run import check_privacy_config
+        check_experiment_data(self)  # target vs labels, preprocess set through data.*
+
+        from secure_fl.training.privacy_checks import check_privacy_config
 
         check_privacy_config(self)
 
@@ -275,7 +339,7 @@ def apply_overrides(
     return out
 
 
-_PATH_KEYS = ("data.datalist", "data.synthetic_dir")
+_PATH_KEYS = ("data.datalist", "data.synthetic_dir", "model.pretrained")
 
 
 def load_config(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> ExperimentConfig:
@@ -283,8 +347,8 @@ def load_config(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> 
     ``overrides`` ((dotted key, value) pairs, e.g. from ``simulate --set``) applied before the
     whole is validated, exactly as if the file said so.
 
-    Relative ``data.datalist`` and ``data.synthetic_dir`` paths in the file are taken relative to
-    the file; in ``overrides``, relative to the current directory.
+    Relative ``data.datalist``, ``data.synthetic_dir`` and ``model.pretrained`` paths in the file
+    are taken relative to the file; in ``overrides``, relative to the current directory.
     Errors: ConfigError for a missing or unparsable file, unknown keys, wrong types, a datalist that
     does not exist.
     """
@@ -327,6 +391,12 @@ def load_config(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> 
         changes["synthetic_dir"] = str((p.parent / data.synthetic_dir).resolve())
     if changes:
         config = dataclasses.replace(config, data=dataclasses.replace(data, **changes))
+    pretrained = config.model.pretrained
+    if pretrained and not Path(pretrained).is_absolute():
+        resolved_model = dataclasses.replace(
+            config.model, pretrained=str((p.parent / pretrained).resolve())
+        )
+        config = dataclasses.replace(config, model=resolved_model)
     if config.data.datalist and not Path(config.data.datalist).is_file():
         raise ConfigError(f"data.datalist: file not found: {config.data.datalist}")
     return config
@@ -335,20 +405,29 @@ def load_config(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> 
 _ABSENT = "(absent)"
 
 
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def config_diff(
+    old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> list[tuple[str, Any, Any]]:
     """The keys whose values differ between two resolved configurations (``to_dict()`` /
-    config.json), as (dotted key, old, new); a key missing on one side shows ``"(absent)"``."""
+    config.json), as (dotted key, old, new); a key missing on one side shows ``"(absent)"``.
+
+    ``defaults`` (a default configuration's ``to_dict()``): a key absent from ``old`` whose new
+    value equals its default is not a difference - an option added to the product after ``old``
+    was written, left at the behaviour ``old`` ran with."""
     out: list[tuple[str, Any, Any]] = []
 
-    def walk(a: Any, b: Any, where: str) -> None:
+    def walk(a: Any, b: Any, d: Any, where: str) -> None:
+        if a is _ABSENT and d is not _ABSENT and b == d:
+            return
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             for key in sorted(set(a) | set(b), key=str):
                 sub = f"{where}.{key}" if where else str(key)
-                walk(a.get(key, _ABSENT), b.get(key, _ABSENT), sub)
+                dk = d.get(key, _ABSENT) if isinstance(d, Mapping) else _ABSENT
+                walk(a.get(key, _ABSENT), b.get(key, _ABSENT), dk, sub)
         elif a != b:
             out.append((where, a, b))
 
-    walk(old, new, "")
+    walk(old, new, defaults if defaults is not None else _ABSENT, "")
     return out
 
 

@@ -1,4 +1,5 @@
-"""The run report: a markdown table of Dice per site and strategy, and a PNG of Dice by round."""
+"""The run report: a markdown table of Dice per site and pooled for each strategy, and a PNG of
+Dice by round (pooled, and per site)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ def write_report(
     *,
     stopped: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``report.md`` and ``dice_vs_rounds.png`` into ``run`` from the metrics rows.
+    """Write ``report.md`` and ``dice_vs_rounds.png`` into ``run`` from the metrics rows: the
+    final Dice of each strategy per site and pooled over all held-out cases, and the plot of both
+    against rounds (:func:`dice_figure`).
 
-    ``stopped`` (the run's ``stopped.json``) adds a paragraph saying which round a privacy budget
-    refused and why. Under DP the report says what the Dice covers (held-out patients are outside
-    the guarantee) and carries no training loss.
+        ``stopped`` (the run's ``stopped.json``) adds a paragraph saying which round a privacy budget
+        refused and why. Under DP the report says what the Dice covers (held-out patients are outside
+        the guarantee) and carries no training loss.
     """
     final: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -33,7 +36,8 @@ def write_report(
         f"`{config.aggregation.name}` (for fedavg/fedprox), model channels "
         f"{list(config.model.channels)}, grid {list(config.preprocess.grid)}.",
         "",
-        "Dice (whole tumour) on each site's held-out cases after the last round:",
+        f"Dice ({config.data.target.replace('_', ' ')}) on each site's held-out cases after the "
+        "last round (-: none, e.g. a site with one case, which trains without validation):",
         "",
         "| strategy | " + " | ".join(sites) + " | pooled |",
         "|---|" + "---|" * (len(sites) + 1),
@@ -73,7 +77,18 @@ def write_report(
             f"{last.get('clipped_total') or 0}, max quantisation error "
             f"{last.get('max_error') or 0:.2e}.",
         ]
-    lines += ["", "![Dice against rounds](dice_vs_rounds.png)", ""]
+    server_opt = config.strategy.server_optimizer
+    if server_opt.get("name", "fedavg") != "fedavg" or server_opt.get("lr", 1.0) != 1.0:
+        options = ", ".join(f"{k} {v:g}" for k, v in server_opt.items() if k != "name")
+        lines += ["", f"Server optimiser (fedavg/fedprox): {server_opt['name']} ({options})."]
+    from secure_fl.training.final_eval import evaluation_markdown
+
+    lines += evaluation_markdown(run)  # final validation and test set, Dice and HD95
+    lines += [
+        "",
+        "![Dice against rounds: pooled (left) and per site (right)](dice_vs_rounds.png)",
+        "",
+    ]
     (run / "report.md").write_text("\n".join(lines))
     _plot(run / "dice_vs_rounds.png", config, rows)
 
@@ -86,33 +101,78 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+_SITE_STYLES: tuple[tuple[Any, str], ...] = (
+    ("-", "o"),
+    ("--", "s"),
+    (":", "^"),
+    ("-.", "D"),
+    ((0, (5, 1, 1, 1)), "v"),
+)
+
+
 def dice_figure(config: ExperimentConfig, rows: Sequence[dict[str, Any]]) -> Any:
-    """The matplotlib figure of pooled Dice against rounds (numbered from 1, as in
-    metrics.jsonl), one line per strategy, integer round ticks, the legend outside the axes."""
+    """The matplotlib figure of Dice against rounds (numbered from 1, as in metrics.jsonl):
+    pooled Dice, one line per strategy; and, when the rows hold per-site Dice, a second panel
+    with one line per (strategy, site) - the strategy's colour, one line style per site. Integer
+    round ticks; each legend outside its axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    sites = sorted({s for r in rows for s in (r.get("dice") or {})})
+    if sites:
+        fig, (ax, ax_sites) = plt.subplots(1, 2, figsize=(12, 4), dpi=100)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax_sites = None
+    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     plotted = False
-    for name in config.strategies:
-        points = [(r["round"], r["pooled_dice"]) for r in rows if r["strategy"] == name]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o", label=name)
-            plotted = True
-    ax.set_xlabel("round")
-    ax.set_ylabel("pooled Dice (held-out cases)")
-    ax.set_ylim(0, 1)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
+    for i, name in enumerate(config.strategies):
+        mine = [r for r in rows if r["strategy"] == name]
+        if not mine:
+            continue
+        colour = colours[i % len(colours)]
+        xs = [r["round"] for r in mine]
+        ax.plot(xs, [_num(r["pooled_dice"]) for r in mine], marker="o", label=name, color=colour)
+        plotted = True
+        if ax_sites is not None:
+            for j, site in enumerate(sites):
+                style, marker = _SITE_STYLES[j % len(_SITE_STYLES)]
+                ys = [_num((r.get("dice") or {}).get(site)) for r in mine]
+                ax_sites.plot(xs, ys, color=colour, linestyle=style, marker=marker, markersize=4)
+    axes = [(ax, "pooled Dice (held-out cases)")]
+    if ax_sites is not None:
+        axes.append((ax_sites, "Dice per site (held-out cases)"))
+    for a, ylabel in axes:
+        a.set_xlabel("round")
+        a.set_ylabel(ylabel)
+        a.set_ylim(0, 1)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
     if plotted:  # beside the axes: a legend inside would hide the lines it names
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        if ax_sites is not None:
+            handles = [
+                Line2D([], [], color="black", linestyle=style, marker=marker, markersize=4)
+                for style, marker in (
+                    _SITE_STYLES[j % len(_SITE_STYLES)] for j in range(len(sites))
+                )
+            ]
+            ax_sites.legend(
+                handles, sites, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0
+            )
     ax.set_title(config.name)
+    if ax_sites is not None:
+        ax_sites.set_title("per site (colour: strategy)")
     fig.tight_layout()
     return fig
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _plot(path: Path, config: ExperimentConfig, rows: Sequence[dict[str, Any]]) -> None:

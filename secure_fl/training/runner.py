@@ -10,6 +10,9 @@ The run folder holds:
 * ``checkpoints/<strategy>.pt`` — the strategy's state after its last finished round;
 * ``models/<strategy>.pt`` — the final model(s) as torch state dicts;
 * ``report.md`` and ``dice_vs_rounds.png`` — a table of Dice per site and strategy, and a plot;
+* ``evaluation.json`` — the final evaluation of each strategy's last model(s), Dice and Hausdorff
+  95 on every site's validation cases and on the test set (the datalist's ``test`` section and
+  the ``data.holdout_sites``, which never train; :mod:`secure_fl.training.heldout`);
 * ``stopped.json`` — only when a privacy budget refused a round: which strategy and round
   (numbered from 1), and the budget check's message (spent, projected, budget, remaining). The
   run ends there gracefully: the models of the last finished round and the report are written,
@@ -52,6 +55,7 @@ from secure_fl.errors import BudgetExceededError, ConfigError
 from secure_fl.jsonl import read_jsonl
 from secure_fl.training.config import ExperimentConfig, config_diff, describe_diff
 from secure_fl.training.dp_fedavg import DPFedAvg, SiteDP
+from secure_fl.training.finetune import trainable_summary
 from secure_fl.training.model import build_unet, derive_seed, get_state
 from secure_fl.training.privacy_run import PrivacyRound, privacy_summary_line
 from secure_fl.training.strategies import Federation, Strategy, StrategyState, make_strategy
@@ -86,12 +90,15 @@ class BudgetStop:
 @dataclass(frozen=True)
 class RunSummary:
     """Final Dice per strategy: per site, and pooled over all held-out cases. ``stopped`` is set
-    when a privacy budget ended the run early (None when every round ran)."""
+    when a privacy budget ended the run early (None when every round ran). ``evaluation``: per
+    strategy the final evaluation (validation and test set, Dice and HD95;
+    :func:`secure_fl.training.final_eval.final_evaluation`), as written to evaluation.json."""
 
     run_dir: Path
     dice: dict[str, dict[str, float]]
     pooled: dict[str, float]
     stopped: BudgetStop | None = None
+    evaluation: dict[str, Any] | None = None
 
 
 def resolve_cases(config: ExperimentConfig, log: Log = print) -> list[Case]:
@@ -103,15 +110,30 @@ def resolve_cases(config: ExperimentConfig, log: Log = print) -> list[Case]:
         sites=config.data.synthetic_sites,
         shape=config.data.synthetic_shape,
         seed=config.data.synthetic_seed,
+        cases_per_site=_synthetic_counts(config),
     )
     log(f"synthetic federation: {path}")
     return load_datalist(path)
 
 
-def check_data(config: ExperimentConfig, cases: list[Case], log: Log = print) -> None:
+def _synthetic_counts(config: ExperimentConfig) -> int | list[int] | None:
+    """``data.synthetic_cases`` as generate_federation's ``cases_per_site``."""
+    counts = config.data.synthetic_cases
+    return None if not counts else counts[0] if len(counts) == 1 else list(counts)
+
+
+def check_data(
+    config: ExperimentConfig,
+    cases: list[Case],
+    log: Log = print,
+    *,
+    label_values: Any = None,
+) -> None:
     """Read every scan once before training (:func:`secure_fl.data.checks.require_valid`), so a
     bad file is named with its reason instead of crashing MONAI's caching. Labels may be any
-    integer >= 0 (training uses ``label > 0``); brain masks are checked when they are used.
+    integer >= 0 unless ``label_values`` (the label scheme's values,
+    :attr:`secure_fl.training.heldout.DataPlan.label_values`) lists the allowed ones; brain
+    masks are checked when they are used.
 
     Errors: DataError listing every bad case, one ``error: <file>: <reason>`` line each.
     """
@@ -119,20 +141,32 @@ def check_data(config: ExperimentConfig, cases: list[Case], log: Log = print) ->
 
     report = require_valid(
         cases,
-        label_values=None,
+        label_values=label_values,
         check_brainmask=config.preprocess.use_brainmask,
         workers=default_workers(),
     )
     log(f"data check: {report.summary()} in {report.seconds:.2f} s")
 
 
-def build_federation(config: ExperimentConfig, cases: list[Case], *, pooled: bool) -> Federation:
-    """One :class:`SiteTrainer` per site (train/held-out split per site) and the initial model."""
+def build_federation(
+    config: ExperimentConfig, cases: list[Case], *, pooled: bool, plan: Any = None
+) -> Federation:
+    """One :class:`SiteTrainer` per site (train/held-out split per site) and the initial model.
+
+    ``plan`` (a :class:`secure_fl.training.heldout.DataPlan`) supplies the effective
+    preprocessing (target region, stacked modalities); the network's input channels follow the
+    modalities. ``cases`` must not hold the plan's test cases.
+    """
     import torch
 
+    from secure_fl.training.heldout import model_factory
+
+    preprocess = plan.preprocess if plan is not None else config.preprocess
+    factory = model_factory(config.model, preprocess.in_channels)
     splits = split_by_site(cases, val_fraction=config.data.val_fraction, seed=config.seed)
     common = {
-        "preprocess": config.preprocess,
+        "model_factory": factory,
+        "preprocess": preprocess,
         "model": config.model,
         "train": config.train,
         "seed": config.seed,
@@ -147,7 +181,7 @@ def build_federation(config: ExperimentConfig, cases: list[Case], *, pooled: boo
         everything = [c for name in sorted(splits) for c in splits[name][0]]
         pool = SiteTrainer("pooled", everything, [], **common)  # type: ignore[arg-type]
     torch.manual_seed(derive_seed(config.seed, "initial-model"))
-    initial = get_state(build_unet(config.model))
+    initial = get_state(factory() if factory is not None else build_unet(config.model))
     return Federation(sites=sites, pooled=pool, initial=initial)
 
 
@@ -210,7 +244,11 @@ def _check_resume(run: Path, config: ExperimentConfig, previous: Any, log: Log) 
     resolved = config.to_dict()
     if previous == resolved:
         return
-    diff = config_diff(previous if isinstance(previous, dict) else {}, resolved)
+    diff = config_diff(
+        previous if isinstance(previous, dict) else {}, resolved, ExperimentConfig().to_dict()
+    )
+    if not diff:
+        return  # only options added since, at their defaults
     changes = describe_diff(diff)
     if [key for key, _, _ in diff] != ["rounds"]:
         raise ConfigError(
@@ -293,14 +331,26 @@ def run_experiment(
     (run / STOPPED_FILENAME).unlink(missing_ok=True)
     atomic_write(cfg_path, json.dumps(resolved, indent=2).encode())
 
-    cases = resolve_cases(config, log)
-    check_data(config, cases, log)  # DataError listing every bad scan, before any caching
-    fed = build_federation(config, cases, pooled="centralized" in config.strategies)
+    from secure_fl.training.final_eval import final_evaluation, write_evaluation
+    from secure_fl.training.heldout import resolve_data
+
+    plan = resolve_data(config, resolve_cases(config, log))  # test cases never reach a trainer
+    # DataError listing every bad scan, before any caching:
+    check_data(config, [*plan.train_pool, *plan.test], log, label_values=plan.label_values)
+    fed = build_federation(
+        config, list(plan.train_pool), pooled="centralized" in config.strategies, plan=plan
+    )
     for trainer in [*fed.sites.values(), *([fed.pooled] if fed.pooled else [])]:
         trainer.rounds = config.rounds
         trainer.private = config.privacy.enabled  # no un-noised training statistics leave it
     sizes = ", ".join(f"{n}: {len(s.train_cases)}+{len(s.val_cases)}" for n, s in fed.sites.items())
     log(f"{len(fed.sites)} sites (train+held-out cases) {sizes}")
+    if plan.test:
+        held = f"; held-out sites {list(plan.holdout_sites)}" if plan.holdout_sites else ""
+        log(f"test set: {len(plan.test)} case(s), evaluated once at the end{held}")
+    evaluations: dict[str, Any] = {}
+    test_datasets: dict[str, Any] = {}
+    log(trainable_summary(config.model, config.train.trainable))
 
     rows = read_jsonl(metrics_path)
     final_dice: dict[str, dict[str, float]] = {}
@@ -368,7 +418,8 @@ def run_experiment(
                 f.write(json.dumps(_json_safe(row)) + "\n")
             rows.append(_json_safe(row))
             _save_checkpoint(ckpt, strategy_name, round_id, state)
-            per_site = " ".join(f"{n}={d:.3f}" for n, d in dice.items())
+            # A site without held-out cases (one case: it trains) has no Dice: shown as "-".
+            per_site = " ".join(f"{n}={d:.3f}" if d == d else f"{n}=-" for n, d in dice.items())
             eps = privacy_summary_line(privacy_row) if privacy_row is not None else ""
             loss = "" if private else f"  loss {info.train_loss:.3f}"
             log(
@@ -380,21 +431,38 @@ def run_experiment(
         if privacy is not None:
             privacy.close()
         _save_models(run / "models" / f"{strategy_name}.pt", strategy.final_models(state))
+        evaluations[strategy_name] = final_evaluation(
+            strategy,
+            fed,
+            state,
+            plan.test,
+            preprocess=plan.preprocess,
+            cache=config.data.cache,
+            hd95_units=config.data.hd95_units,
+            test_datasets=test_datasets,
+        )
         last_row = next((r for r in reversed(rows) if r["strategy"] == strategy_name), None)
         final_dice[strategy_name] = last_row["dice"] if last_row else {}
         final_pooled[strategy_name] = last_row["pooled_dice"] if last_row else float("nan")
 
+    write_evaluation(run, evaluations, plan=plan, hd95_units=config.data.hd95_units)
     from secure_fl.training.report import write_report
 
     write_report(run, config, rows, stopped=stopped.to_dict() if stopped else None)
     log(f"report: {run / 'report.md'}")
-    return RunSummary(run, final_dice, final_pooled, stopped)
+    return RunSummary(run, final_dice, final_pooled, stopped, evaluations)
 
 
 def _make_strategy(config: ExperimentConfig, name: str) -> Strategy:
     dropouts = {int(k) - 1: v for k, v in config.dropouts.items()}  # keys: rounds from 1
     if config.privacy.level == "site":
         p = config.privacy
+        if config.strategy.server_optimizer != {"name": "fedavg", "lr": 1.0}:
+            # DP-FedAvg applies its own (noised) mean; refusing beats silently ignoring.
+            raise ConfigError(
+                "strategy.server_optimizer must be plain fedavg (lr = 1) with "
+                f"privacy.level='site', got {config.strategy.server_optimizer}"
+            )
         # The noise multiplier is resolved by PrivacyRound.prepare (calibration).
         dp = SiteDP(
             noise_multiplier=p.noise_multiplier or 1.0,
@@ -413,6 +481,7 @@ def _make_strategy(config: ExperimentConfig, name: str) -> Strategy:
         aggregator_options=config.aggregation.options,
         fedprox_mu=config.fedprox_mu,
         dropouts=dropouts,
+        server_optimizer=config.strategy.server_optimizer,
     )
 
 

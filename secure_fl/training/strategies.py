@@ -1,7 +1,9 @@
 """Collaboration strategies compared in the literature, each a small class behind one interface.
 
 * ``fedavg`` — federated averaging (McMahan et al. 2017) of the sites' updates, weighted by their
-  number of training cases, through any aggregator (``plain``, ``secagg``, ``secagg+``, ``ckks``).
+  number of training cases, through any aggregator (``plain``, ``secagg``, ``secagg+``, ``ckks``),
+  then a server optimiser (``strategy.server_optimizer``: ``fedavg``, ``fedavgm``, ``fedadam``;
+  :mod:`secure_fl.aggregators.server_opt`) turns the mean update into the global model's step.
 * ``fedprox`` — FedAvg with a proximal term in the local loss (Li et al. 2020).
 * ``cwt`` — cyclical weight transfer: each round the model visits every site in turn (Chang et al. 2018).
 * ``swt`` — single weight transfer: the model trains at one site, then moves on, visiting each once.
@@ -10,7 +12,9 @@
   models are in Sheller et al. 2019: every site's model on every site's held-out cases, averaged.
 * ``centralized`` — one model trained on the pooled data (the upper baseline, not private).
 
-A strategy's state is a mapping of named model states (numpy), which is all a checkpoint needs.
+A strategy's state is a mapping of named model states (numpy), which is all a checkpoint needs
+(FedAvg with a stateful server optimiser keeps its momentum / moments there too, under
+``"server_optimizer"``, so a resumed run takes the same steps).
 One *round* costs every strategy the same local work: every site's data is seen
 ``train.local_epochs`` times (for ``swt``, one site's data per round, as the model is at one site).
 """
@@ -22,11 +26,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from monai.fl.utils.exchange_object import ExchangeObject
 
 from secure_fl.aggregators import create as create_aggregator
+from secure_fl.aggregators.server_opt import ServerOptimizer, server_optimizer_from_mapping
 from secure_fl.errors import ConfigError
 from secure_fl.training.model import State, state_add, state_sub
+from secure_fl.training.strategy_names import STRATEGIES as STRATEGIES
 from secure_fl.training.trainer import SiteTrainer
 
 #: Named model states, e.g. {"global": ...} or one per site.
@@ -108,6 +115,10 @@ class FedAvg(Strategy):
 
     ``dropouts`` maps a round to the sites that vanish in it (their update is lost; secure
     aggregation recovers the others' sum); the mean is taken over the survivors.
+    ``server_optimizer``: the table ``{name = "fedavg" | "fedavgm" | "fedadam", <options>}``
+    (:func:`~secure_fl.aggregators.server_opt.make_server_optimizer`; default plain FedAvg, whose
+    step is the mean update itself). Its state travels in the strategy state (checkpointed).
+    Errors: ConfigError for an invalid aggregator or server optimiser option.
     """
 
     name = "fedavg"
@@ -119,11 +130,17 @@ class FedAvg(Strategy):
         *,
         fedprox_mu: float = 0.0,
         dropouts: Mapping[int, Sequence[str]] | None = None,
+        server_optimizer: Mapping[str, Any] | None = None,
     ) -> None:
         self.aggregator_name = aggregator
         self.aggregator = create_aggregator(aggregator, **dict(aggregator_options or {}))
         self.fedprox_mu = fedprox_mu
         self.dropouts = {int(k): list(v) for k, v in (dropouts or {}).items()}
+        self.server_optimizer_options = dict(server_optimizer or {})
+        where = "strategy.server_optimizer"
+        self.server_optimizer = server_optimizer_from_mapping(
+            self.server_optimizer_options, where=where
+        )
 
     def init_state(self, fed: Federation) -> StrategyState:
         return {"global": dict(fed.initial)}
@@ -140,12 +157,74 @@ class FedAvg(Strategy):
             deltas[name] = state_sub(local, current)
             weights[name] = float(site.num_train_cases)
         result = self.aggregator.aggregate(deltas, weights, dropped=self.dropouts.get(round_id, []))
-        new_global = state_add(current, result.mean)
+        new_state: StrategyState = {}
+        step = apply_server_optimizer(self.server_optimizer, state, result.mean, new_state)
+        new_global = state_add(current, step)
         report = {k: v for k, v in result.report.items() if k not in ("site_seconds",)}
-        return {"global": new_global}, _info(list(fed.sites.values()), report)
+        return {"global": new_global, **new_state}, _info(list(fed.sites.values()), report)
 
     def eval_states(self, fed: Federation, state: StrategyState, site: str) -> list[State]:
         return [state["global"]]
+
+    def final_models(self, state: StrategyState) -> StrategyState:
+        return {"global": state["global"]}
+
+
+#: The strategy-state key of the server optimiser's state (a State of float64 vectors).
+SERVER_OPTIMIZER_KEY = "server_optimizer"
+
+
+def apply_server_optimizer(
+    optimizer: ServerOptimizer,
+    state: Mapping[str, State],
+    mean: Mapping[str, np.ndarray],
+    out: StrategyState,
+) -> State:
+    """The step (float32, ``mean``'s names and shapes) that ``optimizer`` takes for the mean
+    update ``mean``, starting from the optimiser state saved in ``state`` (or a fresh one when
+    there is none); the new optimiser state goes into ``out[SERVER_OPTIMIZER_KEY]`` (only for
+    stateful optimisers). Plain FedAvg with lr 1 gives ``mean`` unchanged.
+    Errors: ConfigError when the saved state does not fit; InvalidUpdateError for a
+    non-finite mean.
+    """
+    saved = state.get(SERVER_OPTIMIZER_KEY)
+    opt = type(optimizer)(**optimizer.options())  # a fresh one: the strategy state is the truth
+    if saved is not None:
+        opt.load_state_dict(_unpack(opt.name, saved))
+    names = list(mean)
+    flat = np.concatenate([np.asarray(mean[k], dtype=np.float64).ravel() for k in names])
+    vec = opt.step(flat)
+    packed = _pack(opt.state_dict())
+    if packed:
+        out[SERVER_OPTIMIZER_KEY] = packed
+    step: State = {}
+    start = 0
+    for k in names:
+        size = int(np.asarray(mean[k]).size)
+        step[k] = vec[start : start + size].reshape(np.shape(mean[k])).astype(np.float32)
+        start += size
+    return step
+
+
+def _pack(state: Mapping[str, Any]) -> State:
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    if not arrays:
+        return {}
+    return {
+        **arrays,
+        "steps": np.array([state["steps"]], dtype=np.int64),
+        "length": np.array([state["length"]], dtype=np.int64),
+    }
+
+
+def _unpack(name: str, packed: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: v for k, v in packed.items() if k not in ("steps", "length")}
+    out.update(
+        name=name,
+        steps=int(np.asarray(packed["steps"]).ravel()[0]),
+        length=int(np.asarray(packed["length"]).ravel()[0]),
+    )
+    return out
 
 
 class FedProx(FedAvg):
@@ -270,9 +349,6 @@ class Centralized(Strategy):
         return [state["global"]]
 
 
-STRATEGIES = ("fedavg", "fedprox", "cwt", "swt", "ensemble", "local", "centralized")
-
-
 def make_strategy(
     name: str,
     *,
@@ -281,15 +357,23 @@ def make_strategy(
     aggregator_options: Mapping[str, Any] | None = None,
     fedprox_mu: float = 0.01,
     dropouts: Mapping[int, Sequence[str]] | None = None,
+    server_optimizer: Mapping[str, Any] | None = None,
 ) -> Strategy:
-    """The strategy called ``name`` (one of :data:`STRATEGIES`).
+    """The strategy called ``name`` (one of :data:`STRATEGIES`). ``server_optimizer`` (the
+    ``strategy.server_optimizer`` table) applies to fedavg and fedprox, which aggregate.
 
     Errors: ConfigError for an unknown name or invalid options.
     """
     factories: dict[str, Callable[[], Strategy]] = {
-        "fedavg": lambda: FedAvg(aggregator, aggregator_options, dropouts=dropouts),
+        "fedavg": lambda: FedAvg(
+            aggregator, aggregator_options, dropouts=dropouts, server_optimizer=server_optimizer
+        ),
         "fedprox": lambda: FedProx(
-            aggregator, aggregator_options, fedprox_mu=fedprox_mu, dropouts=dropouts
+            aggregator,
+            aggregator_options,
+            fedprox_mu=fedprox_mu,
+            dropouts=dropouts,
+            server_optimizer=server_optimizer,
         ),
         "cwt": CyclicWeightTransfer,
         "swt": lambda: SingleWeightTransfer(rounds),

@@ -186,3 +186,16 @@ def test_config_diff_is_empty_exactly_when_equal(
     diff = config_diff(old, new)
     assert (diff == []) == (old == new)
     assert [(k, b, a) for k, a, b in diff] == config_diff(new, old)
+
+
+def test_an_option_added_since_a_run_was_written_is_not_a_difference_at_its_default() -> None:
+    from secure_fl.training.config import ExperimentConfig, config_diff
+
+    new = ExperimentConfig().to_dict()
+    old = {k: v for k, v in new.items() if k != "strategy"}
+    old["train"] = {k: v for k, v in new["train"].items() if k != "ema"}
+    assert config_diff(old, new, ExperimentConfig().to_dict()) == []
+    # Without the defaults, or with a non-default new value, it is one.
+    assert [k for k, _, _ in config_diff(old, new)] == ["strategy", "train.ema"]
+    changed = {**new, "train": {**new["train"], "ema": 0.9}}
+    assert [k for k, _, _ in config_diff(old, changed, new)] == ["train.ema"]
