@@ -5,7 +5,11 @@ with probability ``q = batch_size / n_cases``), computes one gradient per case w
 per-sample gradients (functorch mode, which handles MONAI's Conv3d, ConvTranspose3d, PReLU and
 instance-norm layers), clips each to ``clip`` in L2, sums them, adds Gaussian noise of standard
 deviation ``noise_multiplier * clip`` and divides by the expected batch size. An empty sample still
-takes a (noise-only) step, as the analysis of the Poisson-subsampled Gaussian assumes.
+takes a (noise-only) step, as the analysis of the Poisson-subsampled Gaussian assumes. Only the
+trainable parameters (``train.trainable``: :mod:`secure_fl.training.finetune`) are clipped, noised
+and updated. Augmentation multiplicity, physical batches (Opacus' BatchMemoryManager) and the EMA
+of the iterates live in the step loop, :mod:`secure_fl.training.dp_loop`; none of them changes the
+privacy unit or the accounting.
 
 Guarantee: each round is ``steps`` compositions of the Poisson-subsampled Gaussian mechanism with
 (``noise_multiplier``, ``q``) over the site's patients; the privacy unit is one patient (one case)
@@ -35,9 +39,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from secure_fl.errors import ConfigError
+from secure_fl.training.dp_loop import PoissonDraws, run_steps
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class DPSGDResult:
     empty_steps: int
     expected_batch_size: float = 0.0
     noise_source: str = "csprng"
+    physical_batches: int = 0
+    augment_multiplicity: int = 1
 
 
 def _seed_from(label: str, seed: int | None) -> int:
@@ -122,8 +127,9 @@ def check_dp_compatible(network: Any) -> None:
     if errors:
         listed = "; ".join(str(e) for e in errors[:3])
         raise ConfigError(
-            f"the model is not compatible with DP-SGD ({listed}); use model.norm = 'instance' "
-            "or 'group'"
+            f"the model is not compatible with DP-SGD ({listed}); batch norm "
+            "(model.norm = 'batch') mixes the patients of a batch, so Opacus refuses it: use "
+            "model.norm = 'group' or 'instance'"
         )
 
 
@@ -140,13 +146,19 @@ def train_dp_sgd(
     loss_fn: Any,
     device: Any,
     seed: int,
+    augment_multiplicity: int = 1,
+    max_physical_batch: int | None = None,
+    ema: float | None = None,
 ) -> DPSGDResult:
     """Run ``epochs`` local epochs of DP-SGD on ``network`` (in place) over ``dataset``'s cases.
 
     Guarantee: as the module docstring: the sample and the noise come from independent generators
     (:func:`dp_generators`), seeded from the OS CSPRNG unless ``settings.reproducible`` (then from
-    ``seed``); the noisy sum is divided by ``q * n``. Errors: ConfigError for an incompatible
-    network or more than one patch per case.
+    ``seed``); the noisy sum is divided by ``q * n``. Only parameters with ``requires_grad`` are
+    trained (and clipped and noised). ``augment_multiplicity``, ``max_physical_batch`` and ``ema``
+    change neither the privacy unit (one case) nor the accounting (``steps`` noisy steps at rate
+    ``q``): see :mod:`secure_fl.training.dp_loop`. Errors: ConfigError for an incompatible network
+    (batch norm), more than one patch per case, or no trainable parameter.
     """
     import torch
     from opacus import PrivacyEngine
@@ -158,6 +170,8 @@ def train_dp_sgd(
     steps_total = epochs * steps_per_epoch(batch_size, n)
     generator, noise_generator = dp_generators(device, seed=seed if settings.reproducible else None)
     params = [p for p in network.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("DP-SGD: the model has no trainable parameter (see train.trainable)")
     if optimizer == "adam":
         optim: Any = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     else:
@@ -187,77 +201,29 @@ def train_dp_sgd(
     # Opacus' floating-point hardening (mean of 4 draws), with our generator.
     dp_optim.secure_mode = True
     module.train()
-    losses: list[float] = []
     with warnings.catch_warnings():
         # The input needs no gradient, so torch notes that full backward hooks fire on outputs:
         # expected with per-sample gradients, and harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        result = _loop(
+        loop = run_steps(
             module,
             dp_optim,
             params,
             dataset,
-            steps_total,
-            n,
-            q,
-            generator,
-            loss_fn,
-            device,
-            losses,
+            PoissonDraws(n, q, steps_total, generator),
+            loss_fn=loss_fn,
+            device=device,
+            multiplicity=augment_multiplicity,
+            max_physical_batch=max_physical_batch,
+            ema=ema,
         )
-    return dataclasses.replace(result, noise_source="seeded" if settings.reproducible else "csprng")
-
-
-def _loop(
-    module: Any,
-    dp_optim: Any,
-    params: list[Any],
-    dataset: Any,
-    steps_total: int,
-    n: int,
-    q: float,
-    generator: Any,
-    loss_fn: Any,
-    device: Any,
-    losses: list[float],
-) -> DPSGDResult:
-    import torch
-    from monai.data.utils import list_data_collate
-
-    empty = 0
-    try:
-        for _ in range(steps_total):
-            chosen = torch.nonzero(torch.rand(n, generator=generator) < q).flatten().tolist()
-            dp_optim.zero_grad(set_to_none=True)
-            if not chosen:
-                # Noise-only step: per-sample gradients of an empty batch.
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
-                dp_optim.step()
-                empty += 1
-                continue
-            items = []
-            for index in chosen:
-                item = dataset[index]
-                items.extend(item if isinstance(item, list) else [item])
-            if len(items) != len(chosen):
-                raise ConfigError(
-                    "sample-level DP needs one patch per case per draw: set "
-                    "preprocess.samples_per_volume = 1"
-                )
-            batch = list_data_collate(items)
-            image = batch["image"].to(device)
-            label = batch["label"].to(device)
-            loss = loss_fn(module(image), label)
-            loss.backward()
-            dp_optim.step()
-            losses.append(float(loss.detach()))
-    finally:
-        module._close()  # remove Opacus' hooks: the network is used without them afterwards
-    return DPSGDResult(
-        steps=steps_total,
+    result = DPSGDResult(
+        steps=loop.logical_steps,
         sample_rate=q,
-        mean_loss=float(np.mean(losses)) if losses else float("nan"),
-        empty_steps=empty,
+        mean_loss=loop.mean_loss,
+        empty_steps=loop.empty_steps,
         expected_batch_size=float(dp_optim.expected_batch_size),
+        physical_batches=loop.physical_batches,
+        augment_multiplicity=augment_multiplicity,
     )
+    return dataclasses.replace(result, noise_source="seeded" if settings.reproducible else "csprng")

@@ -21,12 +21,23 @@ class ModelConfig:
 
     ``channels`` (16, 32, 64, 128) gives about 1.2 M parameters, (16, 32, 64, 128, 256) about 4.8 M.
     Each level but the last halves the resolution (stride 2).
+
+    ``norm``: ``"instance"`` (no affine parameters), ``"group"`` (affine; each layer gets the
+    largest group count ``<= norm_groups`` dividing its channels) or ``"batch"`` (refused by
+    DP-SGD: it mixes patients within a batch). ``weight_standardisation`` standardises the kernels
+    of the 3-D convolutions that feed a norm (:mod:`secure_fl.training.layers`).
+    ``pretrained``: a state-dict checkpoint loaded into every freshly built network, the initial
+    global model included (:func:`secure_fl.training.finetune.load_pretrained`; a relative path is
+    taken from the current directory).
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
     num_res_units: int = 2
     norm: str = "instance"
     dropout: float = 0.0
+    norm_groups: int = 4
+    weight_standardisation: bool = False
+    pretrained: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.channels) < 2 or any(c < 1 for c in self.channels):
@@ -39,6 +50,25 @@ class ModelConfig:
             raise ConfigError(f"model.norm must be instance, batch or group, got {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if (
+            isinstance(self.norm_groups, bool)
+            or not isinstance(self.norm_groups, int)
+            or not 1 <= self.norm_groups <= 1024
+        ):
+            raise ConfigError(
+                f"model.norm_groups must be an int in [1, 1024], got {self.norm_groups!r}"
+            )
+        if not isinstance(self.weight_standardisation, bool):
+            raise ConfigError(
+                f"model.weight_standardisation must be true or false, got "
+                f"{self.weight_standardisation!r}"
+            )
+        if self.pretrained is not None and (
+            not isinstance(self.pretrained, str) or not self.pretrained
+        ):
+            raise ConfigError(
+                f"model.pretrained must be a non-empty path or unset, got {self.pretrained!r}"
+            )
 
     @property
     def downsampling(self) -> int:
@@ -47,13 +77,22 @@ class ModelConfig:
 
 
 def build_unet(cfg: ModelConfig) -> Any:
-    """A fresh MONAI 3D ``UNet`` for ``cfg`` (weights from torch's current RNG state)."""
+    """A fresh MONAI 3D ``UNet`` for ``cfg``: weights from torch's current RNG state, or from
+    ``cfg.pretrained`` when set; group norms regrouped and convolutions weight-standardised as
+    ``cfg`` says (:class:`ModelConfig`).
+
+    Errors: ConfigError when the pretrained checkpoint is missing or does not fit the model
+    (naming the file).
+    """
     from monai.networks.nets.unet import UNet
 
-    norm: Any = {"instance": "INSTANCE", "batch": "BATCH", "group": ("GROUP", {"num_groups": 4})}[
+    from secure_fl.training.finetune import load_pretrained
+    from secure_fl.training.layers import regroup_norms, standardise_convs
+
+    norm: Any = {"instance": "INSTANCE", "batch": "BATCH", "group": ("GROUP", {"num_groups": 1})}[
         cfg.norm
     ]
-    return UNet(
+    network = UNet(
         spatial_dims=3,
         in_channels=1,
         out_channels=2,
@@ -63,6 +102,13 @@ def build_unet(cfg: ModelConfig) -> Any:
         norm=norm,
         dropout=cfg.dropout,
     )
+    if cfg.norm == "group":
+        regroup_norms(network, cfg.norm_groups)
+    if cfg.weight_standardisation:
+        standardise_convs(network)
+    if cfg.pretrained is not None:
+        load_pretrained(network, cfg.pretrained)
+    return network
 
 
 def get_state(model: Any) -> State:

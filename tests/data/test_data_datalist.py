@@ -242,8 +242,10 @@ def test_split_by_site_is_deterministic_and_holds_out_per_site() -> None:
 
 def test_split_by_site_edge_cases() -> None:
     cases = _cases({"site-A": 4, "site-B": 1})
-    with pytest.raises(ConfigError, match="site 'site-B' has 1 case"):
-        split_by_site(cases)
+    # A one-case site trains on its case and has no validation case (no error, no fake one).
+    assert split_by_site(cases)["site-B"] == (cases[4:], [])
+    train_a, val_a = split_by_site(cases)["site-A"]
+    assert len(train_a) == 3 and len(val_a) == 1
     all_train = split_by_site(cases, val_fraction=0)
     assert all_train["site-B"] == (cases[4:], [])
     assert (

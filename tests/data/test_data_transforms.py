@@ -80,7 +80,8 @@ def test_eval_shapes_binary_labels_and_normalisation(tmp_path: Path) -> None:
     case = write_case(tmp_path / "c0", site_index=CLEAN_SITE, seed=1)
     raw_label = np.asanyarray(nib.load(str(case.label)).dataobj)
     out = eval_transforms(CFG)(case.to_dict())
-    assert set(out) == {"image", "label", "site", "case_id"}
+    assert set(out) == {"image", "label", "spacing", "site", "case_id"}
+    assert out["spacing"].shape == (3,) and bool((out["spacing"] > 0).all())
     image, label = out["image"], out["label"]
     for tensor in (image, label):
         assert type(tensor) is torch.Tensor  # plain tensors, no MetaTensor
@@ -213,8 +214,8 @@ def test_bad_cases_raise_config_errors(tmp_path: Path) -> None:
     assert error is not None and "label shape (30, 32, 32) differs from image shape" in str(error)
 
     image = MetaTensor(torch.ones(1, 8, 8, 8))
-    with pytest.raises(ConfigError, match="one 3D volume"):
-        BrainMaskd()({"image": torch.ones(2, 8, 8, 8), "label": torch.zeros(1, 8, 8, 8)})
+    with pytest.raises(ConfigError, match=r"channel-first shape \(C, D, H, W\)"):
+        BrainMaskd()({"image": torch.ones(8, 8, 8), "label": torch.zeros(1, 8, 8, 8)})
     with pytest.raises(ConfigError, match="brain mask is empty"):
         BrainMaskd()({"image": image, "brainmask": torch.zeros(1, 8, 8, 8), "case_id": "z"})
     mask = torch.zeros(1, 8, 8, 8)
@@ -226,4 +227,4 @@ def test_bad_cases_raise_config_errors(tmp_path: Path) -> None:
 def test_eval_without_label_for_inference(tmp_path: Path) -> None:
     case = write_case(tmp_path / "c", seed=8)
     out = eval_transforms(CFG)({"image": str(case.image), "brainmask": str(case.brainmask)})
-    assert set(out) == {"image"} and out["image"].shape == (1, 32, 32, 32)
+    assert set(out) == {"image", "spacing"} and out["image"].shape == (1, 32, 32, 32)

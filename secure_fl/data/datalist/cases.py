@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,12 @@ from secure_fl.atomic import atomic_write
 from secure_fl.errors import ConfigError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+#: The MRI sequences a case may carry. ``flair`` is always the case's ``image``; the others are
+#: optional datalist keys of the same names (paths), stacked as input channels on request
+#: (``data.modalities``).
+MODALITIES = ("flair", "t1", "t1c", "t2")
+EXTRA_MODALITIES = MODALITIES[1:]
 
 
 def site_name(index: int) -> str:
@@ -37,10 +43,13 @@ class Case:
     """One patient scan held by one site.
 
     ``image`` (T2-FLAIR), ``label`` (tumour labels, whole tumour = ``label > 0``) and the optional
-    ``brainmask`` are NIfTI paths; ``str`` values are converted to :class:`~pathlib.Path`. The paths
-    are not checked here (:func:`load_datalist` and :func:`scan_brats_folder` check them).
+    ``brainmask`` are NIfTI paths; ``str`` values are converted to :class:`~pathlib.Path`.
+    ``modalities`` maps further MRI sequences of the same patient (``t1``, ``t1c``, ``t2``) to
+    their NIfTI paths (FLAIR is ``image``). The paths are not checked here
+    (:func:`load_datalist` and :func:`scan_brats_folder` check them).
 
-    Errors: ConfigError if ``case_id`` or ``site`` is not a non-empty string.
+    Errors: ConfigError if ``case_id`` or ``site`` is not a non-empty string, a path is not a
+    path, or ``modalities`` names a sequence outside ``t1``, ``t1c``, ``t2``.
     """
 
     case_id: str
@@ -48,6 +57,7 @@ class Case:
     image: Path
     label: Path
     brainmask: Path | None = None
+    modalities: Mapping[str, Path] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("case_id", "site"):
@@ -61,13 +71,32 @@ class Case:
             if not isinstance(value, str | os.PathLike):
                 raise ConfigError(f"Case.{name} must be a path, got {type(value).__name__}")
             object.__setattr__(self, name, Path(value))
+        if not isinstance(self.modalities, Mapping):
+            raise ConfigError(
+                f"Case.modalities must be a mapping, got {type(self.modalities).__name__}"
+            )
+        extra: dict[str, Path] = {}
+        for key, value in self.modalities.items():
+            if key not in EXTRA_MODALITIES:
+                raise ConfigError(
+                    f"Case.modalities: {key!r} is not one of {list(EXTRA_MODALITIES)} "
+                    "(FLAIR is the case's image)"
+                )
+            if not isinstance(value, str | os.PathLike):
+                raise ConfigError(
+                    f"Case.modalities[{key!r}] must be a path, got {type(value).__name__}"
+                )
+            extra[key] = Path(value)
+        object.__setattr__(self, "modalities", {k: extra[k] for k in sorted(extra)})
 
     def to_dict(self) -> dict[str, str]:
-        """The MONAI dictionary of this case: ``image``, ``label``, [``brainmask``], ``site``,
-        ``case_id``; paths as strings."""
+        """The MONAI dictionary of this case: ``image``, ``label``, [``brainmask``], one key per
+        extra modality (``t1``, ``t1c``, ``t2``), ``site``, ``case_id``; paths as strings."""
         out = {"image": str(self.image), "label": str(self.label)}
         if self.brainmask is not None:
             out["brainmask"] = str(self.brainmask)
+        for key, value in self.modalities.items():
+            out[key] = str(value)
         out["site"] = self.site
         out["case_id"] = self.case_id
         return out
@@ -97,7 +126,8 @@ def load_datalist(
     """Read the cases of ``section`` from a MONAI/Decathlon-style datalist JSON.
 
     Each entry needs ``image``, ``label`` (path strings) and ``site`` (non-empty string); it may
-    have ``case_id`` and ``brainmask`` (a path or null); other keys are ignored. Without
+    have ``case_id``, ``brainmask`` (a path or null) and the further MRI sequences ``t1``,
+    ``t1c``, ``t2`` (paths or null; :attr:`Case.modalities`); other keys are ignored. Without
     ``case_id``, the case id is the image file name without its ``.nii``/``.nii.gz`` suffix when
     those names are unique in the section, else the image path relative to the base folder.
 
@@ -171,6 +201,9 @@ def load_datalist(
         brainmask = None
         if entry.get("brainmask") is not None:
             brainmask = field_path(i, entry, "brainmask")
+        modalities = {
+            key: field_path(i, entry, key) for key in EXTRA_MODALITIES if entry.get(key) is not None
+        }
         parsed.append(
             {
                 "case_id": case_id,
@@ -178,6 +211,7 @@ def load_datalist(
                 "image": image,
                 "label": label,
                 "brainmask": brainmask,
+                "modalities": modalities,
             }
         )
 
@@ -202,6 +236,7 @@ def write_datalist(
     relative_to: str | os.PathLike[str] | None = None,
     section: str = "training",
     extra: Mapping[str, Any] | None = None,
+    test: Sequence[Case] = (),
 ) -> Path:
     """Write ``cases`` as a datalist JSON that :func:`load_datalist` reads back to equal cases.
 
@@ -210,10 +245,15 @@ def write_datalist(
     JSON's folder) unless it is the JSON's folder itself. ``extra`` adds top-level keys (for
     example ``labels`` or ``description``). The file is replaced atomically. Returns ``path``.
 
+    ``test`` adds a ``test`` section (the held-out test set,
+    :mod:`secure_fl.training.heldout`), written the same way.
+
     Errors: ConfigError if ``cases`` is empty, holds a non-Case or duplicate case ids, or
-    ``extra`` tries to override ``section`` or ``dataroot``.
+    ``extra`` tries to override ``section``, ``test`` or ``dataroot``; if ``test`` holds a
+    non-Case or a case id that is also in ``cases`` (a test case is never trained on).
     """
     cases = list(cases)
+    test = list(test)
     if not cases:
         raise ConfigError("write_datalist: cases must be a non-empty sequence of Case")
     for i, case in enumerate(cases):
@@ -222,11 +262,20 @@ def write_datalist(
                 f"write_datalist: cases[{i}] must be a Case, got {type(case).__name__}"
             )
     _check_unique_ids(cases, "write_datalist: cases")
+    for i, case in enumerate(test):
+        if not isinstance(case, Case):
+            raise ConfigError(
+                f"write_datalist: test[{i}] must be a Case, got {type(case).__name__}"
+            )
+    if test:
+        _check_unique_ids([*cases, *test], "write_datalist: cases + test")
+        if section == "test":
+            raise ConfigError("write_datalist: section must not be 'test' when test is given")
     out = Path(path)
     json_dir = out.resolve().parent
     document: dict[str, Any] = {}
     if extra:
-        clash = {section, "dataroot"} & set(extra)
+        clash = {section, "dataroot", *(["test"] if test else [])} & set(extra)
         if clash:
             raise ConfigError(f"write_datalist: extra must not set {sorted(clash)}")
         document.update(extra)
@@ -241,14 +290,18 @@ def write_datalist(
             return str(absolute)
         return Path(os.path.relpath(absolute, root)).as_posix()
 
-    entries = []
-    for case in cases:
-        entry = {"case_id": case.case_id, "site": case.site}
-        entry["image"] = render(case.image)
-        entry["label"] = render(case.label)
+    def entry(case: Case) -> dict[str, str]:
+        row = {"case_id": case.case_id, "site": case.site}
+        row["image"] = render(case.image)
+        row["label"] = render(case.label)
         if case.brainmask is not None:
-            entry["brainmask"] = render(case.brainmask)
-        entries.append(entry)
-    document[section] = entries
+            row["brainmask"] = render(case.brainmask)
+        for key, value in case.modalities.items():
+            row[key] = render(value)
+        return row
+
+    document[section] = [entry(case) for case in cases]
+    if test:
+        document["test"] = [entry(case) for case in test]
     atomic_write(out, json.dumps(document, indent=2) + "\n")
     return out

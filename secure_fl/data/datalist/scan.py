@@ -43,6 +43,19 @@ _LABEL_GLOBS = (
 _MASK_GLOBS = ("*_brainmask.nii.gz", "*_brainmask.nii", "brainmask.nii.gz", "brainmask.nii")
 
 
+def _globs(*stems: str) -> tuple[str, ...]:
+    return tuple(f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".nii"))
+
+
+# The further MRI sequences (Case.modalities), optional: BraTS 2017-2020 ``<case>_t1``,
+# ``<case>_t1ce``, ``<case>_t2``; BraTS 2023 ``<case>-t1n``, ``-t1c``, ``-t2w``; plain names.
+_MODALITY_GLOBS = {
+    "t1": _globs("*_t1", "*-t1n", "t1"),
+    "t1c": _globs("*_t1ce", "*_t1c", "*-t1c", "t1c", "t1ce"),
+    "t2": _globs("*_t2", "*-t2w", "t2"),
+}
+
+
 def _find_one(folder: Path, globs: Iterable[str], what: str) -> Path | None:
     for pattern in globs:
         hits = sorted(p for p in folder.glob(pattern) if p.is_file())
@@ -64,8 +77,10 @@ def scan_brats_folder(
 
     A case folder holds a FLAIR image (``<case>_flair.nii[.gz]``, BraTS 2023 ``<case>-t2f.nii[.gz]``
     or ``flair.nii[.gz]``), a segmentation (``<case>_seg``, ``<case>-seg``, ``label`` or ``seg``)
-    and optionally a brain mask (``<case>_brainmask`` or ``brainmask``). The case id is the folder
-    name. Files directly in ``root`` and hidden folders are ignored.
+    and optionally a brain mask (``<case>_brainmask`` or ``brainmask``) and the further sequences
+    T1 (``<case>_t1``, ``-t1n``, ``t1``), T1c (``<case>_t1ce``, ``_t1c``, ``-t1c``, ``t1c``) and
+    T2 (``<case>_t2``, ``-t2w``, ``t2``), recorded in :attr:`Case.modalities`. The case id is the
+    folder name. Files directly in ``root`` and hidden folders are ignored.
 
     Sites: with ``sites=None``, each case's institution is read from its folder name with
     ``site_pattern`` (the named group ``site``, else the first group); the default pattern reads
@@ -94,6 +109,7 @@ def scan_brats_folder(
         raise ConfigError(f"scan_brats_folder: root {str(folder)!r} holds no case folders")
 
     found: list[tuple[str, Path, Path, Path | None]] = []
+    extra: dict[str, dict[str, Path]] = {}
     for case_dir in case_dirs:
         image = _find_one(case_dir, _IMAGE_GLOBS, "FLAIR")
         label = _find_one(case_dir, _LABEL_GLOBS, "segmentation")
@@ -104,6 +120,11 @@ def scan_brats_folder(
                 f"case folder {str(case_dir)!r} has no {missing} (looked for {list(looked)})"
             )
         mask = _find_one(case_dir, _MASK_GLOBS, "brain mask")
+        extra[case_dir.name] = {}
+        for key, globs in _MODALITY_GLOBS.items():
+            hit = _find_one(case_dir, globs, key.upper())
+            if hit is not None:
+                extra[case_dir.name][key] = hit.resolve()
         found.append((case_dir.name, image.resolve(), label.resolve(), mask and mask.resolve()))
 
     if sites is not None:
@@ -113,7 +134,14 @@ def scan_brats_folder(
                 f"cases), got {sites!r}"
             )
         return [
-            Case(case_id=name, site=site_name(j % sites), image=img, label=lab, brainmask=msk)
+            Case(
+                case_id=name,
+                site=site_name(j % sites),
+                image=img,
+                label=lab,
+                brainmask=msk,
+                modalities=extra[name],
+            )
             for j, (name, img, lab, msk) in enumerate(found)
         ]
 
@@ -131,7 +159,16 @@ def scan_brats_folder(
         if not site:
             unmatched.append(name)
             continue
-        cases.append(Case(case_id=name, site=site, image=img, label=lab, brainmask=msk))
+        cases.append(
+            Case(
+                case_id=name,
+                site=site,
+                image=img,
+                label=lab,
+                brainmask=msk,
+                modalities=extra[name],
+            )
+        )
     if unmatched:
         shown = unmatched[:5] + (["..."] if len(unmatched) > 5 else [])
         raise ConfigError(

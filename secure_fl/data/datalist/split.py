@@ -34,12 +34,14 @@ def split_by_site(
 
     Per site with ``n`` cases, ``n_val = round(val_fraction * n)`` clamped to [1, n - 1] when
     ``val_fraction > 0`` (so every site with >= 2 cases holds out at least one case and keeps at
-    least one for training), and 0 when ``val_fraction == 0``. The choice depends only on
+    least one for training), and 0 when ``val_fraction == 0``. A site with a single case trains
+    on it and holds out none (its held-out list is empty: it has no validation metric, which the
+    runner reports as absent rather than inventing one). The choice depends only on
     ``seed``, the site name and the site's case ids (not on input order or on other sites);
     both lists are sorted by case id. Sites come in sorted order.
 
     Errors: ConfigError if ``cases`` is empty, holds duplicate case ids, ``val_fraction`` is not
-    in [0, 1), ``seed`` is not an int >= 0, or a site has a single case while ``val_fraction > 0``.
+    in [0, 1), or ``seed`` is not an int >= 0.
     """
     cases = list(cases)
     if not cases:
@@ -58,14 +60,9 @@ def split_by_site(
     for site, members in group_by_site(cases).items():
         ordered = sorted(members, key=lambda c: c.case_id)
         n = len(ordered)
-        if val_fraction == 0:
+        if val_fraction == 0 or n < 2:
             out[site] = (ordered, [])
             continue
-        if n < 2:
-            raise ConfigError(
-                f"split_by_site: site {site!r} has 1 case; a held-out split needs >= 2 cases per "
-                "site (or val_fraction=0)"
-            )
         n_val = min(max(1, round(val_fraction * n)), n - 1)
         chosen = set(_site_rng(seed, site).permutation(n)[:n_val].tolist())
         train = [c for j, c in enumerate(ordered) if j not in chosen]

@@ -132,8 +132,10 @@ def _derive(
         from secure_fl.data.datalist import load_datalist, split_by_site
 
         try:
+            # Held-out institutions never train: they are not part of any mechanism.
+            holdout = set(data.get("holdout_sites") or ())
             splits = split_by_site(
-                load_datalist(path, must_exist=False),
+                [c for c in load_datalist(path, must_exist=False) if c.site not in holdout],
                 val_fraction=float(val_fraction or 0.0),
                 seed=int(seed or 0),
             )
