@@ -7,6 +7,7 @@ errors alike), never a traceback; ``--help`` of every command shows the defaults
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -59,6 +60,8 @@ def _positive_int(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from secure_fl.transport.cli import add_log_format
+
     parser = _Parser(
         prog="secure-fl",
         description="Privacy-preserving federated learning for medical imaging.",
@@ -79,6 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default="data/synthetic", help="synthetic data folder")
     demo.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
     demo.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    add_log_format(demo)
 
     simulate = commands.add_parser(
         "simulate",
@@ -89,6 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "more rounds than a finished run had extends it from its checkpoint.",
     )
     simulate.add_argument("config", help="experiment configuration (.toml, .yaml, .yml or .json)")
+    add_log_format(simulate)
     simulate.add_argument(
         "--run-dir", default=None, help="run folder (default: runs/<the config's name>)"
     )
@@ -186,6 +191,31 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="datalist to re-derive q and steps from (default: the run's)",
     )
+    from secure_fl.privacy.audit.cli import add_empirical_options
+
+    add_empirical_options(audit)
+    pre = commands.add_parser(
+        "pretrain",
+        help="pretrain a config's model on a public synthetic cohort (for model.pretrained)",
+        description="Train the model of an experiment configuration without DP on a designated "
+        "public synthetic cohort (its own institutions and patients, generated beside OUT; no "
+        "private site is read) and write its weights to OUT, a checkpoint for model.pretrained "
+        "(then fine-tune a subset under DP with train.trainable).",
+    )
+    pre.add_argument("config", help="experiment configuration (.toml, .yaml, .yml or .json)")
+    pre.add_argument("out", help="checkpoint file to write (a torch state dict)")
+    pre.add_argument(
+        "--cases", type=_positive_int, default=32, help="cases of the public cohort (<= 10000)"
+    )
+    pre.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (<= 10000)")
+    pre.add_argument(
+        "--public-dir",
+        default=None,
+        help="folder of the public cohort (default: public-cohort beside OUT)",
+    )
+    from secure_fl.bench.cli import add_bench_command
+
+    add_bench_command(commands)
     from secure_fl.transport.cli import add_subcommands as add_transport_commands
 
     # provision, server, site (imports no grpc until run); their parsers are _Parser too
@@ -242,6 +272,22 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from secure_fl.training import load_config
+    from secure_fl.training.pretrain import pretrain
+
+    config = load_config(args.config)
+    result = pretrain(
+        config, args.out, public_dir=args.public_dir, cases=args.cases, epochs=args.epochs
+    )
+    print(
+        f"pretrained on {result.cases} public cases ({result.datalist}), {result.epochs} epochs, "
+        f"final loss {result.loss:.4f}, {result.seconds:.1f} s -> {result.checkpoint}\n"
+        f'use it with model.pretrained = "{result.checkpoint}" and train.trainable'
+    )
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from secure_fl.data import generate_federation, scan_brats_folder, write_datalist
 
@@ -258,7 +304,11 @@ def _data(args: argparse.Namespace) -> int:
         print(f"datalist: {path}")
         return 0
     cases = scan_brats_folder(Path(args.root), sites=args.sites)
-    write_datalist(cases, Path(args.out))
+    # BraTS 2023 names its FLAIR "-t2f" and uses labels 1-3; earlier releases use 1-4.
+    scheme = (
+        "brats2023" if any(c.image.name.split(".")[0].endswith("-t2f") for c in cases) else "brats"
+    )
+    write_datalist(cases, Path(args.out), extra={"label_scheme": scheme})
     per_site: dict[str, int] = {}
     for case in cases:
         per_site[case.site] = per_site.get(case.site, 0) + 1
@@ -300,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
+        if args.command in ("demo", "simulate"):  # library warnings in the chosen log format
+            from secure_fl.transport import logs
+
+            logs.setup(args.command, level=logging.WARNING, fmt=args.log_format)
         if args.command == "secagg-demo":
             from secure_fl.demo import run_demo
 
@@ -317,7 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from secure_fl.privacy.audit import main as audit_main
 
             extra = ["--datalist", args.datalist] if args.datalist else []
+            if args.empirical:
+                extra += ["--empirical", "--canaries", str(args.canaries)]
+                extra += ["--guesses", str(args.guesses), "--confidence", str(args.confidence)]
             return audit_main([args.run_dir, "--tolerance", str(args.tolerance), *extra])
+        if args.command == "pretrain":
+            return _pretrain(args)
+        if args.command == "bench":
+            from secure_fl.bench.cli import run_bench_command
+
+            return run_bench_command(args)
         if args.command in ("provision", "server", "site"):
             return int(args.handler(args))
     except SecureFLError as exc:
