@@ -264,7 +264,11 @@ class FederationServer(ServiceHandlers):
         blob, digest = ckpt.model_blob(model)
         # Every site downloads the same chunk stream: serialise (and hash) it once per model.
         header = pb.PayloadHeader(kind=pb.MODEL, length=len(model))
-        chunks = list(iter_chunk_bytes(header, blob, self.config.limits.chunk_bytes))
+        chunks = list(
+            iter_chunk_bytes(
+                header, blob, self.config.limits.chunk_bytes, sha256=bytes.fromhex(digest)
+            )
+        )
         with self._cond:
             self._model, self._blob, self._digest = model, blob, bytes.fromhex(digest)
             self._encrypted, self._structure = False, ckks_wire.structure_of(model)
