@@ -118,9 +118,16 @@ class _DriverSteps:
             self._wait_deadline = now + cfg.deadlines.wait_for_sites_s
         wait_deadline = self._wait_deadline
         benched = self.benched.get(self.completed, set())
+        if benched and len(self.sites) - len(benched) < cfg.min_sites:
+            # Without them the round can never run: let them back in (the next taint fails the
+            # attempt again, and max_attempts ends the federation) rather than wait forever.
+            self.log.warning("bench-lifted", round=self.completed + 1, min_sites=cfg.min_sites)
+            benched = set()
+            self.benched.pop(self.completed, None)
         live = {sid: name for sid, name in self.live(now).items() if sid not in benched}
         everyone = len(self.sites) - len(benched)
-        if len(live) == everyone or (now >= wait_deadline and len(live) >= cfg.min_sites):
+        enough = len(live) >= cfg.min_sites  # benched sites can leave fewer than min_sites
+        if enough and (len(live) == everyone or now >= wait_deadline):
             self._wait_deadline = None
             dp_json = ""
             if self.privacy is not None:

@@ -101,16 +101,12 @@ def test_ckks_round_with_one_upload_fails_and_is_retried(secret: SecretContext) 
     assert "at least 2" in h.host.records["round-000000-failed-1"]["reason"]
 
 
-def test_a_site_whose_cut_upload_tainted_the_sum_is_left_out_of_the_retry(
-    secret: SecretContext, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A site that streams some frames of its upload and stops (a malicious site, or a broken
-    link) taints the running sum (secure_fl.he.stream): that attempt fails, and the round's next
-    attempt runs without the site, so one site cannot fail every attempt of a CKKS federation.
-    (That a cut upload taints the sum is tested in tests/rounds/test_rounds_ckks.py.)"""
+def _tainted_attempt(
+    secret: SecretContext, monkeypatch: pytest.MonkeyPatch, h: Harness
+) -> tuple[int, _EncryptedHost]:
+    """Run one CKKS attempt among a, b, c whose sum site c's cut upload tainted."""
     from secure_fl.he.stream import TaintedSumError
 
-    h = harness(make_config("ckks", n=3), public=secret.public())
     models = _EncryptedHost(h)
     h.join(1, 2, 3)
     h.tick()
@@ -130,9 +126,35 @@ def test_a_site_whose_cut_upload_tainted_the_sum_is_left_out_of_the_retry(
 
     monkeypatch.setattr(server_rounds, "ckks_close", tainted)
     h.tick(11)
+    monkeypatch.undo()
+    return rid, models
+
+
+def test_a_site_whose_cut_upload_tainted_the_sum_is_left_out_of_the_retry(
+    secret: SecretContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site that streams some frames of its upload and stops (a malicious site, or a broken
+    link) taints the running sum (secure_fl.he.stream): that attempt fails, and the round's next
+    attempt runs without the site, so one site cannot fail every attempt of a CKKS federation.
+    (That a cut upload taints the sum is tested in tests/rounds/test_rounds_ckks.py.)"""
+    h = harness(make_config("ckks", n=3), public=secret.public())
+    rid, models = _tainted_attempt(secret, monkeypatch, h)
     assert h.coord.completed == 0 and not models.blobs
     assert h.coord.benched == {0: {3}}
-    monkeypatch.undo()
     h.tick(31)  # the next attempt starts without c
     retry = h.attempt()
     assert retry.round_id != rid and set(retry.participants) == {1, 2}
+
+
+def test_the_bench_is_lifted_when_the_round_could_not_run_without_the_site(
+    secret: SecretContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With min_sites = every site, benching c would leave the round unable to start ever (or
+    start below min_sites and fail until the server gives up): c is let back in instead."""
+    h = harness(make_config("ckks", n=3, min_sites=3), public=secret.public())
+    rid, _ = _tainted_attempt(secret, monkeypatch, h)
+    assert h.coord.completed == 0
+    h.tick(31)
+    retry = h.attempt()
+    assert retry.round_id != rid and set(retry.participants) == {1, 2, 3}
+    assert h.coord.benched == {}

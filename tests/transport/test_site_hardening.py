@@ -187,7 +187,7 @@ def _dp_setups(fed: DriverFed, round_id: int, ids: list[int]) -> tuple[Any, dict
     keys = {e.site_id: e.verify_key for e in roster if e.site_id in ids and e.verify_key}
     size = sum(int(v.size) for v in fed.model.values())
     plan = plan_round(
-        AggregationSpec("secagg+"),
+        AggregationSpec("secagg+", l2_clip=100.0),  # the DP JSON's clip, as an honest server
         {s: 10.0 * s for s in ids},
         vector_length=size,
         round_id=round_id,
