@@ -192,6 +192,9 @@ def complete(
     record.update(completed=True, reason="", model_sha256=view.sha256.hex())
     record["seconds"] = round(_elapsed(coord, rs), 4)
     optimizer = coord.optimizer.state_dict() if coord.optimizer is not None else None
+    # The round record first, the checkpoint (the commit point) last: a crash in between re-runs
+    # the round, whose record is then written again; never a checkpoint without its record.
+    coord.host.save_round_record(f"round-{rs.index:06d}", record)
     coord.host.save_checkpoint(
         ckpt.Checkpoint(
             federation=coord.config.federation,
@@ -205,7 +208,6 @@ def complete(
         ),
         blob,
     )
-    coord.host.save_round_record(f"round-{rs.index:06d}", record)
     return record
 
 
