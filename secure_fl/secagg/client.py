@@ -11,6 +11,9 @@ and the mask-key share of one peer, answers only survivor/dropped sets consisten
 that actually shared keys with it, refuses a threshold below its policy's minimum, recomputes the
 SecAgg+ graph itself from the sites' revealed nonces, and after any failure (including a
 cryptographic one) stays in a permanent error state with its secrets dropped.
+
+This module stays whole (over 600 lines): it is one class, one protocol, whose own-view checks
+guard each other across phases; split apart, a reader could no longer audit them in one place.
 """
 
 from __future__ import annotations

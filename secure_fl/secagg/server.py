@@ -11,6 +11,9 @@ its shares are ignored and it is listed in :attr:`SecAggServer.excluded`; one ma
 therefore neither abort nor silently corrupt the sum through its shares. Otherwise the round aborts
 with :class:`ThresholdError` and the server holds only masked vectors and fewer than ``threshold``
 shares of any secret, which reveal nothing about any single input.
+
+This module stays whole (a little under 500 lines): it is one class, the server's side of one
+protocol, whose per-phase checks and phase closings read as one state machine.
 """
 
 from __future__ import annotations

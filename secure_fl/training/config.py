@@ -2,6 +2,8 @@
 
 Unknown keys, wrong types and missing data paths fail with a ConfigError that names the dotted key
 (for example ``train.lr``) and what is allowed.
+The type-driven parsing is in :mod:`secure_fl.training.config_coerce`, the comparison of two
+configurations (``config_diff``, ``describe_diff``) in :mod:`secure_fl.training.config_compare`.
 """
 
 from __future__ import annotations
@@ -9,10 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import re
 import tomllib
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +24,8 @@ from secure_fl.errors import ConfigError
 from secure_fl.privacy.config import PrivacyConfig
 from secure_fl.rounds.spec import PROTOCOLS as AGGREGATORS
 from secure_fl.rounds.spec import AggregationSpec
+from secure_fl.training.config_coerce import _build
+from secure_fl.training.config_compare import config_diff, describe_diff
 from secure_fl.training.model import ModelConfig
 from secure_fl.training.strategy_names import STRATEGIES
 from secure_fl.training.train_config import TrainConfig
@@ -177,85 +179,6 @@ class ExperimentConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[no-any-return]
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a table/mapping, got {type(value).__name__}")
-        return _build(hint, value, where)  # type: ignore[arg-type]
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where} must have {len(args)} entries, got {len(value)}")
-        return tuple(
-            _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-        )
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a table/mapping, got {type(value).__name__}")
-        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise ConfigError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
-
-
-def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]}; allowed keys{' in ' + where if where else ''}: "
-            f"{', '.join(names)}"
-        )
-    kwargs = {
-        key: _coerce(value, hints[key], f"{where}.{key}" if where else key)
-        for key, value in values.items()
-    }
-    return cls(**kwargs)
-
-
 def config_from_mapping(values: Mapping[str, Any]) -> ExperimentConfig:
     """Build and validate an :class:`ExperimentConfig` from parsed TOML/YAML/JSON data."""
     if not isinstance(values, Mapping):
@@ -402,42 +325,18 @@ def load_config(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> 
     return config
 
 
-_ABSENT = "(absent)"
-
-
-def config_diff(
-    old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
-) -> list[tuple[str, Any, Any]]:
-    """The keys whose values differ between two resolved configurations (``to_dict()`` /
-    config.json), as (dotted key, old, new); a key missing on one side shows ``"(absent)"``.
-
-    ``defaults`` (a default configuration's ``to_dict()``): a key absent from ``old`` whose new
-    value equals its default is not a difference - an option added to the product after ``old``
-    was written, left at the behaviour ``old`` ran with."""
-    out: list[tuple[str, Any, Any]] = []
-
-    def walk(a: Any, b: Any, d: Any, where: str) -> None:
-        if a is _ABSENT and d is not _ABSENT and b == d:
-            return
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for key in sorted(set(a) | set(b), key=str):
-                sub = f"{where}.{key}" if where else str(key)
-                dk = d.get(key, _ABSENT) if isinstance(d, Mapping) else _ABSENT
-                walk(a.get(key, _ABSENT), b.get(key, _ABSENT), dk, sub)
-        elif a != b:
-            out.append((where, a, b))
-
-    walk(old, new, defaults if defaults is not None else _ABSENT, "")
-    return out
-
-
-def describe_diff(diff: Sequence[tuple[str, Any, Any]], limit: int = 8) -> str:
-    """``key: old -> new; ...`` on one line (values as JSON), at most ``limit`` keys."""
-    parts = [f"{key}: {_show(old)} -> {_show(new)}" for key, old, new in diff[:limit]]
-    if len(diff) > limit:
-        parts.append(f"and {len(diff) - limit} more")
-    return "; ".join(parts)
-
-
-def _show(value: Any) -> str:
-    return value if value == _ABSENT else json.dumps(value)
+__all__ = [
+    "AGGREGATORS",
+    "STRATEGIES",
+    "AggregationConfig",
+    "DataConfig",
+    "ExperimentConfig",
+    "StrategyConfig",
+    "apply_overrides",
+    "config_diff",
+    "config_from_mapping",
+    "describe_diff",
+    "load_config",
+    "parse_override",
+    "parse_value",
+]

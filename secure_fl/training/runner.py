@@ -35,56 +35,54 @@ same models as an uninterrupted one. Under DP with ``target_epsilon``, a resume 
 the noise of the remaining rounds from what the ledger already holds (an interrupted round's
 intents count in full), so the target holds however often the run is interrupted; the target is
 also enforced as a budget before every round.
+
+The run folder's files (checkpoints, models, resume checks) are in
+:mod:`secure_fl.training.run_folder`; building and evaluating a strategy in
+:mod:`secure_fl.training.run_strategy`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from secure_fl.atomic import atomic_write
 from secure_fl.data import Case, generate_federation, load_datalist, split_by_site
 from secure_fl.errors import BudgetExceededError, ConfigError
 from secure_fl.jsonl import read_jsonl
-from secure_fl.training.config import ExperimentConfig, config_diff, describe_diff
-from secure_fl.training.dp_fedavg import DPFedAvg, SiteDP
+from secure_fl.training.config import ExperimentConfig
 from secure_fl.training.finetune import trainable_summary
 from secure_fl.training.model import build_unet, derive_seed, get_state
 from secure_fl.training.privacy_run import PrivacyRound, privacy_summary_line
-from secure_fl.training.strategies import Federation, Strategy, StrategyState, make_strategy
+from secure_fl.training.run_folder import (
+    STOPPED_FILENAME,
+    BudgetStop,
+    Log,
+    _check_numbering,
+    _check_resume,
+    _json_safe,
+    _load_checkpoint,
+    _save_checkpoint,
+    _save_models,
+)
+from secure_fl.training.run_strategy import _make_strategy, _summarise, evaluate_strategy
+from secure_fl.training.strategies import Federation
 from secure_fl.training.trainer import SiteTrainer
 
-Log = Callable[[str], None]
-
-
-STOPPED_FILENAME = "stopped.json"
-"""Written into the run folder when a privacy budget stopped the run."""
-
-
-@dataclass(frozen=True)
-class BudgetStop:
-    """A privacy budget refused round ``round`` (numbered from 1) of ``strategy`` before it ran:
-    the run ended after round ``round - 1`` (``message``: the budget check's
-    spent/projected/budget/remaining)."""
-
-    strategy: str
-    round: int
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "reason": "privacy_budget",
-            "strategy": self.strategy,
-            "round": self.round,
-            "message": self.message,
-        }
+__all__ = [
+    "STOPPED_FILENAME",
+    "BudgetStop",
+    "Log",
+    "RunSummary",
+    "build_federation",
+    "check_data",
+    "evaluate_strategy",
+    "resolve_cases",
+    "run_experiment",
+]
 
 
 @dataclass(frozen=True)
@@ -183,109 +181,6 @@ def build_federation(
     torch.manual_seed(derive_seed(config.seed, "initial-model"))
     initial = get_state(factory() if factory is not None else build_unet(config.model))
     return Federation(sites=sites, pooled=pool, initial=initial)
-
-
-def _save_checkpoint(path: Path, strategy: str, round_id: int, state: StrategyState) -> None:
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "strategy": strategy,
-            "round": round_id,
-            "state": {
-                k: {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in v.items()}
-                for k, v in state.items()
-            },
-        },
-        buf,
-    )
-    atomic_write(path, buf.getvalue())
-
-
-def _load_checkpoint(path: Path) -> tuple[int, StrategyState]:
-    import torch
-
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: {n: t.numpy() for n, t in v.items()} for k, v in data["state"].items()}
-    return int(data["round"]), state
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _finished_rounds(run: Path, strategies: tuple[str, ...]) -> dict[str, int]:
-    """How many rounds each strategy's checkpoint in ``run`` has finished (0: none)."""
-    done = {}
-    for name in strategies:
-        ckpt = run / "checkpoints" / f"{name}.pt"
-        done[name] = _load_checkpoint(ckpt)[0] + 1 if ckpt.exists() else 0
-    return done
-
-
-def _check_resume(run: Path, config: ExperimentConfig, previous: Any, log: Log) -> None:
-    """Refuse to resume ``run`` with ``config`` unless config.json holds the same configuration,
-    or one that differs only in ``rounds`` (extending a run, or ending it earlier) with no round
-    beyond the new count already finished and no privacy target calibrated for the old count.
-
-    Errors: ConfigError listing every difference (``key: old -> new``) and what to do instead.
-    """
-    resolved = config.to_dict()
-    if previous == resolved:
-        return
-    diff = config_diff(
-        previous if isinstance(previous, dict) else {}, resolved, ExperimentConfig().to_dict()
-    )
-    if not diff:
-        return  # only options added since, at their defaults
-    changes = describe_diff(diff)
-    if [key for key, _, _ in diff] != ["rounds"]:
-        raise ConfigError(
-            f"{run} holds a run with another configuration ({changes}); only rounds may change "
-            "when resuming: use another --run-dir, or --no-resume to start over in this one"
-        )
-    old_rounds = int(previous["rounds"])
-    finished = max(_finished_rounds(run, config.strategies).values(), default=0)
-    if config.rounds < finished:
-        raise ConfigError(
-            f"{run} has already finished {finished} round(s) ({changes}): --rounds must be at "
-            f"least {finished}, or use --no-resume to start over"
-        )
-    p = config.privacy
-    if p.enabled and p.target_epsilon is not None:
-        raise ConfigError(
-            f"{run} calibrated its noise so that target_epsilon={p.target_epsilon:g} holds "
-            f"over {old_rounds} rounds ({changes}): more or fewer rounds would not keep that "
-            "guarantee; start a new run (another --run-dir) with the rounds you want"
-        )
-    verb = "extending" if config.rounds > old_rounds else "shortening"
-    note = ""
-    if p.enabled:
-        note = "; the privacy budgets are checked before every new round"
-    log(
-        f"{verb} the run from {old_rounds} to {config.rounds} rounds ({finished} finished); "
-        f"the learning-rate schedule of the remaining rounds is planned over {config.rounds}"
-        f"{note}"
-    )
-
-
-def _check_numbering(metrics_path: Path, rows: list[dict[str, Any]]) -> None:
-    if any(isinstance(r.get("round"), int) and r["round"] < 1 for r in rows):
-        raise ConfigError(
-            f"{metrics_path} numbers rounds from 0 (written by an older secure-fl): it cannot "
-            "be resumed; use --no-resume to start over, or another --run-dir"
-        )
 
 
 def run_experiment(
@@ -451,90 +346,3 @@ def run_experiment(
     write_report(run, config, rows, stopped=stopped.to_dict() if stopped else None)
     log(f"report: {run / 'report.md'}")
     return RunSummary(run, final_dice, final_pooled, stopped, evaluations)
-
-
-def _make_strategy(config: ExperimentConfig, name: str) -> Strategy:
-    dropouts = {int(k) - 1: v for k, v in config.dropouts.items()}  # keys: rounds from 1
-    if config.privacy.level == "site":
-        p = config.privacy
-        if config.strategy.server_optimizer != {"name": "fedavg", "lr": 1.0}:
-            # DP-FedAvg applies its own (noised) mean; refusing beats silently ignoring.
-            raise ConfigError(
-                "strategy.server_optimizer must be plain fedavg (lr = 1) with "
-                f"privacy.level='site', got {config.strategy.server_optimizer}"
-            )
-        # The noise multiplier is resolved by PrivacyRound.prepare (calibration).
-        dp = SiteDP(
-            noise_multiplier=p.noise_multiplier or 1.0,
-            clip=p.clip,
-            sample_rate=p.site_sample_rate,
-            trust=p.trust,
-            mechanism=p.mechanism,
-            bits=p.bits,
-            seed=config.seed,
-        )
-        return DPFedAvg(dp, config.aggregation.name, config.aggregation.options, dropouts=dropouts)
-    return make_strategy(
-        name,
-        rounds=config.rounds,
-        aggregator=config.aggregation.name,
-        aggregator_options=config.aggregation.options,
-        fedprox_mu=config.fedprox_mu,
-        dropouts=dropouts,
-        server_optimizer=config.strategy.server_optimizer,
-    )
-
-
-def evaluate_strategy(
-    strategy: Strategy, fed: Federation, state: StrategyState
-) -> tuple[dict[str, float], float]:
-    """Mean Dice per site on its held-out cases, and the mean over all held-out cases pooled."""
-    dice: dict[str, float] = {}
-    everything: list[float] = []
-    for name in fed.names:
-        states = strategy.eval_states(fed, state, name)
-        if strategy.mean_over_models and len(states) > 1:
-            per_model = [fed.sites[name].dice([s]) for s in states]
-            scores = [float(np.mean(case)) for case in zip(*per_model, strict=True)]
-        else:
-            scores = fed.sites[name].dice(states)
-        everything.extend(scores)
-        dice[name] = float(np.mean(scores)) if scores else float("nan")
-    pooled = float(np.mean(everything)) if everything else float("nan")
-    return dice, pooled
-
-
-def _summarise(report: Any) -> dict[str, Any] | None:
-    if report is None:
-        return None
-    keep = (
-        "aggregator",
-        "included",
-        "dropped",
-        "clipped_total",
-        "threshold",
-        "k",
-        "bits",
-        "max_error",
-        "seconds",
-    )
-    out = {k: report[k] for k in keep if k in report}
-    if "bytes_sent" in report:
-        out["bytes_sent_per_site"] = float(np.mean(list(report["bytes_sent"].values())))
-    return out
-
-
-def _save_models(path: Path, state: StrategyState) -> None:
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(
-        {
-            k: {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in v.items()}
-            for k, v in state.items()
-        },
-        buf,
-    )
-    atomic_write(path, buf.getvalue())

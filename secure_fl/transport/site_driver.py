@@ -17,6 +17,10 @@ a ``fetch(digest) -> bytes`` that downloads a model, and sends the returned repl
 * an instruction of a kind this site does not know is refused and never acted on;
 * any other exception while acting on an instruction (hostile JSON, a bug) refuses only that
   round (``round-error`` at ERROR with its type): the site process does not die of it.
+
+This module stays whole (a little over 400 lines): it is one class, the site's instruction
+dispatcher, whose round steps already live in :mod:`.site_round`, :mod:`.site_secagg`,
+:mod:`.site_ckks` and :mod:`.site_dp`; splitting the dispatcher would scatter one state machine.
 """
 
 from __future__ import annotations
