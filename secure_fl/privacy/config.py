@@ -31,7 +31,9 @@ class PrivacyConfig:
     * ``level``: ``"none"``; ``"sample"`` (DP-SGD at every site: protects each patient's records);
       ``"site"`` (DP-FedAvg: protects each institution's whole contribution).
     * ``trust``: ``"central"`` (the server adds the noise) or ``"distributed"`` (sites add
-      discrete noise before secure aggregation; site level only).
+      discrete noise before secure aggregation: distributed DP-FedAvg at site level, "federated
+      DP-SGD" at sample level - one global DP-SGD step per round over the pooled cohort,
+      :mod:`secure_fl.training.fed_dpsgd`; needs secagg/secagg+ and fedavg).
     * ``mechanism``: ``"gaussian"`` for sample level and central site level; ``"discrete_gaussian"``
       or ``"skellam"`` for distributed trust.
     * ``noise_multiplier`` / ``target_epsilon``: exactly one when ``level != "none"`` (neither
@@ -73,9 +75,10 @@ class PrivacyConfig:
         _choice("trust", self.trust, TRUST)
         _choice("mechanism", self.mechanism, MECHANISMS)
         _choice("accountant", self.accountant, ACCOUNTANTS)
-        if self.trust == "distributed" and self.level != "site":
+        if self.trust == "distributed" and self.level not in ("site", "sample"):
             raise ConfigError(
-                f"privacy.trust='distributed' needs privacy.level='site', got level={self.level!r}"
+                "privacy.trust='distributed' needs privacy.level='site' (distributed DP-FedAvg) "
+                f"or 'sample' (federated DP-SGD), got level={self.level!r}"
             )
         if self.trust == "distributed" and self.mechanism not in DISTRIBUTED_MECHANISMS:
             raise ConfigError(

@@ -42,6 +42,24 @@ def check_privacy_config(config: ExperimentConfig) -> None:
             f"privacy.level='site' is DP-FedAvg: strategies must be ['fedavg'], got "
             f"{list(config.strategies)}"
         )
+    if p.level == "sample" and p.trust == "distributed":
+        # federated DP-SGD (secure_fl.training.fed_dpsgd): one global step per round
+        if config.strategies[0] != "fedavg":
+            raise ConfigError(
+                "privacy.level='sample' with trust='distributed' is federated DP-SGD: "
+                f"strategies must be ['fedavg'], got {list(config.strategies)}"
+            )
+        if config.train.local_epochs != 1:
+            raise ConfigError(
+                "federated DP-SGD takes one global step per round: train.local_epochs must be "
+                f"1, got {config.train.local_epochs}"
+            )
+        if config.strategy.server_optimizer != {"name": "fedavg", "lr": 1.0}:
+            raise ConfigError(
+                "federated DP-SGD applies plain SGD with train.lr on the server: "
+                f"strategy.server_optimizer must be plain fedavg, got "
+                f"{config.strategy.server_optimizer}"
+            )
     if p.trust == "distributed":
         if p.accountant != "rdp":
             raise ConfigError(

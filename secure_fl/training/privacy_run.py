@@ -9,6 +9,10 @@ under-counts; a round re-run after a crash is counted again (over-counting, neve
 * ``level = "sample"``: DP-SGD at each site (:mod:`secure_fl.training.dp_sgd`). Each site's noise
   multiplier is its own: calibrated from the target epsilon for the site's sampling rate
   ``batch_size / n_train`` and its steps over the whole run.
+* ``level = "sample"``, ``trust = "distributed"``: federated DP-SGD
+  (:mod:`secure_fl.training.fed_dpsgd`): one multiplier for the pooled cohort, calibrated for
+  rate ``batch_size / pooled training cases`` and ``rounds`` steps; each site's patients are
+  charged that rate, the effective multiplier and one step per round.
 * ``level = "site"``: DP-FedAvg (:mod:`secure_fl.training.dp_fedavg`), one multiplier for all
   sites, calibrated for ``rounds`` releases **without** amplification by site sampling (the server
   sees who takes part): each round, every site gets a record with sampling rate 1 and one step if
@@ -134,7 +138,9 @@ class PrivacyRound:
     def prepare(self) -> None:
         """Resolve the noise multipliers and hand them to the trainers / the strategy."""
         cfg, p = self.config, self.privacy
-        if p.level == "sample":
+        if self.fed_dpsgd:
+            self._prepare_fed_dpsgd()
+        elif p.level == "sample":
             trainers = dict(self.fed.sites)
             if self.fed.pooled is not None:
                 trainers["pooled"] = self.fed.pooled
@@ -168,6 +174,8 @@ class PrivacyRound:
             taking_part = set(self._dp_fedavg().sampled_sites(self.fed, round_id))
             return self.session.planned(round_id, taking_part)
         cfg, p = self.config, self.privacy
+        if self.fed_dpsgd:
+            return self._planned_fed_dpsgd(round_id)
         entries: list[LedgerEntry] = []
         for trainer_name in self.strategy.training_sites(self.fed, round_id):
             trainer = self.fed.pooled if trainer_name == "pooled" else self.fed.sites[trainer_name]
@@ -200,6 +208,90 @@ class PrivacyRound:
                         strategy=self.strategy.name,
                     )
                 )
+        return entries
+
+    # -- federated DP-SGD (sample level, distributed trust) -------------------------------------
+
+    @property
+    def fed_dpsgd(self) -> bool:
+        """Whether this run is federated DP-SGD (:mod:`secure_fl.training.fed_dpsgd`)."""
+        return self.privacy.level == "sample" and self.privacy.trust == "distributed"
+
+    def _prepare_fed_dpsgd(self) -> None:
+        """Federated DP-SGD: ``q = batch_size / pooled training cases``, ``rounds`` steps; the
+        target calibrates the EFFECTIVE multiplier (recorded under ``"federation"``), and the
+        strategy's nominal one is the smallest whose effective value meets it."""
+        from secure_fl.training.fed_dpsgd import (
+            FedDPSGD,
+            noise_configs,
+            nominal_for_effective,
+            pooled_sample_rate,
+            secagg_threshold,
+        )
+
+        cfg, p, strategy, names = self.config, self.privacy, self.strategy, self.fed.names
+        if not isinstance(strategy, FedDPSGD):
+            raise ConfigError("privacy.level='sample' with trust='distributed' needs FedDPSGD")
+        q = pooled_sample_rate(
+            cfg.train.batch_size, sum(self.fed.sites[n].num_train_cases for n in names)
+        )
+        sigma = calibrate_multiplier(p, q, cfg.rounds)
+        first = self.fed.sites[names[0]]
+        first.initialize()
+        dim = sum(int(t.numel()) for t in first.network.parameters() if t.requires_grad)
+        t, colluders = secagg_threshold(len(names), cfg.aggregation.options)
+
+        def effective(nominal: float) -> float:
+            patient, _ = noise_configs(
+                mechanism=p.mechanism,
+                clip=p.clip,
+                noise_multiplier=nominal,
+                bound=p.clip,
+                num_sites=len(names),
+                threshold=t,
+                colluders=colluders,
+                dimension=dim,
+            )
+            return patient.effective_noise_multiplier()
+
+        nominal = nominal_for_effective(sigma, effective)
+        strategy.noise_multiplier, strategy.sample_rate = nominal, q
+        self.sample_noise["federation"] = effective(nominal)
+
+    def _planned_fed_dpsgd(self, round_id: int) -> list[LedgerEntry]:
+        """One step at the pooled rate per round, charged to every site's patients."""
+        from secure_fl.training.fed_dpsgd import MODE, FedDPSGD
+
+        p, strategy = self.privacy, self.strategy
+        if not isinstance(strategy, FedDPSGD) or "federation" not in self.sample_noise:
+            raise ConfigError("call prepare() first")
+        params: dict[str, Any] = {
+            "trust": p.trust,
+            "noise_source": p.noise_source,
+            "mode": MODE,
+            "nominal_noise_multiplier": strategy.noise_multiplier,
+            "calibrated_noise_multiplier": self.sample_noise["federation"],
+        }
+        if p.target_epsilon is not None:
+            params["target_epsilon"] = p.target_epsilon
+        entries = []
+        for site in self.fed.names:
+            entries.append(
+                LedgerEntry(
+                    site=site,
+                    round=round_id,
+                    level="sample",
+                    mechanism=p.mechanism,
+                    noise_multiplier=self.sample_noise["federation"],
+                    clip=p.clip,
+                    sample_rate=strategy.sample_rate,
+                    steps=1,
+                    survivors=None,
+                    delta=p.delta,
+                    params={**params, "trainer": site},
+                    strategy=strategy.name,
+                )
+            )
         return entries
 
     def _resume_params(self, group: str) -> dict[str, Any]:
@@ -235,6 +327,12 @@ class PrivacyRound:
             trainer = self.fed.pooled if trainer_name == "pooled" else self.fed.sites[trainer_name]
             if trainer is None:
                 raise ConfigError(f"no trainer {trainer_name!r}")
+            if self.fed_dpsgd:
+                event = getattr(self.strategy, "last_round", {}).get("dp_event") or {}
+                ledger.confirm(
+                    intent_id, steps=trainer.last_steps, noise_multiplier=event["noise_multiplier"]
+                )
+                continue
             ledger.confirm(intent_id, steps=trainer.last_steps)
         self._intents = []
         return privacy_row(ledger, self.privacy, self.sample_noise)
@@ -256,6 +354,11 @@ class PrivacyRound:
         from secure_fl.privacy.budget import planned_event, resume_noise_scale
 
         ledger = self._open_ledger()
+        if self.fed_dpsgd and 0 < start_round < self.config.rounds:
+            raise ConfigError(
+                "resuming a federated DP-SGD run is not supported (its noise is not recalibrated "
+                "from the spent epsilon): start a new run folder"
+            )
         if self.session is not None:
             strategy = self._dp_fedavg()
             note = self.session.recalibrate_for_resume(

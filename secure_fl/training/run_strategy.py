@@ -19,6 +19,22 @@ from secure_fl.training.strategies import Federation, Strategy, StrategyState, m
 
 def _make_strategy(config: ExperimentConfig, name: str) -> Strategy:
     dropouts = {int(k) - 1: v for k, v in config.dropouts.items()}  # keys: rounds from 1
+    if config.privacy.level == "sample" and config.privacy.trust == "distributed":
+        from secure_fl.training.fed_dpsgd import FedDPSGD
+
+        p, train = config.privacy, config.train
+        # federated DP-SGD; noise_multiplier and sample_rate are set by PrivacyRound.prepare
+        return FedDPSGD(
+            clip=p.clip,
+            noise_multiplier=p.noise_multiplier or 1.0,
+            sample_rate=1.0,
+            lr=lambda r: float(train.lr_for_round(r, config.rounds)),
+            aggregator=config.aggregation.name,
+            aggregator_options=config.aggregation.options,
+            mechanism=p.mechanism,
+            dropouts=dropouts,
+            seed=config.seed if p.reproducible_noise else None,
+        )
     if config.privacy.level == "site":
         p = config.privacy
         if config.strategy.server_optimizer != {"name": "fedavg", "lr": 1.0}:

@@ -161,7 +161,15 @@ def _derive(
         steps = epochs * math.ceil(1.0 / q)
         return Derived(q, steps, least_noise(q, rounds * steps), basis)
 
-    if strategy == "centralized":
+    if pcfg.level == "sample" and pcfg.trust == "distributed":
+        # federated DP-SGD (secure_fl.training.fed_dpsgd): one global step per round, each
+        # patient of the pooled cohort Poisson-sampled at q = batch_size / pooled training cases
+        total = sum(n_train.values())
+        q = min(1.0, batch / total) if total else 1.0
+        basis = f"federated DP-SGD: batch {batch} / {total} pooled training cases, 1 step/round"
+        fed = Derived(q, 1, least_noise(q, rounds), basis)
+        derived = {s: fed for s in names}
+    elif strategy == "centralized":
         total = sum(n_train.values())
         pooled = plan(total, f"pooled trainer: batch {batch} / {total} training cases")
         derived = {s: pooled for s in names}
