@@ -57,7 +57,7 @@ def test_the_light_settings_are_one_object_under_every_old_name() -> None:
         # Loading (and validating) a whole config, privacy checks included.
         "import pathlib, tempfile; from secure_fl.training.config import load_config; "
         "p = pathlib.Path(tempfile.mkdtemp()) / 'c.toml'; "
-        "p.write_text('name = \"x\"\\n[privacy]\\nlevel = \"site\"\\ntarget_epsilon = 8.0\\n'); "
+        'p.write_text(\'name = "x"\\n[privacy]\\nlevel = "site"\\ntarget_epsilon = 8.0\\n\'); '
         "load_config(p)",
     ],
 )
