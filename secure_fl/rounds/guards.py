@@ -8,6 +8,10 @@ two sums into one site's exact update. A :class:`ReleaseGuard` is that memory;
 * ``claim(round_id, None)`` in :meth:`~secure_fl.rounds.secagg.SecAggSiteRound.on_setup`, before
   its key advertisement leaves: PolicyError when this site already took part in a round with
   that id;
+* ``contribute(round_id)`` when it has computed its masked input, before the input is returned:
+  the other sites' shares rebuild this site's self-mask, so the masked input alone releases its
+  update into a sum (the server needs no unmask answer from it); a host with a per-release
+  budget (the gRPC site's DP rounds) records or refuses it here;
 * ``claim(round_id, survivors)`` when it has computed its unmask response, before the response is
   returned: PolicyError when it already answered an unmasking of that round id for another
   survivor set (the same set again is allowed: the same answer reveals nothing new).
@@ -39,6 +43,12 @@ class ReleaseGuard(Protocol):
         already answered an unmasking of that round id for another survivor set."""
         ...
 
+    def contribute(self, round_id: int) -> None:
+        """Record that this site is about to send its masked input of round ``round_id`` (a
+        release of its update: see the module docstring), before the message leaves.
+        Errors: PolicyError when the host refuses the release (e.g. a budget is spent)."""
+        ...
+
 
 class MemoryReleaseGuard:
     """A :class:`ReleaseGuard` kept in this process's memory (in process: simulations, tests).
@@ -46,7 +56,18 @@ class MemoryReleaseGuard:
 
     def __init__(self) -> None:
         self._joined: set[int] = set()
+        self._contributed: set[int] = set()
         self._unmasked: dict[int, frozenset[int]] = {}
+
+    @property
+    def contributed(self) -> frozenset[int]:
+        """The round ids whose masked input this site sent (released its update into)."""
+        return frozenset(self._contributed)
+
+    def contribute(self, round_id: int) -> None:
+        """See :meth:`ReleaseGuard.contribute` (recorded in :attr:`contributed`; no budget
+        here, so nothing is refused)."""
+        self._contributed.add(round_id)
 
     def claim(self, round_id: int, survivors: frozenset[int] | None) -> None:
         """See :meth:`ReleaseGuard.claim`. Errors: PolicyError."""

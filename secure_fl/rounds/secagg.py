@@ -31,7 +31,7 @@ from secure_fl.rounds.checks import check_roster, config_from_setup, own_weight
 from secure_fl.rounds.messages import Message, SecAggSetup
 from secure_fl.rounds.plan import RoundPlan
 from secure_fl.secagg.client import SecAggClient
-from secure_fl.secagg.messages import UnmaskResponse
+from secure_fl.secagg.messages import MaskedInput, UnmaskResponse
 from secure_fl.secagg.policy import SitePolicy as CorePolicy
 from secure_fl.secagg.server import SecAggServer, ServerPhase
 from secure_fl.transport import policy as site_policy
@@ -345,6 +345,10 @@ class SecAggSiteRound(SiteRound):
             reply = self.client.handle(message)
         finally:
             self.seconds += time.perf_counter() - t0
+        if isinstance(reply, MaskedInput) and self.release_guard is not None:
+            # The masked input alone releases the update (the others' shares rebuild the
+            # self-mask): recorded before it leaves; a refusal discards it.
+            self.release_guard.contribute(self.client.config.round_id)
         if isinstance(reply, UnmaskResponse) and self.release_guard is not None:
             survivors = frozenset(getattr(message, "survivors", frozenset()))
             # Recorded before the answer leaves; a refusal discards the answer.

@@ -125,6 +125,7 @@ class ServerPrivacy:
         self.session.open(self.run_dir)
         self.session.calibrate()
         self._pending: int | None = None  # the round whose intents are recorded, not confirmed
+        self._participants: dict[int, str] = {}  # the participants of the pending round
         self._resumed = False
         self.last_event: dict[str, Any] | None = None
         self.resume_note: str | None = None
@@ -221,6 +222,7 @@ class ServerPrivacy:
         unknown = sorted(set(participants.values()) - set(self.roster))
         if unknown:
             raise ConfigError(f"participants {unknown} are not on the roster")
+        self._participants = dict(participants)
         if not self._resumed:
             self._resumed = True
             self.resume_note = self.session.recalibrate_for_resume(
@@ -261,9 +263,21 @@ class ServerPrivacy:
         """After round ``round_index``: central trust adds the Gaussian noise to ``mean`` (the
         survivors' weighted mean; ``weights`` the reported weights by site id); then confirms
         the intents, appends the metrics row and adds ``record["privacy"]``. Returns the mean to
-        release. Errors: ConfigError when no intents are pending for this round."""
+        release. Errors: ConfigError when no intents are pending for this round, or a survivor
+        is not among the participants given to :meth:`before_round` for it (id and name: a
+        survivor the ledger did not charge)."""
         if self._pending != round_index:
             raise ConfigError(f"round {round_index + 1} has no recorded privacy intents")
+        strangers = sorted(
+            f"{sid}={name}"
+            for sid, name in survivors.items()
+            if self._participants.get(sid) != name or name not in self.roster
+        )
+        if strangers:
+            raise ConfigError(
+                f"survivors {strangers} of round {round_index + 1} are not among its "
+                f"participants {sorted(self._participants.values())} on the roster"
+            )
         from secure_fl.aggregators.dp import DPEvent
 
         session = self.session

@@ -14,6 +14,7 @@ checked completely.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import threading
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from secure_fl.encoding import l2_clip as clip_l2
-from secure_fl.errors import LocalProtocolError, RemoteProtocolError
+from secure_fl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from secure_fl.rounds import protobuf as rounds_pb
 from secure_fl.rounds.messages import CkksSetup, SecAggSetup
 from secure_fl.rounds.plan import plan_round
@@ -111,6 +112,30 @@ def secagg_open(
         verify_keys=verify_keys,
         extra_binding=distributed_dp_json.encode(),
     )
+    noise_t = dp_noise_threshold(distributed_dp_json)
+    planned_t = plan.secagg.threshold if plan.secagg is not None else None
+    if noise_t is not None and planned_t is not None and planned_t < noise_t:
+        # The noise is sized for noise_t honest-share holders (the whole roster's threshold);
+        # every site refuses a plan below it (CodecNoiseConfig.check_plan): plan with it.
+        if len(listed) < noise_t:
+            raise ConfigError(
+                f"a distributed-DP round of {len(listed)} sites cannot reach the noise "
+                f"threshold t={noise_t} (sized for the roster); the round is not started"
+            )
+        try:
+            plan = plan_round(
+                dataclasses.replace(spec, threshold=noise_t),
+                listed,
+                vector_length=vector_length,
+                round_id=round_id,
+                verify_keys=verify_keys,
+                extra_binding=distributed_dp_json.encode(),
+            )
+        except ConfigError as exc:
+            raise ConfigError(
+                f"a distributed-DP round of {len(listed)} sites cannot be planned with the "
+                f"noise threshold t={noise_t} (sized for the roster): {exc}"
+            ) from exc
     phase_s = config.deadlines.phase_s
     server_round = SecAggServerRound(plan, phase_deadline_s=phase_s)
     # The wire setups are the round's own setup messages (one source: l2_clip, DP JSON, weights).
@@ -127,6 +152,25 @@ def secagg_open(
         "frac_bits": bit_plan.frac_bits if bit_plan is not None else None,
     }
     return SecAggRound(server_round, setups, record)
+
+
+def dp_noise_threshold(distributed_dp_json: str) -> int | None:
+    """The SecAgg threshold a distributed-DP noise configuration (``distributed_dp_json``, as
+    :meth:`ServerPrivacy.before_round` gives it) was sized for, or None (no DP, central
+    trust's clip, or no ``threshold`` field). Errors: ConfigError when the JSON is malformed
+    or its threshold is not an integer >= 2."""
+    if not distributed_dp_json:
+        return None
+    try:
+        fields = json.loads(distributed_dp_json)
+    except ValueError as exc:
+        raise ConfigError(f"distributed_dp_json is not JSON: {exc}") from exc
+    value = fields.get("threshold") if isinstance(fields, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(f"distributed_dp_json threshold must be an integer >= 2, got {value!r}")
+    return value
 
 
 def secagg_mean(sa: SecAggRound) -> tuple[np.ndarray, frozenset[int], dict[str, Any]]:

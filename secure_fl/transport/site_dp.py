@@ -11,8 +11,16 @@ are recorded for its federation: at the setup (before its key advertisement) and
 the unmask answer. A record whose chain is broken (edited, truncated in the middle) is refused
 (ConfigError): the site does not guess how many rounds it took part in.
 
-Over-count, never under-count: a round is recorded when the site answers its unmask request,
+Over-count, never under-count: a round is recorded before the site's masked input is built
+(the other sites' shares rebuild its self-mask, so the server needs no unmask answer from it),
 whether or not the server then completes it.
+
+The chain alone is unkeyed: deleting the file, dropping its last lines or writing a fresh chain
+would reset the budget. After each append the record's length and head hash are anchored in the
+site's atomically written ``state_dir/contributions.json`` (:data:`ANCHOR_KEY` under the
+federation); a record shorter than its anchor, or whose line at the anchored length does not
+carry the anchored hash, is refused (ConfigError naming the file) when the record is opened
+(the site's start) and whenever it is read.
 """
 
 from __future__ import annotations
@@ -25,10 +33,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from secure_fl.atomic import atomic_write
 from secure_fl.errors import ConfigError, PolicyError
 
 #: In ``state_dir``: the site's own record of its DP rounds.
 DP_RECORD = "dp_rounds.jsonl"
+#: In ``state_dir``: the site's contribution record (:mod:`.replay`), which anchors the DP record.
+ANCHOR_FILE = "contributions.json"
+#: The key of the anchor (``{"count": lines, "head": hash}``) under the federation.
+ANCHOR_KEY = "dp_record_anchor"
 GENESIS = "0" * 64
 
 
@@ -54,17 +67,75 @@ def describe_dp(cfg: Any) -> dict[str, Any]:
 
 class DPRoundRecord:
     """``path`` (JSONL, hash-chained; module docstring) for ``federation``; ``max_rounds``
-    (``policy.max_dp_rounds``) the most DP rounds accepted, None for no limit."""
+    (``policy.max_dp_rounds``) the most DP rounds accepted, None for no limit; ``anchor`` the
+    JSON file that anchors its length and head (default: :data:`ANCHOR_FILE` beside ``path``).
 
-    def __init__(self, path: Path, federation: str, max_rounds: int | None) -> None:
+    Errors (constructor): ConfigError when the record is unreadable, its chain is broken, or it
+    is missing or shorter than its anchor (module docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        federation: str,
+        max_rounds: int | None,
+        *,
+        anchor: Path | None = None,
+    ) -> None:
         self._path = Path(path)
         self._federation = federation
         self._max = max_rounds
+        self._anchor = Path(anchor) if anchor is not None else self._path.parent / ANCHOR_FILE
+        self.entries()  # the site refuses to start on a record that lost its tail
+
+    def _load_anchor(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        if not self._anchor.exists():
+            return {}, None
+        try:
+            record = json.loads(self._anchor.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self._anchor} is unreadable: {exc}") from exc
+        if not isinstance(record, dict):
+            raise ConfigError(f"{self._anchor} must hold a JSON object")
+        fed = record.get(self._federation)
+        anchor = fed.get(ANCHOR_KEY) if isinstance(fed, dict) else None
+        if anchor is not None and not (
+            isinstance(anchor, dict)
+            and isinstance(anchor.get("count"), int)
+            and anchor["count"] >= 1
+            and isinstance(anchor.get("head"), str)
+        ):
+            raise ConfigError(
+                f"{self._anchor}: {self._federation}.{ANCHOR_KEY} must be "
+                '{"count": int >= 1, "head": hex}'
+            )
+        return record, anchor
+
+    def _check_anchor(self, entries: list[dict[str, Any]]) -> None:
+        _, anchor = self._load_anchor()
+        if anchor is None:
+            return
+        count, head = int(anchor["count"]), str(anchor["head"])
+        if len(entries) < count or str(entries[count - 1].get("hash")) != head:
+            raise ConfigError(
+                f"{self._path} holds {len(entries)} DP round entries but {self._anchor} anchors "
+                f"{count} ending in hash {head[:16]}...: the record was deleted, truncated or "
+                "rewritten; this site does not guess how many DP rounds it took part in"
+            )
+
+    def _write_anchor(self, count: int, head: str) -> None:
+        record, _ = self._load_anchor()
+        fed = record.setdefault(self._federation, {})
+        if not isinstance(fed, dict):
+            raise ConfigError(f"{self._anchor}: {self._federation} must be a JSON object")
+        fed[ANCHOR_KEY] = {"count": count, "head": head}
+        atomic_write(self._anchor, json.dumps(record))
 
     def entries(self) -> list[dict[str, Any]]:
-        """Every entry, the chain checked. Errors: ConfigError when the file is unreadable or
-        its chain is broken (naming the line)."""
+        """Every entry, the chain and its anchor checked. Errors: ConfigError when the file is
+        unreadable, its chain is broken (naming the line), or it is missing or shorter than its
+        anchor."""
         if not self._path.exists():
+            self._check_anchor([])
             return []
         try:
             lines = self._path.read_text(encoding="utf-8").splitlines()
@@ -87,6 +158,7 @@ class DPRoundRecord:
                 )
             prev = str(entry["hash"])
             out.append(entry)
+        self._check_anchor(out)
         return out
 
     def rounds(self) -> frozenset[int]:
@@ -109,10 +181,19 @@ class DPRoundRecord:
                 f"policy.max_dp_rounds={self._max}"
             )
 
-    def claim(self, round_id: int, survivors: Iterable[int], dp: dict[str, Any]) -> None:
-        """Record DP round ``round_id`` with ``survivors`` and ``dp`` (:func:`describe_dp`)
-        before the caller releases anything of it (appended and fsynced; idempotent per round
-        id). Errors: PolicyError over the budget (:meth:`check_room`), ConfigError, OSError."""
+    def claim(
+        self,
+        round_id: int,
+        survivors: Iterable[int],
+        dp: dict[str, Any],
+        *,
+        stage: str = "unmask",
+    ) -> None:
+        """Record DP round ``round_id`` with ``survivors`` (before the masked input: the round's
+        participants) and ``dp`` (:func:`describe_dp`) before the caller releases anything of
+        it (appended and fsynced; idempotent per round id; ``stage`` names the release the
+        entry was written for: ``masked_input`` or ``unmask``). Errors: PolicyError over the
+        budget (:meth:`check_room`), ConfigError, OSError."""
         self.check_room(round_id)
         entries = self.entries()
         if any(
@@ -125,6 +206,7 @@ class DPRoundRecord:
             "round_id": int(round_id),
             **dp,
             "survivors": sorted(int(s) for s in survivors),
+            "stage": str(stage),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "prev": str(entries[-1]["hash"]) if entries else GENESIS,
         }
@@ -135,6 +217,7 @@ class DPRoundRecord:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
+        self._write_anchor(len(entries) + 1, str(body["hash"]))
 
 
 def site_privacy(config: Any) -> Any:

@@ -10,10 +10,13 @@ Guarantees (against a malicious server), all before the site sends anything of t
 * with distributed DP, the noise configuration passes the site's privacy floor
   (:class:`secure_fl.transport.privacy.SitePrivacy`) and the noise is added to the encoded
   integers before masking; a DP round must fit the site's own budget (``policy.max_dp_rounds``)
-  and is recorded in ``state_dir/dp_rounds.jsonl`` before the unmask answer (:mod:`.site_dp`);
+  and is recorded in ``state_dir/dp_rounds.jsonl`` before its masked input is built (the other
+  sites' shares rebuild its self-mask, so the server needs no unmask answer from it), checked
+  again before the unmask answer (:mod:`.site_dp`);
 * it answers at most one unmask request per round id unless the survivor set is the same
   (``state_dir/unmasked.json``, written before the answer leaves: it holds across restarts), and
-  releases its update for one model under one round id only (:mod:`.replay`).
+  answers unmask requests for one model under one round id only (:mod:`.replay`; why not at the
+  masked input: :meth:`SecAggSiteHalf._claim_contribution`).
 """
 
 from __future__ import annotations
@@ -103,6 +106,13 @@ class SiteReleaseGuard:
         self._unmask_guard = unmask_guard
         self._dp_record = dp_record
         self._dp = dp
+
+    def contribute(self, round_id: int) -> None:
+        """See :meth:`secure_fl.rounds.guards.ReleaseGuard.contribute`: the transport recorded
+        the DP round and the release before the masked input was built
+        (:meth:`SecAggSiteHalf._claim_contribution`); this re-checks the round id and, in a DP
+        round, that it is recorded within the budget. Errors: PolicyError, ConfigError."""
+        self.claim(round_id, None)
 
     def claim(self, round_id: int, survivors: frozenset[int] | None) -> None:
         """See :meth:`secure_fl.rounds.guards.ReleaseGuard.claim`. Errors: PolicyError (another
@@ -237,7 +247,9 @@ class SecAggSiteHalf:
             self._crash_point("share_keys", self.round_id)
             return [Call("SendShareKeys", protobuf.share_keys_to_pb(reply))]
         if kind == "share_delivery":
-            masked = half.handle(protobuf.delivery_from_pb(inst.share_delivery))
+            delivery = protobuf.delivery_from_pb(inst.share_delivery)
+            self._claim_contribution(half)
+            masked = half.handle(delivery)
             if not isinstance(masked, MaskedInput):
                 raise RemoteProtocolError("share_delivery gave no masked input")
             self._crash_point("masked_input", self.round_id)
@@ -267,6 +279,24 @@ class SecAggSiteHalf:
         if not isinstance(answer, UnmaskResponse):
             raise RemoteProtocolError("unmask_request gave no unmask response")
         return [Call("SendUnmaskResponse", protobuf.unmask_to_pb(answer))]
+
+    def _claim_contribution(self, half: SecAggSiteRound) -> None:
+        """Record, before the masked input is built, that this site is about to put its update
+        into a sum: the other sites' shares rebuild its self-mask, so the server needs no
+        unmask answer from it. In a DP round the round enters the site's DP record (refused
+        past ``policy.max_dp_rounds``, nothing sent). Errors: PolicyError, ConfigError,
+        OSError.
+
+        The one-release-per-model record stays at the unmask answer: recording it here would
+        refuse every honest retry of an attempt that aborted after the masked inputs (a site
+        dying below the threshold), on the same model, forever; and a server that skips this
+        site's unmask still needs >= t other answerers, whose own records then keep them out
+        of a second round on the model, so any difference of two sums holds >= t - c honest
+        updates besides this site's (the threshold's own bound)."""
+        if self._dp is not None and self._dp_record is not None:
+            client = half.client
+            participants = client.config.site_ids if client is not None else ()
+            self._dp_record.claim(self.round_id, participants, self._dp, stage="masked_input")
 
     def abort(self) -> None:
         """Forget the round half (its client's secrets go with it)."""

@@ -224,3 +224,72 @@ def test_provision_writes_the_privacy_section_and_the_site_floor(tmp_path: Path)
     assert none is None
     with pytest.raises(ConfigError, match="secagg"):
         provision(tmp_path / "fed2", ROSTER, protocol="plain", privacy=privacy, ckks=False)
+
+
+# -- issue 11, second review: survivors off the round (b4), DP rounds with fewer sites (b6) --------
+
+
+def test_apply_refuses_survivors_the_round_did_not_charge(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(level="site", target_epsilon=8.0, delta=1e-5, clip=1.0)
+    server = _server(tmp_path / "run", privacy, rounds=1)
+    three = {1: "a", 2: "b", 3: "c"}
+    server.before_round(0, three)
+    for survivors in ({**three, 9: "zz"}, {1: "a", 4: "d"}, {1: "b"}):
+        with pytest.raises(ConfigError, match="not among its participants"):
+            server.apply(0, np.zeros(DIM), survivors, dict.fromkeys(survivors, 1.0), {})
+    server.apply(0, np.zeros(DIM), three, dict.fromkeys(three, 1.0), {})
+    server.finish(1)
+    _passes(tmp_path / "run")
+
+
+def test_the_audit_flags_a_metrics_survivor_the_ledger_did_not_charge(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(level="site", target_epsilon=8.0, delta=1e-5, clip=1.0)
+    run = tmp_path / "run"
+    server = _server(run, privacy, rounds=1)
+    _run_rounds(server, range(1))
+    server.finish(1)
+    assert _passes(run) > 0
+    metrics = run / "metrics.jsonl"
+    row = json.loads(metrics.read_text())
+    row["survivors"] = [*row["survivors"], "mallory"]
+    metrics.write_text(json.dumps(row) + "\n")
+    findings = audit_run(run).findings
+    assert [f.site for f in findings if f.code == "UNCHARGED_SURVIVOR"] == ["mallory"]
+
+
+@pytest.mark.parametrize("live", [9, 6])
+def test_a_distributed_dp_round_with_fewer_sites_plans_the_noise_threshold(
+    tmp_path: Path, live: int
+) -> None:
+    from secure_fl.transport.server_rounds import dp_noise_threshold, secagg_open
+
+    parser = argparse.ArgumentParser()
+    add_privacy_arguments(parser)
+    args = ["--privacy", "site", "--target-epsilon", "8", "--trust", "distributed"]
+    names = [f"s{i}" for i in range(10)]
+    fed = provision(tmp_path / "fed", names, privacy=privacy_from_args(parser.parse_args(args)))
+    config = load_server_config(fed.server_config)
+    server = ServerPrivacy.from_config(config, tmp_path / "run")
+    participants = {e.site_id: e.name for e in config.roster[:live]}
+    dp_json = server.before_round(0, participants)
+    noise_t = dp_noise_threshold(dp_json)
+    assert noise_t is not None and noise_t <= live
+    sa = secagg_open(
+        config,
+        dict.fromkeys(participants, 1.0),
+        round_id=1,
+        vector_length=server.dimension,
+        distributed_dp_json=dp_json,
+        l2_clip=server.l2_clip(),
+    )
+    assert sa.record["threshold"] >= noise_t
+    CodecNoiseConfig.from_json(dp_json).check_plan(sa.round.plan)  # the sites accept it
+    with pytest.raises(ConfigError, match="cannot reach the noise threshold"):
+        secagg_open(
+            config,
+            {s: 1.0 for s in list(participants)[: noise_t - 1]},
+            round_id=2,
+            vector_length=server.dimension,
+            distributed_dp_json=dp_json,
+            l2_clip=server.l2_clip(),
+        )

@@ -238,6 +238,34 @@ def _check_noise_source(records: Sequence[LedgerRecord], findings: list[Finding]
         )
 
 
+def _check_row_survivors(
+    row: Mapping[str, Any],
+    rnd: int,
+    strategy: str,
+    charged: set[str] | None,
+    findings: list[Finding],
+) -> None:
+    """A metrics row's ``survivors`` (a list of site names; a count is not checked) must all be
+    charged by the ledger in that round: a survivor whose update entered the release without a
+    ledger record spent privacy nobody accounted (UNCHARGED_SURVIVOR, error). Rows of rounds
+    the ledger lacks are MISSING_ROUND's."""
+    names = row.get("survivors")
+    if charged is None or not isinstance(names, list):
+        return
+    for name in sorted({str(n) for n in names} - charged):
+        findings.append(
+            Finding(
+                "UNCHARGED_SURVIVOR",
+                ERROR,
+                f"metrics.jsonl names {name!r} a survivor of round {rnd + 1}, but the ledger did "
+                "not charge it in that round",
+                site=name,
+                round=rnd,
+                strategy=strategy or None,
+            )
+        )
+
+
 def _check_rounds(
     records: Sequence[LedgerRecord],
     rows: Sequence[dict[str, Any]],
@@ -264,6 +292,7 @@ def _check_rounds(
         if rnd is None:
             continue
         s = str(row.get("strategy") or "") if strategies_named else ""
+        _check_row_survivors(row, rnd, s, sites_by_round.get((s, rnd)), findings)
         if rnd not in by_strategy.get(s, set()) and (s, rnd) not in reported_missing:
             reported_missing.add((s, rnd))
             findings.append(

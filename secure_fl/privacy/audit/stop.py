@@ -209,7 +209,9 @@ def _check_progress(
     checkpoint of a later round than the ledger and metrics.jsonl hold, or final models and a
     report of a run whose ledger ends early without a budget stop, mean records were removed:
     ``ARTEFACTS_AHEAD_OF_LEDGER`` (error; e.g. a tail truncated to under-state epsilon). An
-    unreadable checkpoint is ``CHECKPOINT_UNREADABLE`` (warning)."""
+    unreadable checkpoint is ``CHECKPOINT_UNREADABLE`` (warning). The gRPC server's own progress
+    files count too (:func:`_check_server_progress`)."""
+    _check_server_progress(run, records, rows, findings)
     planned = _int_or_none(config.get("rounds"))
     stopped = (run / "stopped.json").exists()
     raw = config.get("strategies")
@@ -272,3 +274,70 @@ def _check_progress(
                     **where,
                 )
             )
+
+
+def _server_round(run: Path) -> tuple[int | None, str, str | None]:
+    """(0-based index of the last round the gRPC server's files say finished or None, the file
+    that says so, why ``checkpoint.json`` is unreadable or None)."""
+    done: int | None = None
+    source = ""
+    problem: str | None = None
+    path = run / "checkpoint.json"
+    if path.is_file():
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get("completed_rounds")
+        except (OSError, ValueError, AttributeError) as exc:
+            value, problem = None, f"{type(exc).__name__}: {exc}"
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if value > 0:
+                done, source = value - 1, "checkpoint.json"
+        elif problem is None:
+            problem = f"it holds no valid 'completed_rounds' (got {value!r})"
+    records = run / "rounds"
+    if records.is_dir():
+        for item in records.glob("round-*.json"):
+            digits = item.stem.removeprefix("round-")
+            if len(digits) == 6 and digits.isdigit() and (done is None or int(digits) > done):
+                done, source = int(digits), f"rounds/{item.name}"
+    return done, source, problem
+
+
+def _check_server_progress(
+    run: Path,
+    records: Sequence[LedgerRecord],
+    rows: Sequence[dict[str, Any]],
+    findings: list[Finding],
+) -> None:
+    """The gRPC server writes ``checkpoint.json`` (``completed_rounds``) and
+    ``rounds/round-NNNNNN.json`` (NNNNNN: the 0-based index of a completed round) only after
+    the round's ledger confirmation and metrics line: files that show more rounds than the
+    ledger or metrics.jsonl hold mean records were removed (``ARTEFACTS_AHEAD_OF_LEDGER``,
+    error). An unreadable ``checkpoint.json`` is ``CHECKPOINT_UNREADABLE`` (warning)."""
+    done, source, problem = _server_round(run)
+    if problem is not None:
+        findings.append(
+            Finding(
+                "CHECKPOINT_UNREADABLE",
+                WARNING,
+                f"checkpoint.json is unreadable ({problem}): how far the server got cannot be "
+                "checked against the ledger",
+            )
+        )
+    if done is None:
+        return
+    ledger_last = max((r.entry.round for r in records), default=-1)
+    metrics_last = max(
+        (rnd for row in rows if (rnd := _int_or_none(row.get("round"))) is not None), default=-1
+    )
+    held = min(ledger_last, metrics_last)
+    if done > held:
+        findings.append(
+            Finding(
+                "ARTEFACTS_AHEAD_OF_LEDGER",
+                ERROR,
+                f"{source} says round {done + 1} finished, but the ledger records rounds up to "
+                f"{ledger_last + 1} and metrics.jsonl up to {metrics_last + 1}: the ledger "
+                "under-records the run (a truncated tail)",
+                round=held + 1,
+            )
+        )
