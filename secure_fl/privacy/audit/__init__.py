@@ -44,8 +44,9 @@ What the audit checks (each failure is a :class:`Finding`):
   (``REPORT_DELTA_MISMATCH``, ``REPORT_ACCOUNTANT_MISMATCH``); DP rows without a report
   (``EPSILON_NOT_REPORTED``, warning);
 * missing rounds: a metrics round without ledger records, ledger rounds not contiguous from 1, a
-  site missing from a round in which it trains (``MISSING_ROUND``); a metrics round below 1
-  (``ROUND_NUMBERING``);
+  site missing from a round in which it trains (``MISSING_ROUND``); a survivor named in a
+  metrics row that the ledger did not charge in that round (``UNCHARGED_SURVIVOR``, error); a
+  metrics round below 1 (``ROUND_NUMBERING``);
 * unconfirmed intents (a crash; counted in full) and confirmations with more steps than intended
   (``UNCONFIRMED_INTENT``, ``STEPS_ABOVE_INTENT``, warnings);
 * where the noise came from: a record drawn from a seeded generator is ``NOISE_PREDICTABLE``
@@ -61,7 +62,8 @@ What the audit checks (each failure is a :class:`Finding`):
   is ``RUN_INCOMPLETE`` (warning: an unfinished run's spend is not final);
 * how far the run got by its own artefacts: a ``checkpoints/<strategy>.pt`` round (loaded with
   ``weights_only=True``) beyond what the ledger and metrics.jsonl hold, or ``models/<strategy>.pt``
-  / ``report.md`` of a run whose ledger ends early without a budget stop, is
+  / ``report.md`` of a run whose ledger ends early without a budget stop, or (a gRPC server's run
+  folder) ``checkpoint.json`` / ``rounds/round-*.json`` showing more rounds than the ledger, is
   ``ARTEFACTS_AHEAD_OF_LEDGER`` (error: a truncated tail); an unreadable checkpoint is
   ``CHECKPOINT_UNREADABLE`` (warning).
 
