@@ -247,7 +247,9 @@ def _demo(args: argparse.Namespace) -> int:
             f"Privacy-utility: pooled Dice {plain:.3f} without DP, {private:.3f} with sample-level "
             f"DP-SGD at epsilon {DEMO_EPSILON:g} per site (delta 1e-5). With 6-12 patients per "
             "site, per-patient noise swamps the gradients of a 1.2 M-parameter network: "
-            "sample-level DP needs far larger cohorts (see README, privacy-utility benchmark)."
+            "DP learns when the trainable dimension shrinks: fine-tuning a publicly pretrained "
+            "model's head and norm layers keeps 99.8 % of the non-private Dice at epsilon 8 "
+            "(`secure-fl bench privacy-utility --profile quick`; README, Privacy against utility)."
         )
     return 0
 
