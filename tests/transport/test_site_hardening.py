@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +204,15 @@ def _dp_setups(fed: DriverFed, round_id: int, ids: list[int]) -> tuple[Any, dict
     return server, insts
 
 
-def _run_secagg(drivers: dict[int, Any], fed: DriverFed, round_id: int) -> Any:
+def _run_secagg(
+    drivers: dict[int, Any],
+    fed: DriverFed,
+    round_id: int,
+    *,
+    withhold: Callable[[str, int], bool] = lambda kind, site: False,
+) -> Any:
+    """One scripted DP round among ``drivers``; ``withhold(kind, site)`` drops the server's
+    instructions of that kind to that site (a server that skips a phase for one site)."""
     server, setups = _dp_setups(fed, round_id, sorted(drivers))
     pending = {s: [setups[s]] for s in drivers}
     index = 1
@@ -220,6 +228,8 @@ def _run_secagg(drivers: dict[int, Any], fed: DriverFed, round_id: int) -> Any:
         pending = {}
         for site, message in out.items():
             kind, to_pb = TO_WIRE[type(message)]
+            if withhold(kind, site):
+                continue
             inst = pb.Instruction(attempt=round_id, index=index, round_id=round_id)
             getattr(inst, kind).CopyFrom(to_pb(message))
             pending[site] = [inst]

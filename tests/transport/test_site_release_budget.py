@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from site_driver_helpers import TO_WIRE, DriverFed, from_wire, make_federation, round_start
-from test_site_hardening import _dp_setups, _StubPrivacy
+from site_driver_helpers import DriverFed, make_federation, round_start
+from test_site_hardening import _dp_setups, _run_secagg, _StubPrivacy
 
 from secure_fl.errors import ConfigError, PolicyError
 from secure_fl.transport import tensors
-from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport.rounds import sha256
 from secure_fl.transport.site_dp import DP_RECORD, DPRoundRecord
 
@@ -37,26 +36,12 @@ def _federation(tmp_path: Path, budget: int) -> tuple[DriverFed, dict[int, Any],
 
 def _run_skipping_unmask(drivers: dict[int, Any], fed: DriverFed, round_id: int) -> Any:
     """One DP round in which the server never sends TARGET its unmask request."""
-    server, setups = _dp_setups(fed, round_id, sorted(drivers))
-    pending = {s: [setups[s]] for s in drivers}
-    index = 1
-    while True:
-        for site, insts in pending.items():
-            for inst in insts:
-                for reply in drivers[site].handle(inst, fed.fetch).replies:
-                    server.receive(site, from_wire(reply, site))
-        out = server.close()
-        if server.done:
-            return server.outcome()
-        index += 1
-        pending = {}
-        for site, message in out.items():
-            kind, to_pb = TO_WIRE[type(message)]
-            if kind == "unmask_request" and site == TARGET:
-                continue
-            inst = pb.Instruction(attempt=round_id, index=index, round_id=round_id)
-            getattr(inst, kind).CopyFrom(to_pb(message))
-            pending[site] = [inst]
+    return _run_secagg(
+        drivers,
+        fed,
+        round_id,
+        withhold=lambda kind, site: kind == "unmask_request" and site == TARGET,
+    )
 
 
 def test_a_dp_round_is_recorded_before_the_masked_input_not_at_the_unmask(tmp_path: Path) -> None:
