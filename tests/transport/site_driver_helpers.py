@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from coordinator_fakes import RecordingLog
 
 from secure_fl.rounds import protobuf
 from secure_fl.rounds.plan import plan_round
@@ -23,29 +24,6 @@ from secure_fl.transport.rounds import initial_model, sha256
 from secure_fl.transport.site_driver import SiteDriver
 from secure_fl.transport.site_replies import Call, Upload
 from secure_fl.transport.tasks import TaskResult
-
-
-class RecordingLog:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def _add(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        self.events.append((level, event, fields))
-
-    def debug(self, event: str, **fields: Any) -> None:
-        self._add("debug", event, fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._add("info", event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._add("warning", event, fields)
-
-    def error(self, event: str, exc: bool = False, **fields: Any) -> None:
-        self._add("error", event, fields)
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [f for _, e, f in self.events if e == event]
 
 
 class FixedTask:
