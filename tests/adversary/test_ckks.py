@@ -357,6 +357,24 @@ def _round_start(attempt: int, round_id: int, digest: bytes) -> pb.Instruction:
     )
 
 
+def _ckks_setup(secret: SecretContext, size: int, *, round_id: int) -> pb.Instruction:
+    """A CKKS setup instruction (attempt 1, weight 1/2) for this federation's keys."""
+    return pb.Instruction(
+        attempt=1,
+        index=1,
+        round_id=round_id,
+        ckks_setup=pb.CkksSetup(
+            context_sha256=bytes.fromhex(secret.fingerprint),
+            poly_modulus_degree=secret.preset.poly_modulus_degree,
+            scale=secret.preset.scale,
+            weight=0.5,
+            vector_length=size,
+            chunk_ciphertexts=64,
+            phase_deadline_s=60,
+        ),
+    )
+
+
 def _old_style_decrypt(attempt: int, index: int, round_id: int, fp: bytes) -> pb.Instruction:
     """Instruction field 20 as protocol versions before this one sent it: CkksDecrypt(context,
     contributors=[1, 2], share=1.0, ...) asking the site to decrypt the server's sum."""
@@ -452,21 +470,7 @@ def test_malicious_server_serving_one_sites_upload_as_the_global_model(tmp_path:
             frames=tuple(forged),
         )
     )
-    fp = bytes.fromhex(secret.fingerprint)
-    setup = pb.Instruction(
-        attempt=1,
-        index=1,
-        round_id=1,
-        ckks_setup=pb.CkksSetup(
-            context_sha256=fp,
-            poly_modulus_degree=secret.preset.poly_modulus_degree,
-            scale=secret.preset.scale,
-            weight=0.5,
-            vector_length=size,
-            chunk_ciphertexts=64,
-            phase_deadline_s=60,
-        ),
-    )
+    setup = _ckks_setup(secret, size, round_id=1)
     server = _ScriptedServer(2, "b", [_round_start(1, 1, sha256(served)), setup])
     server.model, server.model_kind = served, pb.CKKS_MODEL
     _run(runner, server)
@@ -662,22 +666,8 @@ def test_site_fails_closed_when_its_own_new_model_is_out_of_range(tmp_path: Path
     model0 = initial_model(load_server_config(tmp_path / "fed" / "server" / "server.json").model)
     at_bound = {k: np.full_like(v, secret.preset.max_abs) for k, v in model0.items()}
     blob = dumps(at_bound)
-    fp = bytes.fromhex(secret.fingerprint)
     size = ckks_wire.structure_size(ckks_wire.structure_of(model0))
-    setup = pb.Instruction(
-        attempt=1,
-        index=1,
-        round_id=0,
-        ckks_setup=pb.CkksSetup(
-            context_sha256=fp,
-            poly_modulus_degree=secret.preset.poly_modulus_degree,
-            scale=secret.preset.scale,
-            weight=0.5,
-            vector_length=size,
-            chunk_ciphertexts=64,
-            phase_deadline_s=60,
-        ),
-    )
+    setup = _ckks_setup(secret, size, round_id=0)
     server = _ScriptedServer(
         2, "b", [_round_start(1, 0, sha256(blob)), setup, _round_start(2, 1, sha256(blob))]
     )
