@@ -22,7 +22,7 @@ import numpy as np
 from secure_fl.crypto import RandomBytes
 from secure_fl.rounds.messages import Message
 from secure_fl.rounds.plan import RoundPlan
-from secure_fl.transport.config import SitePolicy
+from secure_fl.rounds.policy import SitePolicy
 
 if TYPE_CHECKING:
     from secure_fl.crypto import SigningKey

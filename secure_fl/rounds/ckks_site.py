@@ -39,7 +39,7 @@ from secure_fl.he.site import check_local_model, decrypt_model
 from secure_fl.rounds.base import SiteRound
 from secure_fl.rounds.checks import own_weight
 from secure_fl.rounds.messages import CkksResult, CkksSetup, CkksUpload, Message
-from secure_fl.transport.config import SitePolicy
+from secure_fl.rounds.policy import SitePolicy
 
 FloatVector = npt.NDArray[np.float64]
 

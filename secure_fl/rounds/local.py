@@ -22,6 +22,7 @@ from secure_fl.rounds.guards import MemoryReleaseGuard, ReleaseGuard
 from secure_fl.rounds.messages import Message, SecAggSetup
 from secure_fl.rounds.plain import PlainServerRound, PlainSiteRound
 from secure_fl.rounds.plan import RoundPlan
+from secure_fl.rounds.policy import SitePolicy
 from secure_fl.rounds.secagg import SecAggServerRound, SecAggSiteRound
 from secure_fl.rounds.spec import AggregationSpec
 from secure_fl.secagg.messages import (
@@ -32,7 +33,6 @@ from secure_fl.secagg.messages import (
     ShareDelivery,
     UnmaskRequest,
 )
-from secure_fl.transport.config import SitePolicy
 
 #: Sees (and may replace) every server-to-site message: for adversarial tests.
 Interceptor = Callable[[Phase, int, Any], Any]

@@ -25,8 +25,8 @@ from secure_fl.rounds.base import NoiseHook, RoundOutcome, ServerRound, SiteRoun
 from secure_fl.rounds.checks import check_l2_clip, own_weight, setup_weights
 from secure_fl.rounds.messages import Message, PlainSetup, PlainUpload
 from secure_fl.rounds.plan import RoundPlan
+from secure_fl.rounds.policy import SitePolicy
 from secure_fl.transport import policy as site_policy
-from secure_fl.transport.config import SitePolicy
 
 
 class PlainServerRound(ServerRound):

@@ -30,12 +30,12 @@ from secure_fl.rounds.base import NoiseHook, RoundOutcome, ServerRound, SiteRoun
 from secure_fl.rounds.checks import check_roster, config_from_setup, own_weight
 from secure_fl.rounds.messages import Message, SecAggSetup
 from secure_fl.rounds.plan import RoundPlan
+from secure_fl.rounds.policy import SitePolicy
 from secure_fl.secagg.client import SecAggClient
 from secure_fl.secagg.messages import MaskedInput, UnmaskResponse
 from secure_fl.secagg.policy import SitePolicy as CorePolicy
 from secure_fl.secagg.server import SecAggServer, ServerPhase
 from secure_fl.transport import policy as site_policy
-from secure_fl.transport.config import SitePolicy
 
 if TYPE_CHECKING:
     from secure_fl.crypto import MaskPRG, SigningKey

@@ -57,8 +57,8 @@ from secure_fl.errors import DecryptionError, LocalProtocolError
 from secure_fl.rounds import codec
 from secure_fl.rounds.checks import config_from_setup
 from secure_fl.rounds.messages import SecAggSetup
+from secure_fl.rounds.policy import SitePolicy
 from secure_fl.secagg.client import ClientPhase, SecAggClient
-from secure_fl.transport.config import SitePolicy
 
 if TYPE_CHECKING:
     from secure_fl.crypto import SigningKey

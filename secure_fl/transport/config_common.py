@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from secure_fl.errors import ConfigError
+from secure_fl.rounds.policy import AGGREGATIONS as AGGREGATIONS
 from secure_fl.transport.config_section import _Section
 
 FEDERATION_PROTOCOL = "secure_fl/federation/v1"
-AGGREGATIONS = ("secagg", "secagg+", "plain", "ckks")
 # The steps at which a test can make a site kill itself: ``SiteRunner(crash_hook=...)`` is called
 # with one of these just before the step (an injected test hook, never a config key).
 CRASH_POINTS = (
