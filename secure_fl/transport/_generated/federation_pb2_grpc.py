@@ -5,7 +5,7 @@ import warnings
 
 from secure_fl.transport._generated import federation_pb2 as secure__fl_dot_transport_dot___generated_dot_federation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class FederationStub:
+class FederationStub(object):
     """The federation server. Sites call it; it never calls sites.
     """
 
@@ -102,7 +102,7 @@ class FederationStub:
                 _registered_method=True)
 
 
-class FederationServicer:
+class FederationServicer(object):
     """The federation server. Sites call it; it never calls sites.
     """
 
@@ -279,7 +279,7 @@ def add_FederationServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Federation:
+class Federation(object):
     """The federation server. Sites call it; it never calls sites.
     """
 
