@@ -1,0 +1,394 @@
+"""A Flower node's own secure_fl identity and durable memory: what it pins, how it seals.
+
+* :class:`FlowerSite` -- what a site pins for itself (never from the server): federation, name,
+  site id, the provisioned roster with verify keys, its :class:`~secure_fl.rounds.policy.
+  SitePolicy`, its node-local ``state_dir``, its Ed25519 signing key and its CKKS secret context.
+  :func:`load_flower_site` reads it from JSON (relative paths relative to the file);
+  :func:`site_from_node_config` from the Flower ``node_config`` key :data:`NODE_CONFIG_KEY`.
+* :class:`NodeSealer` -- the round layer's :class:`~secure_fl.rounds.state.StateSealer` whose
+  AES-256 key (``state_dir/flower/sealer.key``, 0600, created once from ``os.urandom``) and
+  freshness counters (``state_dir/flower/sealer-counters.json``, written atomically under a file
+  lock; one small entry per round) live in the node's ``state_dir``. Flower may run every
+  message of a node in a NEW process (deployment: one ``flwr-clientapp`` per message;
+  simulation: any of the Ray actors), so an
+  in-memory key and in-memory counters would not survive from one message to the next. With
+  them on disk the freshness rule of ``protocols/rounds.md`` (the latest blob only, once) holds
+  across processes: a replayed or older blob in ``context.state`` fails with the one opaque
+  DecryptionError.
+* :class:`NodeReleaseGuard` -- the durable :class:`~secure_fl.rounds.guards.ReleaseGuard` of the
+  node (``state_dir/flower/releases.json``): one participation per round id, one survivor set per
+  round id for unmasking, the masked input recorded before it leaves, and one round id per
+  global model (SHA-256 of the arrays the server sent; content guard, as the gRPC site's
+  :mod:`secure_fl.transport.replay`), recorded before the unmask answer leaves; in a DP round the
+  site's own DP record (:class:`~secure_fl.transport.site_dp.DPRoundRecord`) as the gRPC site.
+
+Threat: the key file and the blobs are both on the node; the key file is 0600 in a 0700 folder
+and never enters ``context.state`` (which Flower may persist or ship elsewhere), so a blob alone
+reveals nothing. Whoever reads the node's ``state_dir`` owns the node anyway.
+
+Errors: ConfigError naming the field or file; PolicyError for a refused release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from secure_fl.atomic import atomic_write
+from secure_fl.errors import ConfigError, DecryptionError, PolicyError
+from secure_fl.rounds.policy import SitePolicy
+from secure_fl.rounds.state import StateSealer
+from secure_fl.transport.config_common import (
+    CkksFiles,
+    RosterEntry,
+    _check_roster,
+    _ckks,
+    _roster,
+    valid_name,
+)
+from secure_fl.transport.config_section import _read_json, _Section
+from secure_fl.transport.config_site import _policy
+
+#: The Flower ``node_config`` key naming the site's JSON file.
+NODE_CONFIG_KEY = "secure-fl-site"
+#: The node's own folder inside ``state_dir``.
+NODE_DIR = "flower"
+SEALER_KEY = "sealer.key"
+SEALER_COUNTERS = "sealer-counters.json"
+RELEASES = "releases.json"
+
+
+@dataclass(frozen=True)
+class FlowerSite:
+    """What a Flower node pins for itself (see the module docstring). ``site_id`` must be the
+    roster's id of ``name``. Errors: ConfigError naming the field."""
+
+    federation: str
+    name: str
+    site_id: int
+    roster: tuple[RosterEntry, ...]
+    policy: SitePolicy
+    state_dir: Path
+    signing_key: Path | None = None
+    ckks: CkksFiles | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.federation, str) or not self.federation:
+            raise ConfigError(f"federation must be a non-empty string, got {self.federation!r}")
+        if not valid_name(self.name):
+            raise ConfigError(f"name must match [A-Za-z0-9._-]{{1,64}}, got {self.name!r}")
+        if not isinstance(self.roster, tuple):
+            raise ConfigError("roster must be a tuple of RosterEntry")
+        _check_roster(self.roster)
+        entry = next((e for e in self.roster if e.name == self.name), None)
+        if entry is None:
+            raise ConfigError(f"name {self.name!r} is not on the roster")
+        if entry.site_id != self.site_id:
+            raise ConfigError(
+                f"site_id {self.site_id!r} is not the roster's id of {self.name!r} "
+                f"({entry.site_id})"
+            )
+        if not isinstance(self.policy, SitePolicy):
+            raise ConfigError("policy must be a SitePolicy")
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+
+    @property
+    def verify_keys(self) -> dict[int, bytes | None]:
+        """The pinned roster as the round layer takes it: site id -> verify key (or None)."""
+        return {e.site_id: e.verify_key for e in self.roster}
+
+    @property
+    def node_dir(self) -> Path:
+        """``state_dir/flower``, created 0700 on first use."""
+        path = self.state_dir / NODE_DIR
+        _mkdir_private(self.state_dir)
+        _mkdir_private(path)
+        return path
+
+
+def _mkdir_private(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def load_flower_site(path: str | Path) -> FlowerSite:
+    """The :class:`FlowerSite` of the JSON file ``path``: ``federation``, ``name``,
+    ``site_id`` (optional; checked against the roster), ``roster`` ([{name, site_id,
+    verify_key (hex)}]), ``policy`` (the gRPC site's policy section), ``state_dir``,
+    ``signing_key`` (optional), ``ckks`` ({context, fingerprint}, optional); relative paths are
+    relative to the file. Unknown keys are refused. Errors: ConfigError naming the field."""
+    data, base = _read_json(Path(path))
+    s = _Section(data, "", base)
+    roster = _roster(s)
+    name = s.str_("name")
+    site_id = s.opt_int("site_id")
+    if site_id is None:
+        site_id = next((e.site_id for e in roster if e.name == name), 0)
+    site = FlowerSite(
+        federation=s.str_("federation"),
+        name=name,
+        site_id=site_id,
+        roster=roster,
+        policy=_policy(s),
+        state_dir=s.path("state_dir"),
+        signing_key=s.opt_path("signing_key"),
+        ckks=_ckks(s),
+    )
+    s.done()
+    return site
+
+
+def site_from_node_config(node_config: Mapping[str, Any]) -> FlowerSite:
+    """The node's :class:`FlowerSite`, from the JSON file named by ``node_config``'s
+    :data:`NODE_CONFIG_KEY` (``flwr`` ``--node-config "secure-fl-site='site.json'"``, or the
+    simulation's per-node config). Errors: ConfigError naming the key when it is absent or not
+    a string, or the JSON's field (:func:`load_flower_site`)."""
+    value = node_config.get(NODE_CONFIG_KEY) if isinstance(node_config, Mapping) else None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f"node_config[{NODE_CONFIG_KEY!r}] must name this node's secure_fl site JSON "
+            f"(a path), got {value!r}"
+        )
+    return load_flower_site(value)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` + ``.lock`` (one message of a node at a time)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def _load_or_create_key(path: Path) -> bytes:
+    """The 32-byte key at ``path``, created once (``os.urandom``, a 0600 file linked into
+    place, so two processes racing both end with the same key)."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # atomic and exclusive: the first writer wins
+        finally:
+            tmp.unlink(missing_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"{path} is readable or writable by others (mode {mode:o}); chmod 600")
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise ConfigError(f"{path} must hold exactly 32 bytes (the node's sealing key)")
+    return key
+
+
+class NodeSealer(StateSealer):
+    """A :class:`~secure_fl.rounds.state.StateSealer` whose key and freshness counters live in
+    ``state_dir/flower`` (module docstring), so that a state exported while handling one Flower
+    message is restored, once, while handling the next one, in any process of the node.
+
+    Guarantee: as StateSealer's (a blob that is altered, foreign, stale, already restored, or of
+    another site or round fails with one opaque DecryptionError), across process restarts.
+    Refuses pickling and copying; its repr names no key. Errors: ConfigError for an unreadable
+    or group/world-accessible key file or an unreadable counters file."""
+
+    __slots__ = ("_counters", "_dir")
+
+    def __init__(self, state_dir: str | Path) -> None:
+        folder = Path(state_dir) / NODE_DIR
+        _mkdir_private(Path(state_dir))
+        _mkdir_private(folder)
+        self._dir = folder
+        self._counters = folder / SEALER_COUNTERS
+        self._aead = AESGCM(_load_or_create_key(folder / SEALER_KEY))
+        self._latest = {}
+        self._open = set()
+
+    def __repr__(self) -> str:
+        return f"NodeSealer({self._dir.name}/<key file>)"
+
+    def _update(self, site_id: int, round_id: int, *, issue: bool, consume: bool) -> int:
+        key = f"{int(site_id)}:{int(round_id)}"
+        with _locked(self._counters):
+            data = _read_json_file(self._counters)
+            entry = data.get(key, {"latest": 0, "open": False})
+            if issue or not consume:
+                entry = {"latest": int(entry["latest"]) + 1, "open": issue}
+            else:
+                entry = {"latest": int(entry["latest"]), "open": False}
+            data[key] = entry
+            atomic_write(self._counters, json.dumps(data, sort_keys=True), mode=0o600)
+            return int(entry["latest"])
+
+    def advance(self, site_id: int, round_id: int) -> None:
+        """Every blob of (site, round) sealed so far dies (recorded on disk)."""
+        self._update(site_id, round_id, issue=False, consume=False)
+
+    def _issue(self, site_id: int, round_id: int) -> bytes:
+        counter = self._update(site_id, round_id, issue=True, consume=False)
+        return f"site={int(site_id)};round={int(round_id)};counter={counter}\x00".encode()
+
+    def _current(self, site_id: int, round_id: int) -> bytes:
+        with _locked(self._counters):
+            entry = _read_json_file(self._counters).get(f"{int(site_id)}:{int(round_id)}")
+        if not isinstance(entry, dict) or entry.get("open") is not True:
+            raise DecryptionError("round state could not be restored")
+        counter = int(entry["latest"])
+        return f"site={int(site_id)};round={int(round_id)};counter={counter}\x00".encode()
+
+    def _consume(self, site_id: int, round_id: int) -> None:
+        self._update(site_id, round_id, issue=False, consume=True)
+
+
+class NodeReleaseGuard:
+    """The node's durable :class:`~secure_fl.rounds.guards.ReleaseGuard` for round ``round_id``
+    on the global model ``model_digest`` (SHA-256 of the arrays the server sent; of the update
+    itself when none was sent), in ``state_dir/flower/releases.json`` (written atomically under
+    a lock, before the guarded message leaves). ``dp_record`` / ``dp``: in a DP round, the
+    site's own record of DP rounds and this round's fields (:func:`~secure_fl.transport.site_dp.
+    describe_dp`), charged before the masked input and again before the unmask answer;
+    ``participants`` the round's site ids (what the DP record notes at the masked input).
+
+    Guarantee (against a malicious server, across processes and restarts): one participation
+    per round id; one survivor set per round id for unmasking; a global model released (unmask
+    answered) under one round id only; no claim for another round id than this guard's.
+    Errors: PolicyError for a refused release; ConfigError for an unreadable record."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        round_id: int,
+        model_digest: str,
+        *,
+        dp_record: Any = None,
+        dp: Mapping[str, Any] | None = None,
+        participants: tuple[int, ...] = (),
+    ) -> None:
+        folder = Path(state_dir) / NODE_DIR
+        _mkdir_private(folder)
+        self.path = folder / RELEASES
+        self.round_id = int(round_id)
+        self.model_digest = str(model_digest)
+        self._dp_record = dp_record
+        self._dp = dict(dp) if dp is not None else None
+        self.participants = tuple(int(p) for p in participants)
+
+    def _edit(self) -> Any:
+        return _locked(self.path)
+
+    def _load(self) -> dict[str, Any]:
+        data = _read_json_file(self.path)
+        data.setdefault("joined", [])
+        data.setdefault("contributed", [])
+        data.setdefault("unmasked", {})
+        data.setdefault("content", {})
+        return data
+
+    def _save(self, data: dict[str, Any]) -> None:
+        atomic_write(self.path, json.dumps(data, sort_keys=True), mode=0o600)
+
+    def _own(self, round_id: int) -> None:
+        if int(round_id) != self.round_id:
+            raise PolicyError(
+                f"the round half claims round id {round_id}; this message's round is "
+                f"{self.round_id}"
+            )
+
+    def check_fresh(self) -> None:
+        """Refuse (PolicyError) a round id this site already took part in, or a global model it
+        already released under another round id: at the train stage, before anything derived
+        from its data (even its weight) is sent."""
+        data = self._load()
+        if self.round_id in data["joined"]:
+            raise PolicyError(f"this site already took part in a round with id {self.round_id}")
+        previous = data["content"].get(self.model_digest)
+        if previous is not None and int(previous) != self.round_id:
+            raise PolicyError(
+                f"this site already released its update for model {self.model_digest[:16]}... "
+                f"in round {previous}; refusing it again in round {self.round_id}"
+            )
+
+    def claim(self, round_id: int, survivors: frozenset[int] | None) -> None:
+        """See :meth:`secure_fl.rounds.guards.ReleaseGuard.claim`; with ``survivors`` also the
+        content record (one round id per global model) and, in a DP round, the DP record.
+        Errors: PolicyError; ConfigError."""
+        self._own(round_id)
+        with self._edit():
+            data = self._load()
+            if survivors is None:
+                self.check_fresh()
+                if self._dp_record is not None and self._dp is not None:
+                    self._dp_record.check_room(self.round_id)
+                data["joined"].append(self.round_id)
+                self._save(data)
+                return
+            chosen = sorted(int(s) for s in survivors)
+            previous = data["unmasked"].get(str(self.round_id))
+            if previous is not None and sorted(previous) != chosen:
+                raise PolicyError(
+                    f"the server asks to unmask round {self.round_id} again with another "
+                    "survivor set; answering would reveal the difference of two sums"
+                )
+            released = data["content"].get(self.model_digest)
+            if released is not None and int(released) != self.round_id:
+                raise PolicyError(
+                    f"this site already released its update for model "
+                    f"{self.model_digest[:16]}... in round {released}"
+                )
+            if self._dp_record is not None and self._dp is not None:
+                self._dp_record.claim(self.round_id, chosen, self._dp)
+            data["unmasked"][str(self.round_id)] = chosen
+            data["content"][self.model_digest] = self.round_id
+            self._save(data)
+
+    def contribute(self, round_id: int) -> None:
+        """See :meth:`secure_fl.rounds.guards.ReleaseGuard.contribute`: recorded (and, in a DP
+        round, charged to the site's DP record within ``policy.max_dp_rounds``) before the
+        masked input leaves. Errors: PolicyError; ConfigError."""
+        self._own(round_id)
+        with self._edit():
+            data = self._load()
+            if self._dp_record is not None and self._dp is not None:
+                self._dp_record.claim(
+                    self.round_id, self.participants, self._dp, stage="masked_input"
+                )
+            if self.round_id not in data["contributed"]:
+                data["contributed"].append(self.round_id)
+            self._save(data)
+
+
+__all__ = [
+    "NODE_CONFIG_KEY",
+    "FlowerSite",
+    "NodeReleaseGuard",
+    "NodeSealer",
+    "load_flower_site",
+    "site_from_node_config",
+]

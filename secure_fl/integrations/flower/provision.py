@@ -1,0 +1,148 @@
+"""Provision a secure_fl federation of Flower nodes: per site an Ed25519 signing key, its site JSON
+(:func:`~.node.load_flower_site`) and its node-local ``state_dir``; the server's roster with the
+verify keys; optionally one CKKS context pair (secret context per site, public for the server).
+
+Layout of ``out_dir``::
+
+    <name>/site.json          the site's JSON (relative paths), mode 0644
+    <name>/signing.key        Ed25519 private key (PEM, PKCS8), mode 0600
+    <name>/state/             the node's state_dir, mode 0700
+    <name>/ckks-secret.ctx    (ckks) the federation's secret context, mode 0600
+    ckks/                     (ckks) both artefacts as generated (keep the secret one offline)
+    server/ckks-public.ctx    (ckks) the public context for the server, mode 0644
+    roster.json               the public roster (names, site ids, verify keys)
+
+Guarantee: private files are created with mode 0600 (never wider, never overwritten), private
+folders 0700; site ids are 1..n in the order of ``names``. Errors: ConfigError naming the
+argument (bad names, fewer than 2 sites, an existing key, TenSEAL missing for ckks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from secure_fl.atomic import atomic_write
+from secure_fl.crypto import SigningKey
+from secure_fl.errors import ConfigError
+from secure_fl.rounds.policy import SitePolicy
+from secure_fl.transport.config_common import RosterEntry, _check_roster, valid_name
+from secure_fl.transport.config_site import policy_to_json
+from secure_fl.transport.provision_files import write_private
+
+SITE_JSON = "site.json"
+
+
+@dataclass(frozen=True)
+class FlowerFederation:
+    """What :func:`provision_flower` wrote (the server side's view): the ``roster`` with verify
+    keys, each site's JSON by name, and (ckks) the public context and the fingerprint."""
+
+    federation: str
+    roster: tuple[RosterEntry, ...]
+    site_configs: Mapping[str, Path]
+    ckks_public: Path | None
+    ckks_fingerprint: str | None
+
+
+def _mkdir_private(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def provision_flower(
+    names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    federation: str = "flower",
+    policy: SitePolicy | None = None,
+    ckks_preset: str | None = None,
+) -> FlowerFederation:
+    """Provision the sites ``names`` (ids 1..n in that order) into ``out_dir`` (module
+    docstring); every site pins ``policy`` (default: :class:`SitePolicy`'s safe default) and the
+    whole roster; with ``ckks_preset`` (e.g. ``"n8192-add"``) one CKKS key pair is generated.
+
+    Errors: ConfigError for fewer than 2 or duplicate or invalid names, an empty federation, a
+    site folder that already holds a key, or ckks without TenSEAL."""
+    names = list(names)
+    if not isinstance(federation, str) or not federation:
+        raise ConfigError(f"federation must be a non-empty string, got {federation!r}")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ConfigError(f"names must list at least 2 distinct sites, got {names!r}")
+    for name in names:
+        if not valid_name(name):
+            raise ConfigError(f"names: {name!r} must match [A-Za-z0-9._-]{{1,64}}")
+    policy = policy if policy is not None else SitePolicy()
+    if not isinstance(policy, SitePolicy):
+        raise ConfigError(f"policy must be a SitePolicy, got {type(policy).__name__}")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    roster: list[RosterEntry] = []
+    for site_id, name in enumerate(names, start=1):
+        site_dir = root / name
+        _mkdir_private(site_dir)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        write_private(site_dir / "signing.key", pem)  # ConfigError when it exists
+        roster.append(RosterEntry(name, site_id, verify_key=SigningKey(key).public_bytes))
+        _mkdir_private(site_dir / "state")
+    entries = tuple(roster)
+    _check_roster(entries)
+    ckks_public: Path | None = None
+    fingerprint: str | None = None
+    secret: bytes | None = None
+    if ckks_preset is not None:
+        from secure_fl.transport.provision_ckks import ckks_provisioner
+
+        provisioner = ckks_provisioner()
+        if provisioner is None:
+            raise ConfigError("ckks_preset needs secure_fl.he and TenSEAL (pip install tenseal)")
+        ckks_dir = root / "ckks"
+        _mkdir_private(ckks_dir)
+        made = provisioner(ckks_dir, ckks_preset)
+        fingerprint = str(made.fingerprint)
+        ckks_public = root / "server" / "ckks-public.ctx"
+        atomic_write(ckks_public, Path(made.public_path).read_bytes(), mode=0o644)
+        secret = Path(made.secret_path).read_bytes()
+    public_roster = [
+        {"name": e.name, "site_id": e.site_id, "verify_key": (e.verify_key or b"").hex()}
+        for e in entries
+    ]
+    configs: dict[str, Path] = {}
+    for entry in entries:
+        site_dir = root / entry.name
+        body: dict[str, object] = {
+            "federation": federation,
+            "name": entry.name,
+            "site_id": entry.site_id,
+            "roster": public_roster,
+            "policy": policy_to_json(policy),
+            "state_dir": "state",
+            "signing_key": "signing.key",
+        }
+        if secret is not None:
+            write_private(site_dir / "ckks-secret.ctx", secret)
+            body["ckks"] = {"context": "ckks-secret.ctx", "fingerprint": fingerprint}
+        path = site_dir / SITE_JSON
+        atomic_write(path, json.dumps(body, indent=2) + "\n", mode=0o644)
+        configs[entry.name] = path
+    del secret
+    atomic_write(
+        root / "roster.json",
+        json.dumps({"federation": federation, "roster": public_roster}, indent=2) + "\n",
+        mode=0o644,
+    )
+    return FlowerFederation(federation, entries, configs, ckks_public, fingerprint)
+
+
+__all__ = ["FlowerFederation", "provision_flower"]
