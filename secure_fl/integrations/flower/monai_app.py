@@ -1,0 +1,641 @@
+"""The MONAI 3D-UNet as a Flower app: a ClientApp over :class:`SiteTrainer` behind the secure_fl
+mod, and a ServerApp that runs :class:`SecureAggregationWorkflow` round after round.
+
+Client (:func:`make_monai_client_app`): ``@app.train()`` loads the global ``"arrays"`` into the
+UNet, trains locally (DP-SGD through Opacus when the site asks for it) and replies ``"arrays"``
+(the trained weights: the secure_fl mod turns them into a sealed delta and never forwards them)
+and ``"metrics"`` (``num-examples``, ``steps``, ``val-dice``, ``train-loss`` without DP,
+``dp-epsilon`` with DP). ``@app.evaluate()`` scores the global model (Dice on held-out cases).
+
+Where a node's data and secure_fl identity come from (the node's own config wins):
+
+* deployment: node config ``secure-fl-site`` (the site's JSON, :mod:`.node`) and ``datalist``
+  (a MONAI datalist of this site's cases); ``dp-target-epsilon`` / ``dp-clip`` /
+  ``dp-delta`` pin the site's own DP-SGD;
+* simulation (node config ``partition-id`` / ``num-partitions``, no ``secure-fl-site``): the
+  synthetic federation and the provisioned keys under the work folder (run config ``work-dir``,
+  else ``$SECURE_FL_FLOWER_WORKDIR``, else ``<tempdir>/secure-fl-flower``): partition ``p`` is
+  site ``site_name(p)``. The ServerApp provisions that folder (every key on one machine: a
+  simulation, not a deployment).
+
+Run config keys (all optional, :class:`AppConfig`): ``num-server-rounds``, ``protocol``,
+``min-sites``, ``num-sites``, ``stage-timeout``, ``work-dir``, ``out-dir``, ``seed``,
+``grid-size``, ``cases-per-site``, ``channels``, ``local-epochs``, ``lr``, ``batch-size``,
+``threads``, ``dp-target-epsilon`` (0: no DP-SGD), ``dp-clip``, ``dp-delta``, ``federation``.
+
+Guarantees: the ServerApp never sees a site's update (only the workflow's mean); a site's DP
+spend survives between messages in ``context.state`` (a module variable would not: each message
+may run in another process), so a round past the calibrated budget is refused
+(BudgetExceededError). Limits: that DP history lasts one Flower run (a new run starts from 0;
+a site that takes part in several runs must budget across them itself); ``partition-id``
+without ``secure-fl-site`` trusts the run config's work folder for the site's keys, which is
+right only in simulation (a deployed SuperNode must set ``secure-fl-site``).
+Errors: ConfigError naming the run/node config key.
+
+Length: one module of about 600 lines on purpose for now (run config, federation index, client
+and server of one app, read together); the natural split is ``app_config.py`` (AppConfig and
+the federation index) beside this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secure_fl.atomic import atomic_write
+from secure_fl.errors import ConfigError
+
+#: The context.state key of a site's DP-SGD log (the accountant's history across rounds).
+DP_STATE_KEY = "secure_fl_app.dp"
+#: The federation index in a provisioned folder (:func:`write_federation_index`).
+FEDERATION_INDEX = "federation.json"
+WORKDIR_ENV = "SECURE_FL_FLOWER_WORKDIR"
+PROTOCOLS = ("plain", "secagg", "secagg+")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The app's settings from a Flower run config (keys with dashes, :func:`from_config`)."""
+
+    num_server_rounds: int = 2
+    protocol: str = "secagg+"
+    min_sites: int = 2
+    num_sites: int = 3
+    stage_timeout: float = 600.0
+    work_dir: str = ""
+    out_dir: str = ""
+    seed: int = 0
+    grid_size: int = 16
+    cases_per_site: int = 4
+    channels: str = "4,8,16"
+    local_epochs: int = 1
+    lr: float = 3e-3
+    batch_size: int = 2
+    threads: int = 1
+    dp_target_epsilon: float = 0.0
+    dp_clip: float = 1.0
+    dp_delta: float = 1e-5
+    federation: str = ""
+
+    def __post_init__(self) -> None:
+        ints = {
+            "num_server_rounds": (1, 10_000),
+            "min_sites": (2, 10_000),
+            "num_sites": (2, 64),
+            "seed": (0, 2**32 - 1),
+            "grid_size": (16, 256),
+            "cases_per_site": (2, 10_000),
+            "local_epochs": (1, 1000),
+            "batch_size": (1, 4096),
+            "threads": (1, 1024),
+        }
+        for name, (low, high) in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{_key(name)} must be an int in [{low}, {high}], got {value!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        positive = ("stage_timeout", "lr", "dp_clip")
+        for name in (*positive, "dp_target_epsilon", "dp_delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{_key(name)} must be a number, got {value!r}")
+            if not np.isfinite(value) or value < 0 or (name in positive and value == 0):
+                raise ConfigError(f"{_key(name)} must be a finite number > 0, got {value!r}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta!r}")
+        self.model_channels()  # validates channels
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> AppConfig:
+        """The settings of a run config (unknown keys are ignored: the user's own). Ints are
+        accepted where a float is expected. Errors: ConfigError naming the key."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = _key(f.name)
+            if key in config:
+                value = config[key]
+                if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)
+                values[f.name] = value
+        return cls(**values)
+
+    def model_channels(self) -> tuple[int, ...]:
+        """``channels`` as a tuple (comma-separated widths, at least 2, each in [1, 1024], the
+        grid divisible by the UNet's downsampling). Errors: ConfigError naming ``channels``."""
+        try:
+            widths = tuple(int(part) for part in str(self.channels).split(","))
+        except ValueError:
+            widths = ()
+        if len(widths) < 2 or any(not 1 <= w <= 1024 for w in widths):
+            raise ConfigError(
+                f"channels must be >= 2 comma-separated widths in [1, 1024], got {self.channels!r}"
+            )
+        if self.grid_size % 2 ** (len(widths) - 1):
+            raise ConfigError(
+                f"grid-size {self.grid_size} must be divisible by 2^{len(widths) - 1} "
+                f"(channels {self.channels!r})"
+            )
+        return widths
+
+    def work_path(self) -> Path:
+        """The work folder (``work-dir``, else ``$SECURE_FL_FLOWER_WORKDIR``, else the temp dir)."""
+        chosen = self.work_dir or os.environ.get(WORKDIR_ENV, "")
+        return Path(chosen) if chosen else Path(tempfile.gettempdir()) / "secure-fl-flower"
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _merged(defaults: Mapping[str, Any] | None, run_config: Mapping[str, Any]) -> AppConfig:
+    return AppConfig.from_config({**(defaults or {}), **dict(run_config)})
+
+
+# -- the federation (who is on the roster, where each site's JSON is) ------------------------
+
+
+def write_federation_index(
+    path: str | os.PathLike[str],
+    *,
+    federation: str,
+    roster: Sequence[Any],
+    sites: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write the server's view of a federation: ``{"federation", "roster": [{name, site_id,
+    verify_key (hex)}], "sites": {name: site JSON}}`` (``sites`` only in simulation, paths
+    relative to the file). Returns the path. Errors: ConfigError for an empty roster."""
+    if not roster:
+        raise ConfigError("roster must list at least one site")
+    target = Path(path)
+    entries = [
+        {
+            "name": e.name,
+            "site_id": e.site_id,
+            **({"verify_key": e.verify_key.hex()} if e.verify_key is not None else {}),
+            **({"cert_sha256": e.cert_sha256} if e.cert_sha256 is not None else {}),
+        }
+        for e in roster
+    ]
+    data: dict[str, Any] = {"federation": federation, "roster": entries}
+    if sites:
+        base = target.parent.resolve()
+        data["sites"] = {n: os.path.relpath(Path(p).resolve(), base) for n, p in sites.items()}
+    return atomic_write(target, json.dumps(data, indent=2) + "\n")
+
+
+def read_federation_index(
+    path: str | os.PathLike[str],
+) -> tuple[str, tuple[Any, ...], dict[str, Path]]:
+    """(federation, roster, site JSON by name) of a file of :func:`write_federation_index`.
+    Errors: ConfigError naming the field (unknown fields are refused)."""
+    from secure_fl.transport.config_common import _roster
+    from secure_fl.transport.config_section import _read_json, _Section
+
+    data, base = _read_json(Path(path))
+    s = _Section(data, "", base)
+    roster = _roster(s)
+    raw_sites = s.raw("sites", {})
+    if not isinstance(raw_sites, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw_sites.items()
+    ):
+        raise ConfigError(f"{path}: sites must map site names to JSON paths")
+    sites = {name: base / rel for name, rel in raw_sites.items()}
+    name = s.str_("federation")
+    s.done()
+    return name, roster, sites
+
+
+def simulation_dir(cfg: AppConfig) -> Path:
+    """The simulation's provisioned federation: ``<work>/federation/<protocol>-<num-sites>``."""
+    return cfg.work_path() / "federation" / f"{cfg.protocol}-{cfg.num_sites}"
+
+
+def federation_for_run(cfg: AppConfig) -> tuple[Any, ...]:
+    """The roster the server runs with: read from run config ``federation`` (deployment: the
+    server's index, no site secrets), else the simulation's folder, provisioned on first use
+    (:func:`simulation_dir`; reused by later runs). Errors: ConfigError."""
+    if cfg.federation:
+        return read_federation_index(cfg.federation)[1]
+    folder = simulation_dir(cfg)
+    index = folder / FEDERATION_INDEX
+    if not index.is_file():
+        from secure_fl.data import site_name
+        from secure_fl.integrations.flower.provision import provision_flower
+        from secure_fl.rounds.policy import SitePolicy
+
+        plain = cfg.protocol == "plain"
+        policy = SitePolicy(aggregations=(cfg.protocol,), allow_plain=plain)
+        names = [site_name(i) for i in range(cfg.num_sites)]
+        fed = provision_flower(names, folder / "sites", federation="flower-app", policy=policy)
+        write_federation_index(
+            index, federation=fed.federation, roster=fed.roster, sites=fed.site_configs
+        )
+    return read_federation_index(index)[1]
+
+
+def simulation_site(cfg: AppConfig, partition_id: int) -> Any:
+    """The :class:`FlowerSite` of simulation partition ``partition_id`` (site
+    ``site_name(partition_id)`` of :func:`simulation_dir`). Errors: ConfigError when the folder
+    is not provisioned or has no such site."""
+    from secure_fl.data import site_name
+    from secure_fl.integrations.flower.node import load_flower_site
+
+    index = simulation_dir(cfg) / FEDERATION_INDEX
+    if not index.is_file():
+        raise ConfigError(f"no provisioned federation at {index} (the ServerApp writes it)")
+    sites = read_federation_index(index)[2]
+    wanted = site_name(partition_id)
+    if wanted not in sites:
+        raise ConfigError(f"partition-id {partition_id}: site {wanted!r} is not in {index}")
+    return load_flower_site(sites[wanted])
+
+
+# -- the site ------------------------------------------------------------------------------
+
+
+def _site_data(context: Any, cfg: AppConfig) -> tuple[str, list[Any], list[Any]]:
+    """(site name, train cases, held-out cases) of this node (module docstring)."""
+    from secure_fl.data import load_datalist, site_name, split_by_site
+    from secure_fl.data.synthetic import generate_federation
+
+    node = dict(context.node_config)
+    if "datalist" in node:
+        cases = load_datalist(str(node["datalist"]))
+    elif "partition-id" in node:
+        pid, parts = node["partition-id"], node.get("num-partitions", cfg.num_sites)
+        if not isinstance(pid, int) or not 0 <= pid < parts:
+            raise ConfigError(f"node config partition-id must be in [0, {parts}), got {pid!r}")
+        datalist = generate_federation(
+            cfg.work_path() / "data",
+            sites=int(parts),
+            cases_per_site=cfg.cases_per_site,
+            shape=(cfg.grid_size,) * 3,
+            seed=cfg.seed,
+        )
+        wanted = site_name(pid)
+        cases = [c for c in load_datalist(datalist) if c.site == wanted]
+    else:
+        raise ConfigError(
+            "node config needs 'datalist' (deployment) or 'partition-id' (simulation)"
+        )
+    splits = split_by_site(cases, seed=cfg.seed)
+    if len(splits) != 1:
+        raise ConfigError(f"this node's cases must belong to one site, got {sorted(splits)}")
+    ((name, (train, val)),) = splits.items()
+    return name, train, val
+
+
+def _node_number(node: Mapping[str, Any], key: str, default: float) -> float:
+    value = node.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise ConfigError(f"node config {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _privacy(context: Any, cfg: AppConfig) -> Any:
+    """The site's DP-SGD setting: node config (the site's own) wins over the run config; a
+    target epsilon of 0 means no DP-SGD. Errors: ConfigError naming the key."""
+    from secure_fl.privacy.config import PrivacyConfig
+
+    node = dict(context.node_config)
+    eps = _node_number(node, "dp-target-epsilon", cfg.dp_target_epsilon)
+    if eps < 0:
+        raise ConfigError(f"dp-target-epsilon must be >= 0 (0: no DP-SGD), got {eps!r}")
+    if eps == 0:
+        return None
+    return PrivacyConfig(
+        level="sample",
+        target_epsilon=eps,
+        clip=_node_number(node, "dp-clip", cfg.dp_clip),
+        delta=_node_number(node, "dp-delta", cfg.dp_delta),
+    )
+
+
+def _trainer(context: Any, cfg: AppConfig, *, private: bool) -> Any:
+    from secure_fl.data import PreprocessConfig
+    from secure_fl.training.model import ModelConfig
+    from secure_fl.training.trainer import SiteTrainer, TrainConfig
+
+    name, train, val = _site_data(context, cfg)
+    privacy = _privacy(context, cfg) if private else None
+    grid = (cfg.grid_size,) * 3
+    trainer = SiteTrainer(
+        name,
+        train,
+        val,
+        preprocess=PreprocessConfig(grid=grid, patch=grid, samples_per_volume=1),
+        model=ModelConfig(channels=cfg.model_channels(), num_res_units=1),
+        train=TrainConfig(
+            lr=cfg.lr,
+            local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            device="cpu",
+            amp=False,
+            lr_schedule="constant",
+        ),
+        seed=cfg.seed,
+        threads=cfg.threads,
+        progress=False,
+        privacy=privacy,
+    )
+    trainer.rounds = cfg.num_server_rounds
+    return trainer
+
+
+def _load_dp_log(trainer: Any, state: Any) -> None:
+    from secure_fl.training.site_dp import DPRound
+
+    if trainer.own_dp is None or DP_STATE_KEY not in state.config_records:
+        return
+    rec = state.config_records[DP_STATE_KEY]
+    trainer.own_dp.rounds_log = [
+        DPRound(int(r), int(s), float(z), float(q), float(c), str(src))
+        for r, s, z, q, c, src in zip(
+            rec["round"],
+            rec["steps"],
+            rec["noise"],
+            rec["q"],
+            rec["clip"],
+            rec["source"],
+            strict=True,
+        )
+    ]
+
+
+def _save_dp_log(trainer: Any, state: Any) -> None:
+    from flwr.app import ConfigRecord
+
+    if trainer.own_dp is None:
+        return
+    log = trainer.own_dp.rounds_log
+    state.config_records[DP_STATE_KEY] = ConfigRecord(
+        {
+            "round": [r.round for r in log],
+            "steps": [r.steps for r in log],
+            "noise": [float(r.noise_multiplier) for r in log],
+            "q": [float(r.sample_rate) for r in log],
+            "clip": [float(r.clip) for r in log],
+            "source": [r.noise_source for r in log],
+        }
+    )
+
+
+def _state_of(message: Any, where: str) -> dict[str, np.ndarray]:
+    content = message.content
+    if "arrays" not in content.array_records:
+        raise ConfigError(f"the {where} message holds no 'arrays' record (the global model)")
+    return {str(k): np.asarray(v.numpy()) for k, v in content.array_records["arrays"].items()}
+
+
+def _round_of(message: Any) -> int:
+    config = message.content.config_records.get("config")
+    value = config.get("server-round", 1) if config is not None else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config server-round must be an int >= 1, got {value!r}")
+    return value
+
+
+def train_fn(message: Any, context: Any, defaults: Mapping[str, Any] | None = None) -> Any:
+    """The ClientApp's train step (module docstring). Errors: ConfigError for a bad config or a
+    message without ``"arrays"``; BudgetExceededError when DP-SGD would exceed the site's
+    target epsilon."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from monai.fl.utils.exchange_object import ExchangeObject
+
+    cfg = _merged(defaults, context.run_config)
+    trainer = _trainer(context, cfg, private=True)
+    _load_dp_log(trainer, context.state)
+    weights = _state_of(message, "train")
+    trainer.train(
+        ExchangeObject(weights=weights),
+        extra={"round": _round_of(message) - 1, "rounds": cfg.num_server_rounds},
+    )
+    result = trainer.get_weights()
+    _save_dp_log(trainer, context.state)
+    stats = result.statistics or {}
+    metrics: dict[str, Any] = {
+        "num-examples": int(trainer.num_train_cases),
+        "steps": int(trainer.last_steps),
+    }
+    if "train_loss" in stats and np.isfinite(stats["train_loss"]):
+        metrics["train-loss"] = float(stats["train_loss"])
+    if "dp_epsilon" in stats:
+        metrics["dp-epsilon"] = float(stats["dp_epsilon"])
+    dice = trainer.evaluate(ExchangeObject()).metrics["val_dice"]
+    if np.isfinite(dice):
+        metrics["val-dice"] = float(dice)
+    arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in result.weights.items()})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=message)
+
+
+def evaluate_fn(message: Any, context: Any, defaults: Mapping[str, Any] | None = None) -> Any:
+    """The ClientApp's evaluate step: Dice of the message's ``"arrays"`` on this site's held-out
+    cases (``num-examples`` = their number; ``val-dice`` absent without held-out cases)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+    from monai.fl.utils.exchange_object import ExchangeObject
+
+    cfg = _merged(defaults, context.run_config)
+    trainer = _trainer(context, cfg, private=False)
+    scores = trainer.evaluate(ExchangeObject(weights=_state_of(message, "evaluate")))
+    metrics: dict[str, Any] = {"num-examples": len(trainer.val_cases)}
+    if np.isfinite(scores.metrics["val_dice"]):
+        metrics["val-dice"] = float(scores.metrics["val_dice"])
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+def resolve_site(context: Any, defaults: Mapping[str, Any] | None = None) -> Any:
+    """This node's :class:`FlowerSite`: node config ``secure-fl-site`` (deployment), else in
+    simulation (``partition-id``) the site provisioned in the work folder. Errors: ConfigError."""
+    from secure_fl.integrations.flower.node import site_from_node_config
+
+    node = dict(context.node_config)
+    if "secure-fl-site" in node or "partition-id" not in node:
+        return site_from_node_config(node)
+    cfg = _merged(defaults, context.run_config)
+    return simulation_site(cfg, int(node["partition-id"]))
+
+
+def make_monai_client_app(
+    *, defaults: Mapping[str, Any] | None = None, mods: Sequence[Any] | None = None
+) -> Any:
+    """A Flower ``ClientApp`` training the MONAI 3D-UNet (module docstring). ``defaults``: run
+    config values used where the run config has none; ``mods``: None for the secure_fl mod
+    (:func:`resolve_site` picks the node's site), ``[]`` for none (tests only)."""
+    from flwr.clientapp import ClientApp
+
+    if mods is None:
+        from secure_fl.integrations.flower.mod import make_secure_fl_mod
+
+        mods = [make_secure_fl_mod(lambda context: resolve_site(context, defaults))]
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def _train(message: Any, context: Any) -> Any:
+        return train_fn(message, context, defaults)
+
+    @app.evaluate()
+    def _evaluate(message: Any, context: Any) -> Any:
+        return evaluate_fn(message, context, defaults)
+
+    return app
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def initial_arrays(cfg: AppConfig) -> Any:
+    """The initial global UNet (seeded by ``seed``) as an ``ArrayRecord``."""
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from secure_fl.training.model import ModelConfig, build_unet, get_state
+
+    torch.manual_seed(cfg.seed)
+    net = build_unet(ModelConfig(channels=cfg.model_channels(), num_res_units=1))
+    return ArrayRecord({k: Array(v) for k, v in get_state(net).items()})
+
+
+def _evaluate_global(
+    grid: Any, arrays: Any, node_ids: Sequence[int], cfg: AppConfig
+) -> tuple[float | None, int]:
+    """(mean val Dice weighted by held-out cases, held-out cases) over the nodes that answered;
+    (None, 0) when none reported a Dice."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    config = ConfigRecord({"server-round": cfg.num_server_rounds})
+    messages = [
+        Message(RecordDict({"arrays": arrays, "config": config}), node, "evaluate")
+        for node in node_ids
+    ]
+    total, weight = 0.0, 0
+    for reply in grid.send_and_receive(messages, timeout=cfg.stage_timeout):
+        if reply.has_error() or "metrics" not in reply.content.metric_records:
+            continue
+        m = reply.content.metric_records["metrics"]
+        n, dice = m.get("num-examples", 0), m.get("val-dice")
+        if isinstance(n, int | float) and n > 0 and isinstance(dice, float) and 0 <= dice <= 1:
+            total, weight = total + dice * n, weight + int(n)
+    return (total / weight if weight else None), weight
+
+
+def run_server(grid: Any, context: Any, defaults: Mapping[str, Any] | None = None) -> Path:
+    """Run the federation: ``num-server-rounds`` rounds of the workflow from the initial UNet
+    (a round that aborts for too few sites leaves the model unchanged), then an evaluation;
+    write ``model.npz`` and ``metrics.json`` to the out folder (``out-dir``, else
+    ``<work>/out/run-<run_id>``) and return it. Errors: ConfigError (bad config; in simulation
+    a node count other than ``num-sites``), the workflow's errors."""
+    from flwr.app import ConfigRecord
+
+    from secure_fl.errors import ThresholdError
+    from secure_fl.integrations.flower.records import flatten
+    from secure_fl.integrations.flower.workflow import SecureAggregationWorkflow, add_arrays
+    from secure_fl.rounds.spec import AggregationSpec
+
+    cfg = _merged(defaults, context.run_config)
+    roster = federation_for_run(cfg)
+    workflow = SecureAggregationWorkflow(
+        AggregationSpec.from_options(cfg.protocol, {}, where="protocol"),
+        roster,
+        min_sites=cfg.min_sites,
+        stage_timeout_s=cfg.stage_timeout,
+    )
+    node_ids = workflow.wait_for_nodes(grid)
+    if not cfg.federation:  # simulation: one node per provisioned site, the data made once
+        from secure_fl.data.synthetic import generate_federation
+
+        if len(node_ids) != cfg.num_sites:
+            raise ConfigError(
+                f"num-sites is {cfg.num_sites} but {len(node_ids)} SuperNodes run "
+                "(set options.num-supernodes to num-sites)"
+            )
+        generate_federation(
+            cfg.work_path() / "data",
+            sites=cfg.num_sites,
+            cases_per_site=cfg.cases_per_site,
+            shape=(cfg.grid_size,) * 3,
+            seed=cfg.seed,
+        )
+    arrays = start = initial_arrays(cfg)
+    rounds: list[dict[str, Any]] = []
+    for r in range(1, cfg.num_server_rounds + 1):
+        config = ConfigRecord({"server-round": r, "num-server-rounds": cfg.num_server_rounds})
+        try:
+            result = workflow.run_round(grid, arrays=arrays, config=config, round_index=r)
+        except ThresholdError as exc:
+            rounds.append({"round": r, "aborted": str(exc)})
+            continue
+        if result.mean is None:
+            raise ConfigError(f"protocol {cfg.protocol!r} released no mean to the server")
+        arrays = add_arrays(arrays, result.mean)
+        rounds.append(
+            {
+                "round": r,
+                "survivors": sorted(result.outcome.survivors),
+                "dropped": sorted(result.outcome.dropped),
+                "excluded": sorted(result.outcome.excluded),
+                "weights": {str(k): v for k, v in result.weights.items()},
+                "metrics": {str(k): dict(v) for k, v in result.metrics.items()},
+                "seconds": result.seconds,
+                "bytes_to_sites": result.bytes_to_sites,
+                "bytes_from_sites": result.bytes_from_sites,
+            }
+        )
+    dice, n_val = _evaluate_global(grid, arrays, node_ids, cfg)
+    out = Path(cfg.out_dir) if cfg.out_dir else cfg.work_path() / "out" / f"run-{context.run_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "model.npz", "wb") as fh:
+        np.savez(fh, **{str(k): v.numpy() for k, v in arrays.items()})
+    change = flatten(arrays, where="model")[0] - flatten(start, where="initial model")[0]
+    summary = {
+        "protocol": cfg.protocol,
+        "num_server_rounds": cfg.num_server_rounds,
+        "rounds": rounds,
+        "final": {"val_dice": dice, "val_cases": n_val},
+        "model_change_l2": float(np.linalg.norm(change)),
+    }
+    atomic_write(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    return out
+
+
+def make_monai_server_app(*, defaults: Mapping[str, Any] | None = None) -> Any:
+    """A Flower ``ServerApp`` whose ``@app.main()`` is :func:`run_server` (``defaults``: run
+    config values used where the run config has none)."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Any, context: Any) -> None:
+        run_server(grid, context, defaults)
+
+    return app
+
+
+__all__ = [
+    "DP_STATE_KEY",
+    "FEDERATION_INDEX",
+    "PROTOCOLS",
+    "WORKDIR_ENV",
+    "AppConfig",
+    "evaluate_fn",
+    "federation_for_run",
+    "initial_arrays",
+    "make_monai_client_app",
+    "make_monai_server_app",
+    "read_federation_index",
+    "resolve_site",
+    "run_server",
+    "simulation_dir",
+    "simulation_site",
+    "train_fn",
+    "write_federation_index",
+]
