@@ -80,7 +80,8 @@ class ServerPrivacy:
 
     ``aggregation``: the server's aggregation settings (``protocol``, ``threshold``, ``k``,
     ``dropout_rate``, ``corrupt_fraction``); ``dimension``: the model's length (vector length of
-    every round); ``min_sites``: the fewest participants a round may start with.
+    every round); ``min_sites``: the fewest participants a round may start with; ``kind``: what wrote the run
+    folder, recorded in its ``config.json`` (``grpc-server``, ``flower-server``).
 
     Errors (constructor): ConfigError for a configuration it cannot serve (module docstring), or
     a run folder written by another configuration.
@@ -97,8 +98,10 @@ class ServerPrivacy:
         aggregation: Any,
         min_sites: int,
         federation: str = "",
+        kind: str = "grpc-server",
     ) -> None:
         self.privacy = privacy
+        self.kind = kind
         self.run_dir = Path(run_dir)
         self.rounds = int(rounds)
         self.roster = tuple(roster)
@@ -173,7 +176,7 @@ class ServerPrivacy:
     def _write_config(self, federation: str) -> None:
         agg = self.aggregation
         config = {
-            "kind": "grpc-server",
+            "kind": self.kind,
             "federation": federation,
             "privacy": self.privacy.to_dict(),
             "rounds": self.rounds,

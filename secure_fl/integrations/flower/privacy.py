@@ -229,6 +229,7 @@ class FlowerPrivacy:
             aggregation=self.aggregation,
             min_sites=min_sites,
             federation=federation,
+            kind="flower-server",
         )
         self.config = config
         self._label: int | None = None  # the caller's round_index of the pending plan
