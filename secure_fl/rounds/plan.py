@@ -8,11 +8,18 @@ build the SecAggConfig (:func:`secure_fl.secagg.make_config`) whose ``binding`` 
 from the setup it receives (:func:`secure_fl.rounds.secagg.config_from_setup`), so the server
 cannot show sites different weights, codecs or noise and still complete the round. With no extra
 binding the binding is exactly the gRPC transport's (wire compatible).
+
+:func:`plan_secure_round` is the one copy of how a server plans a private round on top of it
+(the privacy layer's L2 clip, the distributed-DP JSON bound into the round, the noise's
+threshold floor): the gRPC server (:func:`secure_fl.transport.server_rounds.secagg_open`) and
+the Flower workflow (:mod:`secure_fl.integrations.flower.workflow`) both call it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -217,4 +224,99 @@ def plan_round(
     )
 
 
-__all__ = ["RoundPlan", "normalise_weights", "plan_round", "round_binding", "secagg_config"]
+def dp_noise_threshold(distributed_dp_json: str) -> int | None:
+    """The SecAgg threshold a distributed-DP noise configuration (``distributed_dp_json``, as
+    :meth:`ServerPrivacy.before_round` gives it) was sized for, or None (no DP, central
+    trust's clip, or no ``threshold`` field). Errors: ConfigError when the JSON is malformed
+    or its threshold is not an integer >= 2."""
+    if not distributed_dp_json:
+        return None
+    try:
+        fields = json.loads(distributed_dp_json)
+    except ValueError as exc:
+        raise ConfigError(f"distributed_dp_json is not JSON: {exc}") from exc
+    value = fields.get("threshold") if isinstance(fields, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(f"distributed_dp_json threshold must be an integer >= 2, got {value!r}")
+    return value
+
+
+def plan_secure_round(
+    spec: AggregationSpec,
+    weights: Mapping[int, float],
+    *,
+    vector_length: int,
+    round_id: int,
+    verify_keys: Mapping[int, bytes] | None = None,
+    distributed_dp_json: str = "",
+    l2_clip: float | None = None,
+    min_threshold: int | None = None,
+) -> RoundPlan:
+    """:func:`plan_round` of a private round, as every server plans one (pure).
+
+    ``l2_clip`` (the privacy layer's bound, when given) replaces the spec's and is bound into
+    the round; ``distributed_dp_json`` (UTF-8) is bound into the round as ``extra_binding``. A
+    SecAgg / SecAgg+ plan whose threshold is below the noise's floor (the larger of
+    :func:`dp_noise_threshold` of the JSON and ``min_threshold``: the noise is sized for it and
+    every site refuses a lower one) is planned again with that threshold; a plan at or above
+    it, or of another protocol, is returned as planned.
+
+    Errors: ConfigError on ``distributed_dp_json`` that is not a string or malformed JSON,
+    ``min_threshold`` that is not None or an integer >= 1, fewer sites than the floor
+    ("cannot reach the noise threshold"), a plan the floor makes impossible (named with the
+    floor), and everything :func:`plan_round` refuses."""
+    if not isinstance(distributed_dp_json, str):
+        raise ConfigError(
+            f"distributed_dp_json must be a str, got {type(distributed_dp_json).__name__}"
+        )
+    if min_threshold is not None:
+        min_threshold = v.integer("min_threshold", min_threshold, low=1)
+    if l2_clip is not None:
+        spec = dataclasses.replace(spec, l2_clip=l2_clip)
+    extra = distributed_dp_json.encode("utf-8")
+    plan = plan_round(
+        spec,
+        weights,
+        vector_length=vector_length,
+        round_id=round_id,
+        verify_keys=verify_keys,
+        extra_binding=extra,
+    )
+    floors = [t for t in (dp_noise_threshold(distributed_dp_json), min_threshold) if t]
+    noise_t = max(floors) if floors else None
+    if noise_t is None or plan.secagg is None or plan.secagg.threshold >= noise_t:
+        return plan
+    # The noise is sized for noise_t honest-share holders (the whole roster's threshold);
+    # every site refuses a plan below it (CodecNoiseConfig.check_plan): plan with it.
+    if len(weights) < noise_t:
+        raise ConfigError(
+            f"a distributed-DP round of {len(weights)} sites cannot reach the noise threshold "
+            f"t={noise_t} (sized for the roster); the round is not started"
+        )
+    try:
+        return plan_round(
+            dataclasses.replace(spec, threshold=noise_t),
+            weights,
+            vector_length=vector_length,
+            round_id=round_id,
+            verify_keys=verify_keys,
+            extra_binding=extra,
+        )
+    except ConfigError as exc:
+        raise ConfigError(
+            f"a distributed-DP round of {len(weights)} sites cannot be planned with the "
+            f"noise threshold t={noise_t} (sized for the roster): {exc}"
+        ) from exc
+
+
+__all__ = [
+    "RoundPlan",
+    "dp_noise_threshold",
+    "normalise_weights",
+    "plan_round",
+    "plan_secure_round",
+    "round_binding",
+    "secagg_config",
+]

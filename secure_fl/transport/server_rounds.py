@@ -13,8 +13,6 @@ checked completely.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import threading
 from collections.abc import Mapping
@@ -25,10 +23,13 @@ import numpy as np
 from google.protobuf.message import Message
 
 from secure_fl.encoding import l2_clip as clip_l2
-from secure_fl.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from secure_fl.errors import LocalProtocolError, RemoteProtocolError
 from secure_fl.rounds import protobuf as rounds_pb
 from secure_fl.rounds.messages import CkksSetup, SecAggSetup
-from secure_fl.rounds.plan import plan_round
+from secure_fl.rounds.plan import (  # dp_noise_threshold: re-exported from its old place
+    dp_noise_threshold as dp_noise_threshold,
+)
+from secure_fl.rounds.plan import plan_round, plan_secure_round
 from secure_fl.rounds.secagg import SecAggServerRound
 from secure_fl.secagg import (
     ConsistencyRequest,
@@ -89,7 +90,9 @@ def secagg_open(
     l2_clip: float | None = None,
 ) -> SecAggRound:
     """Plan a SecAgg / SecAgg+ round over the sites that reported a weight
-    (:func:`secure_fl.rounds.plan.plan_round`, :class:`secure_fl.rounds.secagg.SecAggServerRound`).
+    (:func:`secure_fl.rounds.plan.plan_secure_round`: the privacy layer's ``l2_clip``, the
+    DP JSON bound into the round, the noise's threshold floor;
+    :class:`secure_fl.rounds.secagg.SecAggServerRound`).
 
     The bit plan and every site's normalised weight come from the reported weights; the binding
     (every weight, the codec, the vector length and any distributed-DP configuration) goes into
@@ -101,41 +104,15 @@ def secagg_open(
         if e.site_id in reported and e.verify_key is not None
     }
     listed = {s: float(reported[s]) for s in sorted(reported)}
-    spec = config.aggregation
-    if l2_clip is not None:  # the privacy layer's bound (it travels in distributed_dp_json)
-        spec = dataclasses.replace(spec, l2_clip=l2_clip)
-    plan = plan_round(
-        spec,
+    plan = plan_secure_round(
+        config.aggregation,
         listed,
         vector_length=vector_length,
         round_id=round_id,
         verify_keys=verify_keys,
-        extra_binding=distributed_dp_json.encode(),
+        distributed_dp_json=distributed_dp_json,
+        l2_clip=l2_clip,  # the privacy layer's bound (it travels in distributed_dp_json)
     )
-    noise_t = dp_noise_threshold(distributed_dp_json)
-    planned_t = plan.secagg.threshold if plan.secagg is not None else None
-    if noise_t is not None and planned_t is not None and planned_t < noise_t:
-        # The noise is sized for noise_t honest-share holders (the whole roster's threshold);
-        # every site refuses a plan below it (CodecNoiseConfig.check_plan): plan with it.
-        if len(listed) < noise_t:
-            raise ConfigError(
-                f"a distributed-DP round of {len(listed)} sites cannot reach the noise "
-                f"threshold t={noise_t} (sized for the roster); the round is not started"
-            )
-        try:
-            plan = plan_round(
-                dataclasses.replace(spec, threshold=noise_t),
-                listed,
-                vector_length=vector_length,
-                round_id=round_id,
-                verify_keys=verify_keys,
-                extra_binding=distributed_dp_json.encode(),
-            )
-        except ConfigError as exc:
-            raise ConfigError(
-                f"a distributed-DP round of {len(listed)} sites cannot be planned with the "
-                f"noise threshold t={noise_t} (sized for the roster): {exc}"
-            ) from exc
     phase_s = config.deadlines.phase_s
     server_round = SecAggServerRound(plan, phase_deadline_s=phase_s)
     # The wire setups are the round's own setup messages (one source: l2_clip, DP JSON, weights).
@@ -152,25 +129,6 @@ def secagg_open(
         "frac_bits": bit_plan.frac_bits if bit_plan is not None else None,
     }
     return SecAggRound(server_round, setups, record)
-
-
-def dp_noise_threshold(distributed_dp_json: str) -> int | None:
-    """The SecAgg threshold a distributed-DP noise configuration (``distributed_dp_json``, as
-    :meth:`ServerPrivacy.before_round` gives it) was sized for, or None (no DP, central
-    trust's clip, or no ``threshold`` field). Errors: ConfigError when the JSON is malformed
-    or its threshold is not an integer >= 2."""
-    if not distributed_dp_json:
-        return None
-    try:
-        fields = json.loads(distributed_dp_json)
-    except ValueError as exc:
-        raise ConfigError(f"distributed_dp_json is not JSON: {exc}") from exc
-    value = fields.get("threshold") if isinstance(fields, dict) else None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ConfigError(f"distributed_dp_json threshold must be an integer >= 2, got {value!r}")
-    return value
 
 
 def secagg_mean(sa: SecAggRound) -> tuple[np.ndarray, frozenset[int], dict[str, Any]]:

@@ -37,8 +37,9 @@ import numpy as np
 from secure_fl.errors import ConfigError, ThresholdError
 from secure_fl.integrations.flower import records
 from secure_fl.integrations.flower._exchange import Exchange, array_bytes
-from secure_fl.integrations.flower._plan import fresh_round_id, plan_secure_round
+from secure_fl.integrations.flower._plan import fresh_round_id
 from secure_fl.rounds.base import RoundOutcome, ServerRound
+from secure_fl.rounds.plan import plan_secure_round
 from secure_fl.rounds.spec import AggregationSpec
 from secure_fl.transport.config_common import RosterEntry
 
