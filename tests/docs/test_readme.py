@@ -88,10 +88,9 @@ def _param(block: Block) -> object:
     return pytest.param(block, id=f"line-{block.line}", marks=marks)
 
 
-@pytest.mark.parametrize("block", [_param(b) for b in BLOCKS])
-def test_readme_python_block_runs(block: Block, tmp_path: Path) -> None:
-    """The block runs as a script of its own (a fresh interpreter, working directory and
-    namespace), as a reader who pastes it into a file would run it."""
+def run_block(block: Block, tmp_path: Path, what: str = "python") -> None:
+    """Run ``block`` as a script of its own (a fresh interpreter, working directory and
+    namespace), as a reader who pastes it into a file would run it; fail naming its README line."""
     script = tmp_path / f"readme_line_{block.line}.py"
     script.write_text(block.source)
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SECURE_FL_PROGRESS": "0"}
@@ -105,9 +104,14 @@ def test_readme_python_block_runs(block: Block, tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, (
-        f"README.md: the python block at line {block.line} failed (line N of "
+        f"README.md: the {what} block at line {block.line} failed (line N of "
         f"{script.name} is README line {block.line} + N):\n{done.stderr[-6000:]}"
     )
+
+
+@pytest.mark.parametrize("block", [_param(b) for b in BLOCKS])
+def test_readme_python_block_runs(block: Block, tmp_path: Path) -> None:
+    run_block(block, tmp_path)
 
 
 def test_readme_has_the_blocks_a_newcomer_copies_and_none_of_them_is_skipped() -> None:

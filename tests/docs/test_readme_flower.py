@@ -9,16 +9,13 @@ only with the slow tests.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 flwr = pytest.importorskip("flwr")
 
-from test_readme import BLOCKS, Block  # noqa: E402
+from test_readme import BLOCKS, Block, run_block  # noqa: E402
 
 FLOWER_BLOCKS = [b for b in BLOCKS if "secure_fl.integrations.flower" in b.source]
 
@@ -42,21 +39,4 @@ def test_the_readme_has_the_flower_blocks_and_hands_them_to_this_file() -> None:
 
 @pytest.mark.parametrize("block", [_param(b) for b in FLOWER_BLOCKS])
 def test_readme_flower_block_runs(block: Block, tmp_path: Path) -> None:
-    script = tmp_path / f"readme_line_{block.line}.py"
-    script.write_text(block.source)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "SECURE_FL_PROGRESS": "0"}
-    done = subprocess.run(
-        [sys.executable, script.name],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, (
-        f"README.md: the Flower block at line {block.line} failed (line N of {script.name} is "
-        f"README line {block.line} + N):\n{done.stderr[-6000:]}"
-    )
-    if "audit_run(" in block.source:
-        assert done.stdout.strip().splitlines()[-1] == "PASS"
+    run_block(block, tmp_path, "Flower")
