@@ -8,6 +8,13 @@ site id in its envelope. A refused, error, ``left`` or missing reply makes the s
 round (:attr:`Exchange.gone`): it is sent nothing more. A frame that the codec or the server
 half refuses (RemoteProtocolError) is dropped and the round goes on (the h11 split); any other
 ProtocolError from the server half propagates (the round aborts).
+
+A train-stage claim of a site id whose roster entry has a verify key (active variant) counts
+only with its proof: the site's Ed25519 signature over :func:`~.records.claim_message` (round
+id, site id, the node the claim came from); an unproven claim is ignored (logged), so a node
+cannot get an honest site excluded by claiming its id. Without a verify key every claim counts
+(two claims of one id exclude both, in :mod:`.workflow`). The user's public metrics of a site
+are read from its reply that carries its masked input or upload (:attr:`Exchange.metrics`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from secure_fl.errors import RemoteProtocolError
+from secure_fl.errors import RemoteProtocolError, SignatureError
 from secure_fl.integrations.flower import records
 from secure_fl.rounds import codec
 
@@ -32,8 +39,8 @@ log = logging.getLogger("secure_fl.integrations.flower")
 #: The message type of every secure_fl message (the ClientApp's train function sees it).
 MESSAGE_TYPE = "train"
 
-#: (node id, reported weight, public metrics) of one train-stage claim.
-Claim = tuple[int, float, dict[str, float]]
+#: (node id, reported weight) of one train-stage claim.
+Claim = tuple[int, float]
 
 
 def array_bytes(arrays: Any) -> int:
@@ -60,7 +67,8 @@ class Exchange:
     """The messages of one round ``round_id`` over ``grid``: each stage waits at most
     ``timeout`` seconds for its replies. ``node_of`` (site id -> node id) is set by :meth:`bind`
     after the train stage; ``gone`` the sites that left; ``bytes_to_sites`` /
-    ``bytes_from_sites`` count frames and arrays."""
+    ``bytes_from_sites`` count frames and arrays; ``metrics`` site id -> the public metrics of
+    its reply that carried its masked input or upload."""
 
     def __init__(self, grid: Grid, round_id: int, timeout: float, *, group: str) -> None:
         self.grid = grid
@@ -72,6 +80,7 @@ class Exchange:
         self.bytes_to_sites = 0
         self.bytes_from_sites = 0
         self.site_bytes: dict[int, int] = {}
+        self.metrics: dict[int, dict[str, float]] = {}
 
     def _message(self, node: int, envelope: records.Envelope, extra: Mapping[str, Any]) -> Message:
         from flwr.app import Message, RecordDict
@@ -111,9 +120,16 @@ class Exchange:
             self.bytes_from_sites += len(env.frame)
         return node, env
 
-    def train(self, nodes: Iterable[int], user: Mapping[str, Any]) -> dict[int, list[Claim]]:
+    def train(
+        self,
+        nodes: Iterable[int],
+        user: Mapping[str, Any],
+        verify_keys: Mapping[int, bytes | None] | None = None,
+    ) -> dict[int, list[Claim]]:
         """The train stage: ``user`` records (``arrays``, ``config``) to every node; returns
-        site id -> the claims of that id (a list: two nodes may claim one id)."""
+        site id -> the claims of that id (a list: two nodes may claim one id). A claim of a site
+        id with a verify key in ``verify_keys`` counts only with a valid proof (module
+        docstring); an unproven one is ignored."""
         sent = {
             int(n): self._message(int(n), records.Envelope("train", self.round_id), user)
             for n in nodes
@@ -133,8 +149,27 @@ class Exchange:
             if env.site_id is None or env.weight is None:
                 log.warning("train stage: node %d sent no site id or weight", node)
                 continue
-            claims.setdefault(env.site_id, []).append((node, env.weight, public_metrics(reply)))
+            key = (verify_keys or {}).get(env.site_id)
+            if key is not None and not self._proven(key, env, node):
+                log.warning(
+                    "train stage: ignored node %d's unproven claim of site %d", node, env.site_id
+                )
+                continue
+            claims.setdefault(env.site_id, []).append((node, env.weight))
         return claims
+
+    def _proven(self, key: bytes, env: records.Envelope, node: int) -> bool:
+        """Whether ``env.proof`` is the signature under ``key`` of the claim of ``env.site_id``
+        in this round by ``node``."""
+        from secure_fl.crypto.signing import verify
+
+        if env.proof is None or env.site_id is None:
+            return False
+        try:
+            verify(key, env.proof, records.claim_message(self.round_id, env.site_id, node))
+        except SignatureError:
+            return False
+        return True
 
     def bind(self, node_of: Mapping[int, int]) -> None:
         """Fix the round's map site id -> node id (the train stage's unique claims)."""
@@ -177,6 +212,9 @@ class Exchange:
                 )
                 self.gone.add(owner)
                 continue
+            released = public_metrics(reply)
+            if released:
+                self.metrics[owner] = released
             if env.frame is None or server is None:
                 continue
             self.site_bytes[owner] = self.site_bytes.get(owner, 0) + len(env.frame)

@@ -7,8 +7,14 @@ user's ``@app.train()`` function: ``ClientApp(mods=[secure_fl_mod])``. A message
 1. ``train``: the user's train function runs; its trained arrays never leave the node. The
    update (trained minus sent arrays, or the trained arrays when none were sent) is sealed
    into ``context.state`` (AES-256-GCM under the :class:`~.node.NodeSealer`, bound to site id
-   and round id); the reply is the site id, the weight (``num-examples``) and the user's public
-   metrics.
+   and round id) with the user's metrics; the reply is the site id, the weight
+   (``num-examples``) and, with a signing key, the proof of the claim
+   (:func:`~.records.claim_message`). The user's metrics leave only with the site's masked
+   input (SecAgg, the ``MaskedInput`` reply) or upload (plain), as a ``"metrics"``
+   MetricRecord of that reply, never in a CKKS round: a train stage is no free oracle of the
+   site's data. The training runs for at most
+   :data:`~.node.MAX_TRAINS_WITHOUT_SETUP` (3) train stages in a row that no setup followed
+   (:func:`~.node.charge_train`).
 2. ``setup``: the round layer's site half is built from the frame's message type, with this
    node's OWN policy, roster, keys and guards (never the server's word), and answers; a SecAgg
    half's state is exported to ``context.state`` BEFORE the reply is returned.
@@ -21,29 +27,37 @@ node's durable release guard (:class:`~.node.NodeReleaseGuard`) and sealer hold 
 processes; a site that leaves replies ``left`` (exception class and one line, never a
 traceback, key, share or update) and never raises; distributed DP is checked against the
 site's own floor (:class:`~secure_fl.transport.privacy_site.SitePrivacy`) and charged to its
-own DP record (``state_dir/flower/dp_rounds.jsonl``); a CKKS check that depends on secret
-values fails closed (``state_dir/flower/FAIL-CLOSED.json``: every later round is refused).
+own DP record (``state_dir/flower/dp_rounds.jsonl``); a check after decrypting a CKKS result
+fails closed (``state_dir/flower/FAIL-CLOSED.json``: every later round is refused). Nothing the
+server sends in the clear makes the node fail closed: the range of the new local model is
+checked when a CKKS setup arrives, and a refusal there only leaves the round (PolicyError).
+
+The one-release-per-model guard hashes what the model IS (:func:`model_digest`): the sent
+arrays' content digest (names sorted, values upcast to float64), each array first cast to the
+dtype of the matching trained array (the precision the site's model holds), so that neither a
+reordered nor a re-typed copy of a model (e.g. a float64 copy nudged below float32 resolution
+for a float32 model) gets a second release. The sent and trained arrays must have the same key
+SET and shapes (their order may differ; the update is laid out in the sent order). A train
+function must return its arrays in the dtype of the model it trained (``ArrayRecord(model.
+state_dict())`` does).
 
 The ``setup`` / ``step`` / ``result`` stages live in :mod:`.mod_stages` (split to keep each module
-under 400 lines). A node provisioned with a CKKS context range-checks its new local model at the
-``train`` stage, whatever the round's aggregation turns out to be (the stage does not say), so
-that a refusal never follows the weight report.
+under 400 lines).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from secure_fl.atomic import atomic_write
@@ -59,6 +73,7 @@ from secure_fl.integrations.flower.node import (
     FlowerSite,
     NodeReleaseGuard,
     NodeSealer,
+    charge_train,
     site_from_node_config,
 )
 from secure_fl.integrations.flower.records import Envelope, Layout
@@ -127,8 +142,9 @@ def _handle(
             raise RemoteProtocolError(f"the {env.stage} stage carries no frame")
         from secure_fl.integrations.flower import mod_stages
 
-        out = mod_stages.run_stage(env, frame, context, site)
-        return _reply(msg, Envelope(env.stage, env.round_id, frame=out, site_id=site_id))
+        out, metrics = mod_stages.run_stage(env, frame, context, site)
+        extra = None if metrics is None else {"metrics": MetricRecord(metrics)}
+        return _reply(msg, Envelope(env.stage, env.round_id, frame=out, site_id=site_id), extra)
     except Exception as exc:
         if isinstance(exc, PostDecryptionError) and site_id is not None:
             try:
@@ -202,12 +218,19 @@ def open_sealed(
 
 
 def pack_pending(
-    update: np.ndarray, base: np.ndarray | None, weight: float, digest: str, layout: Layout
+    update: np.ndarray,
+    base: np.ndarray | None,
+    weight: float,
+    digest: str,
+    layout: Layout,
+    metrics: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The pending update as bytes: a JSON header, the float64 update, the base (if any)."""
+    """The pending update as bytes: a JSON header (with the user's ``metrics``: released only
+    with the masked input or upload), the float64 update, the base (if any)."""
     head = json.dumps(
         {
             "weight": weight,
+            "metrics": dict(metrics or {}),
             "digest": digest,
             "n": int(update.size),
             "base": base is not None,
@@ -240,18 +263,76 @@ def layout_of(head: dict[str, Any]) -> Layout:
     )
 
 
-def model_digest(vector: np.ndarray, layout: Layout) -> str:
-    """SHA-256 (hex) of a model's content: keys, shapes and float64 values (-0.0 as 0.0)."""
-    h = hashlib.sha256(b"secure_fl/flower/model/v1\x00")
-    h.update(json.dumps([layout.keys, layout.shapes]).encode())
-    h.update((np.asarray(vector, dtype=np.float64) + 0.0).astype("<f8").tobytes())
-    return h.hexdigest()
+def model_digest(
+    sent: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray] | None = None
+) -> str:
+    """SHA-256 (hex) of what the model ``sent`` IS, as the site's model holds it:
+    :func:`secure_fl.transport.tensors.content_digest` (names sorted, values upcast exactly to
+    float64, -0.0 as 0.0; neither the order nor the dtype of the record counts) of each array
+    cast first to the dtype of the array of the same name in ``like`` (the trained arrays; None:
+    as sent), integer arrays then as float64. Guarantee: a reordered copy of a model, or a
+    wider-typed copy that the site's dtype rounds to the same numbers (float64 values nudged
+    below float32 resolution for a float32 model), has the same digest. Errors:
+    InvalidUpdateError when a value does not fit the site's dtype (it would be infinite) or a
+    name of ``like`` is missing."""
+    from secure_fl.transport.tensors import content_digest
+
+    cast: dict[str, np.ndarray] = {}
+    for name, value in sent.items():
+        array = np.asarray(value)
+        if like is not None:
+            if name not in like:
+                raise InvalidUpdateError(f"the trained arrays hold no {name!r}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                array = array.astype(np.asarray(like[name]).dtype)
+        if array.dtype.name not in ("float16", "float32", "float64"):
+            array = array.astype(np.float64)
+        cast[str(name)] = np.ascontiguousarray(array)
+    return content_digest(cast).hex()
+
+
+def _align(sent: Any, trained: Any) -> dict[str, Any]:
+    """The trained ``ArrayRecord``'s arrays in the sent record's key order. Errors:
+    InvalidUpdateError when the key sets or a shape differ."""
+    if set(sent.keys()) != set(trained.keys()):
+        raise InvalidUpdateError("the trained arrays' keys differ from the sent ones")
+    out: dict[str, Any] = {}
+    for key, array in sent.items():
+        if tuple(array.shape) != tuple(trained[key].shape):
+            raise InvalidUpdateError(
+                f"the trained array {key!r} has another shape than the sent one"
+            )
+        out[key] = trained[key]
+    return out
+
+
+def _check_weight(num: Any) -> float:
+    if (
+        isinstance(num, bool)
+        or not isinstance(num, int | float)
+        or not math.isfinite(float(num))
+        or float(num) <= 0
+    ):
+        raise InvalidUpdateError(f"metrics['num-examples'] must be a number > 0, got {num!r}")
+    return float(num)
+
+
+def _proof(site: FlowerSite, msg: Message, round_id: int) -> bytes | None:
+    """The site's signature over its claim (None without a signing key)."""
+    if site.signing_key is None:
+        return None
+    from secure_fl.transport.provision_files import load_signing_key
+
+    node = int(msg.metadata.dst_node_id)
+    key = load_signing_key(site.signing_key)
+    return key.sign(records.claim_message(round_id, site.site_id, node))
 
 
 def _train(
     msg: Message, context: Context, call_next: ClientAppCallable, env: Envelope, site: FlowerSite
 ) -> Message:
     forget_round(context)  # a new round supersedes whatever this node held
+    charge_train(site.state_dir)  # PolicyError: too many trains without a setup; nothing runs
     reply = call_next(msg, context)
     if reply.has_error():
         raise InvalidUpdateError("the train function replied with an error")
@@ -260,40 +341,30 @@ def _train(
     metrics = content.metric_records.get("metrics")
     if arrays is None or metrics is None:
         raise InvalidUpdateError("the train reply must hold 'arrays' and 'metrics'")
-    num = metrics.get("num-examples")
-    if (
-        isinstance(num, bool)
-        or not isinstance(num, int | float)
-        or not math.isfinite(float(num))
-        or float(num) <= 0
-    ):
-        raise InvalidUpdateError(f"metrics['num-examples'] must be a number > 0, got {num!r}")
-    trained, layout = records.flatten(arrays, where="reply arrays")
+    weight = _check_weight(metrics.get("num-examples"))
     sent = msg.content.array_records.get("arrays")
     base: np.ndarray | None = None
     if sent is not None:
-        base, sent_layout = records.flatten(sent, where="arrays")
-        if sent_layout.keys != layout.keys or sent_layout.shapes != layout.shapes:
-            raise InvalidUpdateError("the trained arrays' keys or shapes differ from the sent ones")
+        ordered = _align(sent, arrays)
+        trained, layout = records.flatten(ordered, where="reply arrays")
+        base, _ = records.flatten(sent, where="arrays")
         update = trained - base
-        digest = model_digest(base, sent_layout)
+        digest = model_digest(
+            {k: v.numpy() for k, v in sent.items()}, {k: v.numpy() for k, v in ordered.items()}
+        )
     else:
-        update = trained
-        digest = model_digest(trained, layout)
+        update, layout = records.flatten(arrays, where="reply arrays")
+        digest = model_digest({k: v.numpy() for k, v in arrays.items()})
+        trained = update
     del trained
     NodeReleaseGuard(site.state_dir, env.round_id, digest).check_fresh()
-    if site.ckks is not None and site.policy.accepts("ckks"):
-        from secure_fl.integrations.flower import mod_stages
-
-        # Before the weight is reported: a refusal later would tell the server one bit.
-        mod_stages.check_ckks_vector(site, update if base is None else base + update)
-    weight = float(num)
     sealer = NodeSealer(site.state_dir)
-    packed = pack_pending(update, base, weight, digest, layout)
+    packed = pack_pending(update, base, weight, digest, layout, dict(metrics))
     put_sealed(context, PENDING, sealer, site.site_id, env.round_id, packed)
     del update, base, packed
-    envelope = Envelope("train", env.round_id, site_id=site.site_id, weight=weight)
-    return _reply(msg, envelope, {"metrics": metrics})
+    proof = _proof(site, msg, env.round_id)
+    envelope = Envelope("train", env.round_id, site_id=site.site_id, weight=weight, proof=proof)
+    return _reply(msg, envelope)
 
 
 def save_model(path: Path, vector: np.ndarray, layout: Layout) -> None:

@@ -2,10 +2,16 @@
 under 400 lines): build, restore and export this node's round half, with its own policy,
 roster, keys, DP floor and durable guards.
 
+The user's metrics (sealed with the pending update) are returned with the reply that carries
+the site's masked input (SecAgg: ``MaskedInput``) or its upload (``PlainUpload``); never in a
+CKKS round.
+
 Every function raises on refusal (the mod turns it into a ``left`` reply): PolicyError (the
-round breaks this site's policy; nothing derived from the data was sent), RemoteProtocolError
-(a malformed or unexpected message), DecryptionError (a stale, replayed or altered state),
-PostDecryptionError (CKKS: fail closed), ConfigError (the node's own files).
+round breaks this site's policy, or, CKKS, the new local model is beyond the preset's range:
+no marker, the server chose the base; nothing derived from the data was sent),
+RemoteProtocolError (a malformed or unexpected message), DecryptionError (a stale, replayed or
+altered state), PostDecryptionError (a check after decrypting a CKKS result: fail closed),
+ConfigError (the node's own files).
 """
 
 from __future__ import annotations
@@ -16,21 +22,30 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
-from secure_fl.errors import PolicyError, RemoteProtocolError
+from secure_fl.errors import PolicyError, PostDecryptionError, RemoteProtocolError
 from secure_fl.integrations.flower import mod as m
 from secure_fl.integrations.flower.node import FlowerSite, NodeReleaseGuard, NodeSealer
 from secure_fl.integrations.flower.records import Envelope
 from secure_fl.rounds import codec
-from secure_fl.rounds.messages import CkksResult, CkksSetup, PlainSetup, SecAggSetup
+from secure_fl.rounds.messages import (
+    CkksResult,
+    CkksSetup,
+    MaskedInput,
+    PlainSetup,
+    SecAggSetup,
+)
 from secure_fl.rounds.plain import PlainSiteRound
 from secure_fl.rounds.secagg import SecAggSiteRound
 
 DP_RECORD = "dp_rounds.jsonl"
+#: (reply frame or None, the user's metrics to release with it or None).
+StageReply = tuple[bytes | None, dict[str, Any] | None]
 
 
-def run_stage(env: Envelope, frame: bytes, context: Context, site: FlowerSite) -> bytes | None:
-    """The reply frame of stage ``env.stage`` (``setup``, ``step``, ``result``) for ``frame``
-    (None: reply without a frame). Errors: see the module docstring."""
+def run_stage(env: Envelope, frame: bytes, context: Context, site: FlowerSite) -> StageReply:
+    """The reply of stage ``env.stage`` (``setup``, ``step``, ``result``) for ``frame``: the
+    reply frame (None: reply without a frame) and the user's metrics when this reply carries
+    the site's masked input or upload (else None). Errors: see the module docstring."""
     message = codec.decode(frame)
     if getattr(message, "round_id", env.round_id) != env.round_id:
         raise RemoteProtocolError(
@@ -61,15 +76,6 @@ def _secret(site: FlowerSite) -> Any:
     return SecretContext.load(site.ckks.context, expected_fingerprint=site.ckks.fingerprint)
 
 
-def check_ckks_vector(site: FlowerSite, vector: np.ndarray) -> None:
-    """The range check of the vector this site would encrypt (its new local model), at the
-    train stage, before its weight is reported. Errors: PostDecryptionError (fail closed)."""
-    from secure_fl.rounds.ckks import CkksSiteRound
-
-    half = CkksSiteRound(site.site_id, secret=_secret(site), policy=site.policy, name=site.name)
-    half.check_vector(np.asarray(vector, dtype=np.float64))
-
-
 def _dp(site: FlowerSite, dp_json: str) -> tuple[Any, Any, dict[str, Any] | None]:
     """(noise hook, DP record, record fields) of a round's ``distributed_dp_json`` after this
     site's floor accepted it; (None, None, None) without DP. Errors: PolicyError (below the
@@ -94,12 +100,13 @@ def _meta(context: Context, site: FlowerSite, sealer: NodeSealer, round_id: int)
 
 def _setup(
     message: Any, round_id: int, context: Context, site: FlowerSite, sealer: NodeSealer
-) -> bytes | None:
+) -> StageReply:
     raw = m.open_sealed(context, m.PENDING, sealer, site.site_id, round_id)
     del context.state[m.PENDING]  # the pending update is used once
     head, update, base = m.unpack_pending(raw)
     del raw
     weight, digest = float(head["weight"]), str(head["digest"])
+    metrics = dict(head.get("metrics") or {})
     meta: dict[str, Any] = {"digest": digest}
     if isinstance(message, SecAggSetup):
         hook, record, dp = _dp(site, message.distributed_dp_json)
@@ -122,18 +129,21 @@ def _setup(
         reply = half.on_setup(message, update=update, reported_weight=weight)
         del update, base
         meta.update(
-            protocol="secagg", dp_json=message.distributed_dp_json, site_ids=list(message.site_ids)
+            protocol="secagg",
+            dp_json=message.distributed_dp_json,
+            site_ids=list(message.site_ids),
+            metrics=metrics,
         )
         m.put_sealed(context, m.ROUND, sealer, site.site_id, round_id, json.dumps(meta).encode())
         blob = half.export_state(sealer)  # BEFORE the reply leaves (rounds.md, host rule 1)
         context.state[m.STATE] = ConfigRecord({"round": round_id, "blob": blob})
-        return None if reply is None else codec.encode(reply)
+        return _with_metrics(reply, metrics)
     guard = NodeReleaseGuard(site.state_dir, round_id, digest)
     if isinstance(message, PlainSetup):
         plain = PlainSiteRound(site.site_id, policy=site.policy)
         guard.claim(round_id, None)  # one participation per round id
         upload = plain.on_setup(message, update=update, reported_weight=weight)
-        return None if upload is None else codec.encode(upload)
+        return (None, None) if upload is None else (codec.encode(upload), metrics or None)
     if isinstance(message, CkksSetup):
         from secure_fl.rounds.ckks import CkksSiteRound
         from secure_fl.rounds.messages import CkksUpload
@@ -147,18 +157,32 @@ def _setup(
             fail_closed=True,
         )
         guard.claim(round_id, None)
-        out = ckks.on_setup(message, update=update, reported_weight=weight, base=base)
-        del update, base
-        upload = out if isinstance(out, CkksUpload) else ckks.upload()
+        try:
+            out = ckks.on_setup(message, update=update, reported_weight=weight, base=base)
+            del update, base
+            upload = out if isinstance(out, CkksUpload) else ckks.upload()
+        except PostDecryptionError:
+            # The server chose the base in the clear: no fail-closed marker, only leave.
+            raise PolicyError(
+                "the new local model is beyond the CKKS preset's range (the value is not sent)"
+            ) from None
         meta.update(protocol="ckks", head={k: head[k] for k in ("n", "keys", "shapes", "dtypes")})
         m.put_sealed(context, m.ROUND, sealer, site.site_id, round_id, json.dumps(meta).encode())
-        return codec.encode(upload)
+        return codec.encode(upload), None  # CKKS: the metrics never leave
     raise RemoteProtocolError(f"{type(message).__name__} is not a setup")
+
+
+def _with_metrics(reply: Any, metrics: dict[str, Any]) -> StageReply:
+    """The encoded ``reply``, with ``metrics`` when it is the site's masked input."""
+    if reply is None:
+        return None, None
+    released = (metrics or None) if isinstance(reply, MaskedInput) else None
+    return codec.encode(reply), released
 
 
 def _step(
     message: Any, round_id: int, context: Context, site: FlowerSite, sealer: NodeSealer
-) -> bytes | None:
+) -> StageReply:
     rec = context.state.config_records.get(m.STATE)
     blob = None if rec is None else rec.get("blob")
     if rec is None or rec.get("round") != round_id or not isinstance(blob, bytes):
@@ -192,12 +216,12 @@ def _step(
     else:
         fresh = half.export_state(sealer)  # BEFORE the reply leaves
         context.state[m.STATE] = ConfigRecord({"round": round_id, "blob": fresh})
-    return None if reply is None else codec.encode(reply)
+    return _with_metrics(reply, dict(meta.get("metrics") or {}))
 
 
 def _result(
     message: Any, round_id: int, context: Context, site: FlowerSite, sealer: NodeSealer
-) -> bytes | None:
+) -> StageReply:
     if not isinstance(message, CkksResult):
         raise RemoteProtocolError(f"{type(message).__name__} is not a CKKS result")
     meta = _meta(context, site, sealer, round_id)
@@ -213,7 +237,7 @@ def _result(
     del model
     m.save_model(site.node_dir / f"model-{round_id}.npz", vector, m.layout_of(head))
     m.forget_round(context)
-    return None
+    return None, None
 
 
-__all__ = ["check_ckks_vector", "run_stage"]
+__all__ = ["StageReply", "run_stage"]

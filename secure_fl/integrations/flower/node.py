@@ -21,12 +21,20 @@
   global model (SHA-256 of the arrays the server sent; content guard, as the gRPC site's
   :mod:`secure_fl.transport.replay`), recorded before the unmask answer leaves; in a DP round the
   site's own DP record (:class:`~secure_fl.transport.site_dp.DPRoundRecord`) as the gRPC site.
+* :func:`charge_train` -- the train function runs for at most :data:`MAX_TRAINS_WITHOUT_SETUP`
+  (3) train stages in a row that no setup followed (within :data:`TRAIN_WINDOW_S`, one hour;
+  recorded in ``releases.json`` before the training runs, cleared when a setup of this site's
+  pending update is accepted), so that a server cannot run the site's training on many models
+  for free (each train stage is a query of the site's data).
 
 Threat: the key file and the blobs are both on the node; the key file is 0600 in a 0700 folder
 and never enters ``context.state`` (which Flower may persist or ship elsewhere), so a blob alone
 reveals nothing. Whoever reads the node's ``state_dir`` owns the node anyway.
 
 Errors: ConfigError naming the field or file; PolicyError for a refused release.
+
+(Over 400 lines on purpose: every durable record of the node, and the locking they share, in
+one place.)
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +74,10 @@ NODE_DIR = "flower"
 SEALER_KEY = "sealer.key"
 SEALER_COUNTERS = "sealer-counters.json"
 RELEASES = "releases.json"
+#: The most train stages in a row that no setup followed (within :data:`TRAIN_WINDOW_S`).
+MAX_TRAINS_WITHOUT_SETUP = 3
+#: Seconds after which a train stage without a setup no longer counts.
+TRAIN_WINDOW_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +280,34 @@ class NodeSealer(StateSealer):
         self._update(site_id, round_id, issue=False, consume=True)
 
 
+def charge_train(state_dir: Path, *, now: float | None = None) -> None:
+    """Record one train stage in ``state_dir/flower/releases.json`` BEFORE the user's training
+    runs. Guarantee: the training runs for at most :data:`MAX_TRAINS_WITHOUT_SETUP` train
+    stages in a row that no setup followed within :data:`TRAIN_WINDOW_S` seconds (the record is
+    cleared by :meth:`NodeReleaseGuard.claim` at a setup); across processes and restarts.
+    ``now``: the wall-clock time (tests only). Errors: PolicyError for one stage too many
+    (nothing is trained); ConfigError for an unreadable record."""
+    folder = Path(state_dir) / NODE_DIR
+    _mkdir_private(folder)
+    path = folder / RELEASES
+    stamp = time.time() if now is None else float(now)
+    with _locked(path):
+        data = _read_json_file(path)
+        recent = [
+            float(t)
+            for t in data.get("unset_trains", [])
+            if isinstance(t, int | float) and stamp - float(t) < TRAIN_WINDOW_S
+        ]
+        if len(recent) >= MAX_TRAINS_WITHOUT_SETUP:
+            raise PolicyError(
+                f"the server ran this site's training {len(recent)} times in a row without a "
+                f"setup (at most {MAX_TRAINS_WITHOUT_SETUP} per {TRAIN_WINDOW_S:g} s); it trains "
+                "again after that"
+            )
+        data["unset_trains"] = [*recent, stamp]
+        atomic_write(path, json.dumps(data, sort_keys=True), mode=0o600)
+
+
 class NodeReleaseGuard:
     """The node's durable :class:`~secure_fl.rounds.guards.ReleaseGuard` for round ``round_id``
     on the global model ``model_digest`` (SHA-256 of the arrays the server sent; of the update
@@ -347,6 +388,7 @@ class NodeReleaseGuard:
                 if self._dp_record is not None and self._dp is not None:
                     self._dp_record.check_room(self.round_id)
                 data["joined"].append(self.round_id)
+                data["unset_trains"] = []  # a setup followed (see charge_train)
                 self._save(data)
                 return
             chosen = sorted(int(s) for s in survivors)
@@ -389,6 +431,7 @@ __all__ = [
     "FlowerSite",
     "NodeReleaseGuard",
     "NodeSealer",
+    "charge_train",
     "load_flower_site",
     "site_from_node_config",
 ]

@@ -14,14 +14,18 @@ field      meaning
 =========  ==========================================================================
 
 A site's reply carries the same record with, in addition, ``site_id`` (its provisioned site
-id), and at the ``train`` stage ``weight`` (its reported weight, > 0, finite); a site that leaves
-the round replies with ``left`` (a one-line reason, no secret, no traceback) and no frame.
+id), and at the ``train`` stage ``weight`` (its reported weight, > 0, finite) and, when the site
+has a signing key (active variant), ``proof``: its Ed25519 signature over
+:func:`claim_message` (round id, site id, the node id the server addressed), so that a node
+cannot claim another site's id; a site that leaves the round replies with ``left`` (a one-line
+reason, no secret, no traceback) and no frame.
 
 At the ``train`` stage the server's message also holds the user's records (``"arrays"``: the
 global model, an ``ArrayRecord``; ``"config"``: a ``ConfigRecord``) which the mod passes to the
 user's train function; the user's reply holds ``"arrays"`` (the trained model) and
 ``"metrics"`` (a ``MetricRecord`` with ``"num-examples"``). The mod never forwards the trained
-arrays: it replies with the weight and the public metrics only.
+arrays: its train reply holds the envelope only (site id, weight, proof); the user's metrics
+follow with the site's masked input (SecAgg) or upload (plain), never in a CKKS round.
 
 :func:`flatten` and :func:`unflatten` turn an ``ArrayRecord`` into one float64 vector (keys in
 the record's order) and back; the :class:`Layout` is what the server needs to rebuild the mean.
@@ -48,12 +52,15 @@ STAGES = ("train", "setup", "step", "result")
 ROUND_ID_LIMIT = 1 << 62
 #: The most characters of a ``left`` reason (longer ones are cut with an ellipsis marker).
 MAX_REASON = 300
+#: The most bytes of a ``proof`` (an Ed25519 signature is 64).
+MAX_PROOF = 64
+_CLAIM_DOMAIN = b"secure_fl/flower/claim/v1\x00"
 
 
 @dataclass(frozen=True)
 class Envelope:
     """The :data:`KEY` record of one message, checked. ``frame`` is the codec frame (or None),
-    ``site_id`` / ``weight`` / ``left`` only in a site's reply."""
+    ``site_id`` / ``weight`` / ``left`` / ``proof`` only in a site's reply."""
 
     stage: str
     round_id: int
@@ -61,6 +68,7 @@ class Envelope:
     site_id: int | None = None
     weight: float | None = None
     left: str | None = None
+    proof: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -78,6 +86,23 @@ class Envelope:
             or self.weight <= 0
         ):
             raise ConfigError(f"weight must be a finite number > 0, got {self.weight!r}")
+        if self.proof is not None and (
+            not isinstance(self.proof, bytes) or not 1 <= len(self.proof) <= MAX_PROOF
+        ):
+            raise ConfigError(f"proof must be 1 to {MAX_PROOF} bytes")
+
+
+def claim_message(round_id: int, site_id: int, node_id: int) -> bytes:
+    """The bytes a site signs to prove its train-stage claim: the domain, the round id, its site
+    id and the Flower node id the server addressed (``message.metadata.dst_node_id``), each as
+    8 bytes big-endian. A proof is good for one round, one site and one node only.
+    Errors: ConfigError for a value that is not an integer in [0, 2^64)."""
+    parts = []
+    for name, value in (("round_id", round_id), ("site_id", site_id), ("node_id", node_id)):
+        if not _is_int(value) or not 0 <= value < 1 << 64:
+            raise ConfigError(f"{name} must be an integer in [0, 2^64), got {value!r}")
+        parts.append(int(value).to_bytes(8, "big"))
+    return _CLAIM_DOMAIN + b"".join(parts)
 
 
 def _is_int(value: Any) -> bool:
@@ -98,6 +123,8 @@ def to_record(envelope: Envelope) -> Any:
     if envelope.left is not None:
         reason = envelope.left.replace("\n", " ")
         data["left"] = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+    if envelope.proof is not None:
+        data["proof"] = bytes(envelope.proof)
     return ConfigRecord(data)
 
 
@@ -112,7 +139,7 @@ def read(content: Any) -> Envelope | None:
     if KEY not in records:
         return None
     rec = records[KEY]
-    allowed = {"v", "stage", "round", "frame", "site_id", "weight", "left"}
+    allowed = {"v", "stage", "round", "frame", "site_id", "weight", "left", "proof"}
     unknown = sorted(set(rec.keys()) - allowed)
     if unknown:
         raise RemoteProtocolError(f"{KEY} record has unknown fields {unknown}")
@@ -141,6 +168,9 @@ def read(content: Any) -> Envelope | None:
     left = rec.get("left")
     if left is not None and not isinstance(left, str):
         raise RemoteProtocolError(f"{KEY}.left must be a string")
+    proof = rec.get("proof")
+    if proof is not None and (not isinstance(proof, bytes) or not 1 <= len(proof) <= MAX_PROOF):
+        raise RemoteProtocolError(f"{KEY}.proof must be 1 to {MAX_PROOF} bytes")
     return Envelope(
         stage=stage,
         round_id=round_id,
@@ -148,6 +178,7 @@ def read(content: Any) -> Envelope | None:
         site_id=site_id,
         weight=None if weight is None else float(weight),
         left=left,
+        proof=proof,
     )
 
 
@@ -216,6 +247,7 @@ __all__ = [
     "VERSION",
     "Envelope",
     "Layout",
+    "claim_message",
     "flatten",
     "read",
     "to_record",

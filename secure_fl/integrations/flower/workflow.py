@@ -9,7 +9,9 @@ messages and decides who is still in the round.
 
 Who is who: a reply's sender is ``reply.metadata.src_node_id`` (the Grid authenticates it;
 never a field of the message). At the ``train`` stage each node claims a site id: an id off the
-server's roster or claimed by two nodes is excluded (every claimer). Afterwards a reply is taken
+server's roster or claimed by two nodes is excluded (every claimer); a claim of a site whose
+roster entry has a verify key counts only with the site's signed proof (:mod:`._exchange`), so a
+node cannot get an honest site of the active variant excluded. Afterwards a reply is taken
 only from the node that claimed that site, as a reply to the message sent to it, with the
 round's id and that site id in its envelope; anything else is refused and that site sends
 nothing more this round. A ``left`` reply, an error reply and a missing reply (stage timeout)
@@ -62,7 +64,8 @@ class FlowerRoundResult:
     are site ids; ``excluded`` also holds site ids claimed by two nodes); ``mean`` the weighted
     mean update laid out like the update (after the privacy hook's release; None for CKKS: the
     server never decrypts); ``weights`` the participants' reported weights; ``nodes`` site id ->
-    Flower node id; ``metrics`` site id -> the public metrics of its train reply; ``seconds``
+    Flower node id; ``metrics`` site id -> the public metrics the site released with its masked
+    input (SecAgg) or upload (plain; none in a CKKS round); ``seconds``
     wall time; ``bytes_to_sites`` / ``bytes_from_sites`` payload bytes (frames and arrays, not
     Flower's own framing); ``site_bytes`` site id -> bytes of the frames it sent."""
 
@@ -199,7 +202,7 @@ class SecureAggregationWorkflow:
         if arrays is not None:
             user["arrays"] = arrays
             ex.bytes_to_sites += array_bytes(arrays) * len(nodes)
-        claims = ex.train(nodes, user)
+        claims = ex.train(nodes, user, {s: e.verify_key for s, e in self.roster.items()})
         duplicated = {s for s, claimers in claims.items() if len(claimers) > 1}
         off_roster = sorted(s for s in claims if s not in self.roster)
         if duplicated or off_roster:
@@ -211,7 +214,6 @@ class SecureAggregationWorkflow:
             )
         ex.bind({s: c[0][0] for s, c in claims.items() if s not in duplicated and s in self.roster})
         weights = {s: claims[s][0][1] for s in ex.node_of}
-        metrics = {s: claims[s][0][2] for s in ex.node_of}
         if len(weights) < self.min_sites:
             raise ThresholdError(
                 f"round {round_index}: {len(weights)} site(s) trained and claimed a roster id; "
@@ -243,7 +245,7 @@ class SecureAggregationWorkflow:
             mean=mean,
             weights=weights,
             nodes=dict(ex.node_of),
-            metrics=metrics,
+            metrics=dict(ex.metrics),
             seconds=seconds,
             bytes_to_sites=ex.bytes_to_sites,
             bytes_from_sites=ex.bytes_from_sites,

@@ -1,0 +1,323 @@
+"""Regression tests of a malicious server (or node) against the secure_fl Flower mod and the
+workflow's node -> site map (attack findings A1, A3, A4, A5, A8): each test reproduces the
+attack and checks that it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+import numpy as np  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from server_helpers import local_grid, provision, write_updates  # noqa: E402
+from site_helpers import Node, arrays_of, drive_round  # noqa: E402
+
+from secure_fl.errors import ThresholdError  # noqa: E402
+from secure_fl.integrations.flower import records  # noqa: E402
+from secure_fl.integrations.flower.mod import FAIL_CLOSED  # noqa: E402
+from secure_fl.integrations.flower.node import MAX_TRAINS_WITHOUT_SETUP  # noqa: E402
+from secure_fl.integrations.flower.provision import FlowerFederation, provision_flower  # noqa: E402
+from secure_fl.integrations.flower.records import Envelope  # noqa: E402
+from secure_fl.integrations.flower.workflow import SecureAggregationWorkflow  # noqa: E402
+from secure_fl.rounds import codec  # noqa: E402
+from secure_fl.rounds.local import in_process_policy  # noqa: E402
+from secure_fl.rounds.messages import MaskedInput, PlainUpload  # noqa: E402
+from secure_fl.rounds.policy import SitePolicy  # noqa: E402
+from secure_fl.rounds.spec import AggregationSpec  # noqa: E402
+
+GLOBAL = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.zeros(2, np.float32)}
+ORDER = ("w", "b")
+SPEC = AggregationSpec.from_options("secagg+", {"active": True})
+
+
+def _federation(tmp_path: Path, n: int, **kwargs: Any) -> FlowerFederation:
+    kwargs.setdefault("policy", SitePolicy())
+    return provision_flower([f"s{i}" for i in range(1, n + 1)], tmp_path / "fed", **kwargs)
+
+
+def _keys(fed: FlowerFederation, without: int | None = None) -> dict[int, bytes]:
+    return {e.site_id: e.verify_key for e in fed.roster if e.verify_key and e.site_id != without}
+
+
+class EchoNode(Node):
+    """A deterministic local step that keeps the sent record's key order."""
+
+    def train(self, msg: Message, context: Any) -> Message:
+        self.train_calls += 1
+        sent = msg.content.array_records["arrays"]
+        out = {k: (v.numpy() + self.trained[k]).astype(np.float32) for k, v in sent.items()}
+        metrics = MetricRecord({"num-examples": self.num_examples})
+        return Message(RecordDict({"arrays": arrays_of(out), "metrics": metrics}), reply_to=msg)
+
+
+class Float32Node(Node):
+    """Loads the sent model into a float32 model in a fixed order (torch load_state_dict)."""
+
+    def train(self, msg: Message, context: Any) -> Message:
+        self.train_calls += 1
+        sent = msg.content.array_records["arrays"]
+        model = {k: sent[k].numpy().astype(np.float32) for k in ORDER}
+        out = {k: (model[k] + self.trained[k]).astype(np.float32) for k in ORDER}
+        metrics = MetricRecord({"num-examples": self.num_examples, "train-loss": 0.25})
+        return Message(RecordDict({"arrays": arrays_of(out), "metrics": metrics}), reply_to=msg)
+
+
+def _nodes(fed: FlowerFederation, cls: type[Node]) -> list[Node]:
+    rng = np.random.default_rng(1)
+    return [
+        cls(
+            e.site_id,
+            100 + e.site_id,
+            fed.site_configs[e.name],
+            {k: rng.normal(0, 0.3, v.shape).astype(np.float32) for k, v in GLOBAL.items()},
+            10,
+        )
+        for e in fed.roster
+    ]
+
+
+def _train(node: Node, model: dict[str, np.ndarray] | None) -> Message:
+    rid = int.from_bytes(os.urandom(8), "big") % (records.ROUND_ID_LIMIT - 1) + 1
+    content = RecordDict(
+        {records.KEY: records.to_record(Envelope("train", rid)), "config": ConfigRecord({})}
+    )
+    if model is not None:
+        content["arrays"] = arrays_of(model)
+    return node.call(content)
+
+
+def test_a1_a_reordered_copy_of_a_released_model_is_refused(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, 4)
+    nodes = _nodes(fed, EchoNode)
+    first = drive_round(nodes, SPEC, GLOBAL, verify_keys=_keys(fed))
+    assert first.error is None and first.left == {}
+    # the same model, arrays in another order, under a fresh round id, without the target:
+    # answering would give the difference of two sums = the target's update
+    reordered = {"b": GLOBAL["b"], "w": GLOBAL["w"]}
+    second = drive_round(nodes[:-1], SPEC, reordered, verify_keys=_keys(fed, without=4))
+    assert set(second.left) == {1, 2, 3}
+    assert all("already released" in reason for reason in second.left.values())
+
+
+def test_a1_trained_arrays_in_another_order_make_the_update_in_the_sent_order(
+    tmp_path: Path,
+) -> None:
+    fed = _federation(tmp_path, 3)
+    nodes = _nodes(fed, Node)  # returns its arrays in its own order (w, b)
+    sent = {"b": GLOBAL["b"], "w": GLOBAL["w"]}
+    run = drive_round(nodes, SPEC, sent, verify_keys=_keys(fed))
+    assert run.error is None and run.left == {} and run.outcome is not None
+    total = sum(n.num_examples for n in nodes)
+    want = (
+        sum(
+            np.concatenate([(n.trained[k] - sent[k]).astype(np.float64).reshape(-1) for k in sent])
+            * n.num_examples
+            for n in nodes
+        )
+        / total
+    )
+    assert np.max(np.abs(np.asarray(run.outcome.mean) - want)) < 1e-4
+
+
+def test_a4_a_float64_copy_nudged_below_float32_resolution_is_refused(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, 4)
+    nodes = _nodes(fed, Float32Node)
+    first = drive_round(nodes, SPEC, GLOBAL, verify_keys=_keys(fed))
+    assert first.error is None and first.left == {}
+    nudge = {k: v.astype(np.float64) * (1 + 2.0**-40) for k, v in GLOBAL.items()}
+    assert all(np.array_equal(nudge[k].astype(np.float32), GLOBAL[k]) for k in GLOBAL)
+    second = drive_round(nodes[:-1], SPEC, nudge, verify_keys=_keys(fed, without=4))
+    assert set(second.left) == {1, 2, 3}
+    assert all("already released" in reason for reason in second.left.values())
+    # an honest next model (another float32 model) is still taken
+    moved = {k: v + 1 for k, v in GLOBAL.items()}
+    third = drive_round(nodes, SPEC, moved, verify_keys=_keys(fed))
+    assert third.error is None and third.left == {}
+
+
+def test_a4_float64_models_are_told_apart_at_float64_precision(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, 3)
+    nodes = _nodes(fed, EchoNode)
+    for node in nodes:
+        node.trained = {k: v.astype(np.float64) for k, v in node.trained.items()}
+
+    class F64(EchoNode):
+        def train(self, msg: Message, context: Any) -> Message:
+            sent = msg.content.array_records["arrays"]
+            out = {k: v.numpy() + self.trained[k] for k, v in sent.items()}
+            metrics = MetricRecord({"num-examples": self.num_examples})
+            return Message(RecordDict({"arrays": arrays_of(out), "metrics": metrics}), reply_to=msg)
+
+    f64: list[Node] = [
+        F64(n.site_id, n.node_id, n.config_path, n.trained, n.num_examples) for n in nodes
+    ]
+    base = {k: v.astype(np.float64) for k, v in GLOBAL.items()}
+    step = {k: v + 1e-12 for k, v in base.items()}  # a different float64 model
+    assert drive_round(f64, SPEC, base, verify_keys=_keys(fed)).left == {}
+    assert drive_round(f64, SPEC, step, verify_keys=_keys(fed)).left == {}
+
+
+class ProbeNode(Node):
+    """A typical train function reporting its training loss (a function of the private data)."""
+
+    def train(self, msg: Message, context: Any) -> Message:
+        self.train_calls += 1
+        sent = msg.content.array_records["arrays"]
+        out = {k: v.numpy() + self.trained[k] for k, v in sent.items()}
+        loss = float(sum(np.sum(v.numpy() ** 2) for v in sent.values()))
+        metrics = MetricRecord({"num-examples": self.num_examples, "train-loss": loss})
+        return Message(RecordDict({"arrays": arrays_of(out), "metrics": metrics}), reply_to=msg)
+
+
+class RecordingNode(ProbeNode):
+    """Keeps every reply of the mod (stage, envelope frame type, record names)."""
+
+    def call(self, content: RecordDict) -> Message:
+        reply = super().call(content)
+        env = records.read(reply.content)
+        assert env is not None
+        kind = type(codec.decode(env.frame)).__name__ if env.frame else None
+        self.replies.append((env.stage, kind, set(reply.content.keys()), reply))
+        return reply
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.replies: list[tuple[str, str | None, set[str], Message]] = []
+
+
+def test_a3_the_train_stage_is_no_metrics_oracle_and_is_capped(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, 3, policy=SitePolicy(require_active=True))
+    node = _nodes(fed, ProbeNode)[0]
+    for _ in range(MAX_TRAINS_WITHOUT_SETUP):
+        reply = _train(node, GLOBAL)
+        env = records.read(reply.content)
+        assert env is not None and env.left is None and env.weight == 10
+        assert set(reply.content.keys()) == {records.KEY}  # no "metrics": no loss to probe
+    calls = node.train_calls
+    env = records.read(_train(node, GLOBAL).content)
+    assert env is not None and (env.left or "").startswith("PolicyError")
+    assert "without a setup" in (env.left or "")
+    assert node.train_calls == calls  # the training did not run
+
+
+@pytest.mark.parametrize("protocol", ["secagg+", "plain"])
+def test_a3_metrics_leave_only_with_the_masked_input_or_upload(
+    tmp_path: Path, protocol: str
+) -> None:
+    active = protocol == "secagg+"
+    spec = AggregationSpec.from_options(protocol, {"active": True} if active else {})
+    fed = _federation(tmp_path, 3, policy=in_process_policy(spec))
+    rng = np.random.default_rng(3)
+    nodes: list[RecordingNode] = [
+        RecordingNode(
+            e.site_id,
+            100 + e.site_id,
+            fed.site_configs[e.name],
+            {k: rng.normal(0, 0.3, v.shape).astype(np.float32) for k, v in GLOBAL.items()},
+            10,
+        )
+        for e in fed.roster
+    ]
+    keys = _keys(fed) if active else None
+    rounds = MAX_TRAINS_WITHOUT_SETUP + 1  # each setup resets the train cap
+    for index in range(rounds):
+        model = {k: v + index for k, v in GLOBAL.items()}
+        run = drive_round(list[Node](nodes), spec, model, verify_keys=keys)
+        assert run.error is None and run.left == {}
+    wanted = (MaskedInput if active else PlainUpload).__name__
+    for node in nodes:
+        carrying = [r for r in node.replies if "metrics" in r[2]]
+        assert [r[1] for r in carrying] == [wanted] * rounds
+        assert all(r[2] == {records.KEY} for r in node.replies if r[0] == "train")
+        metrics = carrying[0][3].content.metric_records["metrics"]
+        assert metrics["num-examples"] == 10 and "train-loss" in metrics
+
+
+def test_a5_a_server_cannot_make_a_ckks_node_fail_closed(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, 3, ckks_preset="n8192-add")
+    node = Node(1, 101, fed.site_configs["s1"], {k: v + 0.1 for k, v in GLOBAL.items()}, 10)
+    evil = {"w": np.full((2, 3), 1e30, np.float32), "b": np.zeros(2, np.float32)}
+    node.trained = {k: v + 0.1 for k, v in evil.items()}
+    _train(node, evil)
+    assert not list((tmp_path / "fed").rglob(FAIL_CLOSED))
+    node.trained = {k: v + 0.1 for k, v in GLOBAL.items()}
+    env = records.read(_train(node, GLOBAL).content)
+    assert env is not None and env.left is None  # the node still takes rounds
+
+
+def test_a5_an_out_of_range_ckks_model_leaves_at_setup_without_a_marker(tmp_path: Path) -> None:
+    spec = AggregationSpec.from_options("ckks", {})
+    fed = provision(spec, tmp_path, 3)
+    ups = [np.full(6, 1e30), np.full(6, 1e30), np.full(6, 1e30)]
+    grid = local_grid(fed, write_updates(tmp_path, ups, [1.0, 2.0, 3.0]), protocol="ckks")
+    workflow = SecureAggregationWorkflow(
+        spec,
+        fed.roster,
+        stage_timeout_s=5.0,
+        ckks_public=fed.ckks_public,
+        ckks_fingerprint=fed.ckks_fingerprint,
+    )
+    layout = records.Layout(("update",), ((6,),), ("<f8",))
+    with pytest.raises(ThresholdError):
+        workflow.run_round(grid, arrays=None, layout=layout)
+    assert not list(tmp_path.rglob(FAIL_CLOSED))
+
+
+def _impostor_config(fed: FlowerFederation, name: str, folder: Path) -> str:
+    """A site JSON of ``name`` whose signing key is not that site's (a node that claims the id
+    without its key) and whose state is its own."""
+    path = Path(fed.site_configs[name])
+    data = json.loads(path.read_text())
+    folder.mkdir(parents=True)
+    key = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (folder / "signing.key").write_bytes(key)
+    os.chmod(folder / "signing.key", 0o600)
+    data["signing_key"] = str(folder / "signing.key")
+    data["state_dir"] = str(folder / "state")
+    for field in ("roster", "policy", "ckks"):
+        if field in data and isinstance(data[field], dict):
+            for k, v in list(data[field].items()):
+                if isinstance(v, str) and (path.parent / v).exists():
+                    data[field][k] = str(path.parent / v)
+    out = folder / "site.json"
+    out.write_text(json.dumps(data))
+    return str(out)
+
+
+def test_a8_an_unproven_claim_of_an_honest_site_id_is_ignored(tmp_path: Path) -> None:
+    spec = AggregationSpec.from_options("secagg+", {"threshold": 3})
+    fed = provision(spec, tmp_path, 5)
+    ups = [np.random.default_rng(i).normal(size=6) for i in range(6)]
+    folders = write_updates(tmp_path, ups, [1.0] * 6)
+    configs = [str(fed.site_configs[f"site-{i}"]) for i in range(1, 6)]
+    configs.append(_impostor_config(fed, "site-1", tmp_path / "impostor"))
+    grid = local_grid(fed, folders, protocol="secagg+", configs=configs)
+    layout = records.Layout(("u",), ((6,),), ("<f8",))
+    workflow = SecureAggregationWorkflow(spec, fed.roster, stage_timeout_s=5.0)
+    result = workflow.run_round(grid, arrays=None, layout=layout)
+    assert result.outcome.survivors == frozenset({1, 2, 3, 4, 5})
+    assert not result.outcome.excluded
+    honest = next(n for n, c in grid.contexts.items() if c.node_config["partition-id"] == 0)
+    assert result.nodes[1] == honest
+
+
+def test_a8_a_proof_is_bound_to_round_site_and_node() -> None:
+    base = records.claim_message(7, 1, 42)
+    assert base != records.claim_message(8, 1, 42)
+    assert base != records.claim_message(7, 2, 42)
+    assert base != records.claim_message(7, 1, 43)
+    env = Envelope("train", 7, site_id=1, weight=1.0, proof=b"\x01" * 64)
+    back = records.read(RecordDict({records.KEY: records.to_record(env)}))
+    assert back == env
