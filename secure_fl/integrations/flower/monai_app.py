@@ -23,18 +23,20 @@ Run config keys (all optional, :class:`AppConfig`): ``num-server-rounds``, ``pro
 ``grid-size``, ``cases-per-site``, ``channels``, ``local-epochs``, ``lr``, ``batch-size``,
 ``threads``, ``dp-target-epsilon`` (0: no DP-SGD), ``dp-clip``, ``dp-delta``, ``federation``.
 
-Guarantees: the ServerApp never sees a site's update (only the workflow's mean); a site's DP
-spend survives between messages in ``context.state`` (a module variable would not: each message
-may run in another process), so a round past the calibrated budget is refused
-(BudgetExceededError). Limits: that DP history lasts one Flower run (a new run starts from 0;
-a site that takes part in several runs must budget across them itself); ``partition-id``
-without ``secure-fl-site`` trusts the run config's work folder for the site's keys, which is
-right only in simulation (a deployed SuperNode must set ``secure-fl-site``).
+Guarantees: the ServerApp never sees a site's update (only the workflow's mean); a site's
+DP-SGD spend lives in its own ``state_dir`` (``state_dir/flower/dp_sgd.jsonl``, :mod:`.dp_log`):
+read at every train message, appended before the trained arrays leave the ClientApp, never
+taken from ``context.state``; it survives messages, processes, restarts and Flower runs, so a
+round past the site's target epsilon is refused (BudgetExceededError) whatever run asks for
+it. DP-SGD therefore needs a site (``secure-fl-site``, or the simulation's provisioned one).
+Limits: ``partition-id`` without ``secure-fl-site`` trusts the run config's work folder for the
+site's keys and DP log, which is right only in simulation (a deployed SuperNode must set
+``secure-fl-site``).
 Errors: ConfigError naming the run/node config key.
 
 Layout: the run config (:class:`AppConfig`) and the federation index (provisioning) live in
 :mod:`.app_config`; every one of their names stays importable from here. What remains (about
-450 lines) is the client and the server of one app, kept in one module to be read together.
+430 lines) is the client and the server of one app, kept in one module to be read together.
 """
 
 from __future__ import annotations
@@ -60,10 +62,6 @@ from secure_fl.integrations.flower.app_config import (
     simulation_site,
     write_federation_index,
 )
-
-#: The context.state key of a site's DP-SGD log (the accountant's history across rounds).
-DP_STATE_KEY = "secure_fl_app.dp"
-
 
 # -- the site ------------------------------------------------------------------------------
 
@@ -157,42 +155,24 @@ def _trainer(context: Any, cfg: AppConfig, *, private: bool) -> Any:
     return trainer
 
 
-def _load_dp_log(trainer: Any, state: Any) -> None:
-    from secure_fl.training.site_dp import DPRound
+def _dp_history(trainer: Any, context: Any, defaults: Mapping[str, Any] | None) -> Any:
+    """The block that trains: with the trainer's own DP-SGD, its history is read from and
+    appended to the node's durable log (:mod:`.dp_log`, in the state_dir of
+    :func:`resolve_site`), never from ``context.state``. Errors: ConfigError (no site to keep
+    the log in, a malformed log)."""
+    from contextlib import nullcontext
 
-    if trainer.own_dp is None or DP_STATE_KEY not in state.config_records:
-        return
-    rec = state.config_records[DP_STATE_KEY]
-    trainer.own_dp.rounds_log = [
-        DPRound(int(r), int(s), float(z), float(q), float(c), str(src))
-        for r, s, z, q, c, src in zip(
-            rec["round"],
-            rec["steps"],
-            rec["noise"],
-            rec["q"],
-            rec["clip"],
-            rec["source"],
-            strict=True,
-        )
-    ]
-
-
-def _save_dp_log(trainer: Any, state: Any) -> None:
-    from flwr.app import ConfigRecord
+    from secure_fl.integrations.flower.dp_log import DPSGDLog, durable_dp_history
 
     if trainer.own_dp is None:
-        return
-    log = trainer.own_dp.rounds_log
-    state.config_records[DP_STATE_KEY] = ConfigRecord(
-        {
-            "round": [r.round for r in log],
-            "steps": [r.steps for r in log],
-            "noise": [float(r.noise_multiplier) for r in log],
-            "q": [float(r.sample_rate) for r in log],
-            "clip": [float(r.clip) for r in log],
-            "source": [r.noise_source for r in log],
-        }
-    )
+        return nullcontext()
+    try:
+        site = resolve_site(context, defaults)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"DP-SGD keeps the site's spend in its state_dir, and this node has none: {exc}"
+        ) from exc
+    return durable_dp_history(trainer, DPSGDLog.of_site(site))
 
 
 def _state_of(message: Any, where: str) -> dict[str, np.ndarray]:
@@ -219,14 +199,13 @@ def train_fn(message: Any, context: Any, defaults: Mapping[str, Any] | None = No
 
     cfg = merged_config(defaults, context.run_config)
     trainer = _trainer(context, cfg, private=True)
-    _load_dp_log(trainer, context.state)
     weights = _state_of(message, "train")
-    trainer.train(
-        ExchangeObject(weights=weights),
-        extra={"round": _round_of(message) - 1, "rounds": cfg.num_server_rounds},
-    )
+    with _dp_history(trainer, context, defaults):  # appended before the arrays leave
+        trainer.train(
+            ExchangeObject(weights=weights),
+            extra={"round": _round_of(message) - 1, "rounds": cfg.num_server_rounds},
+        )
     result = trainer.get_weights()
-    _save_dp_log(trainer, context.state)
     stats = result.statistics or {}
     metrics: dict[str, Any] = {
         "num-examples": int(trainer.num_train_cases),
@@ -428,7 +407,6 @@ def make_monai_server_app(*, defaults: Mapping[str, Any] | None = None) -> Any:
 
 
 __all__ = [
-    "DP_STATE_KEY",
     "FEDERATION_INDEX",
     "PROTOCOLS",
     "WORKDIR_ENV",

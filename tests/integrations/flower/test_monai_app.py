@@ -75,17 +75,33 @@ def test_train_returns_trained_unet_and_public_metrics(tmp_path: Path) -> None:
     assert "dp-epsilon" not in metrics
 
 
+def _provisioned(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Provision the simulation's sites (their state_dir holds the DP-SGD log)."""
+    monai_app.federation_for_run(AppConfig.from_config(defaults))
+    return defaults
+
+
+def _dp_log_of(defaults: dict[str, Any]) -> Path:
+    site = monai_app.simulation_site(AppConfig.from_config(defaults), 0)
+    return Path(site.state_dir) / "flower" / "dp_sgd.jsonl"
+
+
 def test_dp_sgd_epsilon_accumulates_across_messages_and_hides_loss(tmp_path: Path) -> None:
-    defaults = _defaults(tmp_path, **{"dp-target-epsilon": 8.0})
+    defaults = _provisioned(_defaults(tmp_path, **{"dp-target-epsilon": 8.0}))
     grid = LocalGrid(make_monai_client_app(defaults=defaults, mods=[]), 1)
     (node,) = grid.get_node_ids()
     arrays = initial_arrays(AppConfig.from_config(defaults))
     first = _metrics(_train_once(grid, arrays, node, 1))
+    # context.state is never trusted for the DP history: wiping it (a rolled-back or forged
+    # state, a restarted SuperNode) changes nothing.
+    grid.contexts[node].state = RecordDict()
     second = _metrics(_train_once(grid, arrays, node, 2))
     assert "train-loss" not in first and "train-loss" not in second  # never un-noised under DP
     assert 0 < first["dp-epsilon"] < second["dp-epsilon"] <= 8.0 + 1e-6
-    # The accountant's history lives in context.state (a module variable would not survive).
-    assert monai_app.DP_STATE_KEY in grid.contexts[node].state.config_records
+    # The accountant's history lives in the site's own state_dir, 0600, one line per round.
+    log = _dp_log_of(defaults)
+    assert len(log.read_text().splitlines()) == 2 and log.stat().st_mode & 0o777 == 0o600
+    assert not grid.contexts[node].state.config_records
     # A third round would exceed the calibrated target (2 rounds): the app refuses it.
     third = grid.create_message(
         RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 3})}),
@@ -95,10 +111,37 @@ def test_dp_sgd_epsilon_accumulates_across_messages_and_hides_loss(tmp_path: Pat
     )
     (reply,) = grid.send_and_receive([third])
     assert "BudgetExceededError" in _reason(reply)
+    # A new Flower run (fresh Contexts, round numbers from 1 again) continues the site's
+    # epsilon: its first round is refused too, and the refusal is not logged as a spend.
+    run_2 = LocalGrid(make_monai_client_app(defaults=defaults, mods=[]), 1)
+    (node_2,) = run_2.get_node_ids()
+    again = run_2.create_message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+        "train",
+        node_2,
+        "t",
+    )
+    (reply,) = run_2.send_and_receive([again])
+    assert "BudgetExceededError" in _reason(reply)
+    assert len(log.read_text().splitlines()) == 2
+
+
+def test_dp_sgd_without_a_site_to_keep_its_log_is_refused(tmp_path: Path) -> None:
+    defaults = _defaults(tmp_path, **{"dp-target-epsilon": 8.0})  # nothing provisioned
+    grid = LocalGrid(make_monai_client_app(defaults=defaults, mods=[]), 1)
+    (node,) = grid.get_node_ids()
+    content = RecordDict(
+        {
+            "arrays": initial_arrays(AppConfig.from_config(defaults)),
+            "config": ConfigRecord({"server-round": 1}),
+        }
+    )
+    (reply,) = grid.send_and_receive([grid.create_message(content, "train", node, "t")])
+    assert "state_dir" in _reason(reply)
 
 
 def test_site_pins_its_own_dp_in_node_config(tmp_path: Path) -> None:
-    defaults = _defaults(tmp_path)  # the server's run config asks for no DP
+    defaults = _provisioned(_defaults(tmp_path))  # the server's run config asks for no DP
     app = make_monai_client_app(defaults=defaults, mods=[])
     grid = LocalGrid(app, 1, node_config=lambda i: {"dp-target-epsilon": 4.0})
     (node,) = grid.get_node_ids()
