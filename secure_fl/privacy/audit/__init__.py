@@ -47,6 +47,13 @@ What the audit checks (each failure is a :class:`Finding`):
   site missing from a round in which it trains (``MISSING_ROUND``); a survivor named in a
   metrics row that the ledger did not charge in that round (``UNCHARGED_SURVIVOR``, error); a
   metrics round below 1 (``ROUND_NUMBERING``);
+* metrics.jsonl against the ledger (:mod:`.rows`): a round the ledger confirmed (released)
+  without a metrics row (``METRICS_ROW_MISSING``, error: e.g. the last row dropped); rows of a
+  strategy out of round order (``METRICS_ROW_ORDER``, error); a row whose ``survivors`` list
+  disagrees with its own ``dp_event.survivors`` or with the survivor count the ledger confirmed
+  (distributed trust) (``METRICS_SURVIVORS_MISMATCH``, error); a row repeated exactly is
+  ignored and said (``METRICS_ROW_DUPLICATE``, info: a crash between a round's row and its
+  checkpoint may write it twice);
 * unconfirmed intents (a crash; counted in full) and confirmations with more steps than intended
   (``UNCONFIRMED_INTENT``, ``STEPS_ABOVE_INTENT``, warnings);
 * where the noise came from: a record drawn from a seeded generator is ``NOISE_PREDICTABLE``
@@ -74,14 +81,17 @@ audit maps one onto the other.
 What it cannot detect: a run folder rewritten *consistently* - config.json, datalist, ledger,
 head file and metrics together (keep the config and the ledger head outside the run folder, e.g.
 at every site); noise that was recorded but not added (the audit sees records, not tensors); at
-site level with ``site_sample_rate < 1``, which sites took part in a round (steps 0 or 1).
+site level with ``site_sample_rate < 1``, which sites took part in a round (steps 0 or 1); at
+central trust, a survivors list edited together with its row's ``dp_event.survivors`` (the ledger
+charges every roster site and records no survivor count there; the epsilon does not depend on it).
 
 Layout (one job per module; every name stays importable from ``secure_fl.privacy.audit``):
 :mod:`.model` (severities, statuses, :class:`Finding`), :mod:`.report` (:class:`AuditResult`,
 ``audit.md``/``.json``/``.png``), :mod:`.chain` (hash chain and anchors), :mod:`.derive`
 (parameters re-derived from config.json and the datalist), :mod:`.checks` (records against the
 configuration, accountants, rounds), :mod:`.epsilon` (recomputed against reported epsilon),
-:mod:`.stop` (budget stops and run artefacts), :mod:`.run` (:func:`audit_run`) and :mod:`.cli`
+:mod:`.stop` (budget stops and run artefacts), :mod:`.rows` (metrics.jsonl rows against the
+ledger), :mod:`.run` (:func:`audit_run`) and :mod:`.cli`
 (``secure-fl audit``). The accountant the audit calls is looked up here, as
 ``epsilon_of_events``, when :func:`audit_run` runs.
 """

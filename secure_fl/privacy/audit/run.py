@@ -37,6 +37,7 @@ from secure_fl.privacy.audit.model import (
     _to_index,
 )
 from secure_fl.privacy.audit.report import AuditResult
+from secure_fl.privacy.audit.rows import _check_metrics_rows, _drop_identical_duplicates
 from secure_fl.privacy.audit.stop import _check_progress, _check_stop, _check_stop_justified
 from secure_fl.privacy.config import PrivacyConfig
 from secure_fl.privacy.ledger import LEDGER_FILENAME
@@ -90,7 +91,7 @@ def audit_run(
     dp_enabled = pcfg.enabled if pcfg else True
     # metrics.jsonl numbers rounds from 1, the ledger from 0: every check below works on the
     # ledger's index (row round - 1); findings are numbered from 1 again at the end.
-    raw_metrics = read_jsonl(run / "metrics.jsonl")
+    raw_metrics = _drop_identical_duplicates(read_jsonl(run / "metrics.jsonl"), findings)
     rows = [_to_index(row) for row in raw_metrics]
     privacy_dict = (
         pcfg.to_dict() if pcfg else (raw_privacy if isinstance(raw_privacy, dict) else None)
@@ -171,6 +172,7 @@ def audit_run(
     _check_records(records, findings)
     _check_noise_source(records, findings)
     _check_rounds(records, rows, config, pcfg, dp_enabled, strategies_named, schedule, findings)
+    _check_metrics_rows(records, rows, strategies_named, dp_enabled, findings)
     refused = _check_stop(run, records, config, pcfg, epsilon, findings)
     if refused is not None and pcfg is not None and records:
         _check_stop_justified(
