@@ -350,7 +350,7 @@ def test_wire_work_per_round(benchmark: Any, size_name: str, capsys: Any) -> Non
         "site_receive_model": lambda: receive(stream),
         "site_sha256_again": lambda: hashlib.sha256(blob).digest(),
         "site_loads": lambda: tensors.loads(blob),
-        "site_content_digest": lambda: tensors.content_digest(model),
+        "site_release_key": lambda: tensors.release_key(model),
         "site_upload_chunks": lambda: list(
             iter_chunk_bytes(pb.PayloadHeader(), masked_to_bytes(masked, 32), chunk)
         ),

@@ -11,12 +11,17 @@ decryption per round id) cannot be sidestepped by renaming rounds. The site
   the difference).
 
 "The same model" is decided by the model's **content**, not by the bytes the server served: the
-key is :func:`secure_fl.transport.tensors.content_digest` of the tensors the site loaded (names,
-values with -0.0 as 0.0, in one canonical layout; order, dtype, shape and header left out). A
-re-serialised copy of a model (an extra JSON key in the header, another tensor order, float64
-instead of float32) therefore counts as the same model; keying by the SHA-256 of the downloaded
-bytes, as versions before this one did, let the server get a site's exact update by differencing
-two rounds. For a CKKS model the key is the content after decryption (a ciphertext digest would
+key is :func:`secure_fl.transport.tensors.release_key` of the tensors the site loaded, whose
+first digest, the one recorded, is :func:`~secure_fl.transport.tensors.content_digest_v2`
+(names sorted, values rounded to float32 with -0.0 as 0.0; order, dtype, shape and header left
+out). A re-serialised copy of a model (an extra JSON key in the header, another tensor order,
+float64 instead of float32) and a float64 copy nudged below float32 resolution, which a float32
+task trains on bit for bit, therefore count as the same model. Keying by the SHA-256 of the
+downloaded bytes (older versions), or by values upcast to float64 (``content_digest``, version
+1, until this one), let the server get a site's exact update by differencing two rounds.
+Records of version-1 digests written by older versions (``released_content``) are still
+consulted: the key also holds the version-1 digest of the model rounded to float32 (and of the
+model as loaded when that differs), and a model is refused when any of them is recorded. For a CKKS model the key is the content after decryption (a ciphertext digest would
 be useless: anyone holding the public key re-randomises a ciphertext into new bytes of the same
 plaintext). A CKKS upload is not a release, though (below), so for CKKS rounds the key only
 matters when one federation mixes aggregations.
@@ -33,8 +38,9 @@ decrypt a single upload regardless): guarding them would only stop honest retrie
 The record (``state_dir/contributions.json``) is written atomically *before* the message it
 guards leaves the site, so it holds across crashes and restarts. A federation whose global model
 does not change between rounds (a zero mean update) therefore stops at the second round: that
-is intended. Releases recorded by versions before this one were keyed by the model's bytes and
-are kept but no longer consulted (their round ids still count for freshness).
+is intended. Releases recorded by the oldest versions were keyed by the model's bytes
+(``released``) and are kept but no longer consulted (their round ids still count for
+freshness).
 
 Errors: PolicyError for a refused round; ConfigError when the record is unreadable.
 """
@@ -47,8 +53,21 @@ from typing import Any
 
 from secure_fl.atomic import atomic_write
 from secure_fl.errors import ConfigError, PolicyError
+from secure_fl.transport.tensors import DIGEST_BYTES
 
-_RELEASED = "released_content"
+_RELEASED = "released_content"  # version-1 content digests (hex) -> round id: read only
+_RELEASED_V2 = "released_content_v2"  # the first digest of each release key (hex) -> round id
+
+
+def _digests(model_digest: bytes) -> list[str]:
+    """The digests (hex) of a release key (:func:`~secure_fl.transport.tensors.release_key`) or
+    of a single digest. Errors: PolicyError when the length is not a multiple of 32 bytes."""
+    key = bytes(model_digest)
+    if not key or len(key) % DIGEST_BYTES:
+        raise PolicyError(
+            f"model_digest must be one or more {DIGEST_BYTES}-byte digests, got {len(key)} bytes"
+        )
+    return [key[i : i + DIGEST_BYTES].hex() for i in range(0, len(key), DIGEST_BYTES)]
 
 
 class ContributionGuard:
@@ -71,7 +90,18 @@ class ContributionGuard:
         fed.setdefault("highest_round", -1)
         # Content digest (hex) -> round id. ("released", keyed by model bytes, is the old record.)
         fed.setdefault(_RELEASED, {})
+        fed.setdefault(_RELEASED_V2, {})
         return record, fed
+
+    @staticmethod
+    def _released_in(fed: dict[str, Any], model_digest: bytes) -> tuple[str, int] | None:
+        """(digest hex, round id) of a recorded release of any digest of the key, else None."""
+        for key in _digests(model_digest):
+            for table in (_RELEASED_V2, _RELEASED):
+                previous = fed[table].get(key)
+                if previous is not None:
+                    return key, int(previous)
+        return None
 
     @property
     def highest_round(self) -> int:
@@ -80,8 +110,9 @@ class ContributionGuard:
 
     def check_fresh(self, round_id: int, model_digest: bytes | None = None) -> None:
         """Refuse a round id that is not fresh, or (when ``model_digest`` is given: the model's
-        :func:`~secure_fl.transport.tensors.content_digest`) a model already released under
-        another round id. PolicyError."""
+        :func:`~secure_fl.transport.tensors.release_key`, or one content digest) a model any of
+        whose digests was released under another round id. PolicyError (also for a
+        ``model_digest`` that is not a whole number of 32-byte digests)."""
         _, fed = self._load()
         if round_id <= fed["highest_round"]:
             raise PolicyError(
@@ -90,11 +121,11 @@ class ContributionGuard:
             )
         if model_digest is None:
             return
-        previous = fed[_RELEASED].get(model_digest.hex())
-        if previous is not None and previous != round_id:
+        found = self._released_in(fed, model_digest)
+        if found is not None and found[1] != round_id:
             raise PolicyError(
-                f"this site already released its update for model {model_digest.hex()[:16]}... "
-                f"in round {previous}; refusing a second update for the same model in round "
+                f"this site already released its update for model {found[0][:16]}... "
+                f"in round {found[1]}; refusing a second update for the same model in round "
                 f"{round_id}"
             )
 
@@ -107,16 +138,16 @@ class ContributionGuard:
 
     def record_release(self, round_id: int, model_digest: bytes) -> None:
         """Record that this site is about to release material that, with other rounds on the same
-        model (``model_digest``: its content digest), could reveal its update (call before
-        sending). PolicyError when the model was released under another round id."""
+        model (``model_digest``: its :func:`~secure_fl.transport.tensors.release_key`, or one
+        content digest), could reveal its update (call before sending); the first digest is
+        recorded. PolicyError when any digest of the key was released under another round id."""
         record, fed = self._load()
-        key = model_digest.hex()
-        previous = fed[_RELEASED].get(key)
-        if previous is not None and previous != round_id:
+        found = self._released_in(fed, model_digest)
+        if found is not None and found[1] != round_id:
             raise PolicyError(
-                f"this site already released its update for model {key[:16]}... in round "
-                f"{previous}; refusing to release it again in round {round_id}"
+                f"this site already released its update for model {found[0][:16]}... in round "
+                f"{found[1]}; refusing to release it again in round {round_id}"
             )
-        fed[_RELEASED][key] = round_id
+        fed[_RELEASED_V2][_digests(model_digest)[0]] = round_id
         fed["highest_round"] = max(int(fed["highest_round"]), round_id)
         atomic_write(self.path, json.dumps(record))

@@ -4,8 +4,9 @@ Guarantees:
 
 * The model a site trains on is the payload whose SHA-256 the server announced (the caller's
   ``fetch`` checks the digest; it is checked again here). "The same model" for the release guard
-  (:mod:`.replay`) is its **content** (:func:`~secure_fl.transport.tensors.content_digest`), not
-  the bytes served.
+  (:mod:`.replay`) is its **content** (:attr:`SiteModel.content`:
+  :func:`~secure_fl.transport.tensors.release_key`, values as a float32 task holds them), not
+  the bytes served: a float64 copy nudged below float32 resolution is the same model.
 * CKKS: an encrypted global model is decrypted here, for this site only, and never leaves it;
   only for a CKKS round (``allow_encrypted``): served to a round of another aggregation it is
   refused before anything is decrypted, and a decrypted model held from a CKKS round is not
@@ -82,6 +83,7 @@ class SiteModel:
         self._fail_closed = fail_closed
         self.model: tensors.Tensors | None = None
         self.digest = b""
+        # tensors.release_key of the model held: the key of the release guard (replay.py).
         self.content = b""
         self.decrypted = False
         # What an operator needs to investigate a fail-closed stop: the model's digest, its
@@ -143,7 +145,7 @@ class SiteModel:
                     ),
                     expected_size=self._config.policy.vector_length,
                 )
-                content = tensors.content_digest(model)
+                content = tensors.release_key(model)
             except (PostDecryptionError, InvalidUpdateError) as exc:
                 self._fail_closed(str(exc))
             decrypted = True
@@ -153,7 +155,7 @@ class SiteModel:
         else:
             model = tensors.loads(data)
             try:
-                content = tensors.content_digest(model)
+                content = tensors.release_key(model)
             except InvalidUpdateError as exc:
                 raise RemoteProtocolError(f"the global model is refused: {exc}") from None
             decrypted = False

@@ -39,7 +39,8 @@ class RoundState:
     round_id: int
     aggregation: str
     model_sha256: bytes = b""
-    # tensors.content_digest of the model this round trains on: the key of the release guard.
+    # tensors.release_key of the model this round trains on (v2 content digest first): the key
+    # of the release guard.
     model_content: bytes = b""
     result: TaskResult | None = field(default=None, repr=False)
     secagg: SecAggSiteHalf | None = field(default=None, repr=False)

@@ -22,8 +22,12 @@ import numpy as np
 from secure_fl.errors import InvalidUpdateError
 
 MAGIC = b"SFLTENS1"
-#: Domain of :func:`content_digest` (version it if what is hashed ever changes).
+#: Domain of :func:`content_digest` (version 1: values upcast to float64).
 CONTENT_DOMAIN = b"secure_fl/model-content/v1\x00"
+#: Domain of :func:`content_digest_v2` (version 2: values rounded to float32).
+CONTENT_DOMAIN_V2 = b"secure_fl/model-content/v2-float32\x00"
+#: Bytes of one digest in a :func:`release_key`.
+DIGEST_BYTES = 32
 _DTYPES = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
 _MAX_HEADER = 16 * 1024 * 1024
 _MAX_TENSORS = 100_000
@@ -132,10 +136,15 @@ def same_structure(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> 
 
 
 def content_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """The SHA-256 of what a model *is*, independent of how it was serialised or presented.
+    """The SHA-256 of what a model *is*, independent of how it was serialised or presented
+    (version 1: values upcast to float64; kept for records written by older versions and for
+    callers that hash exact values; the release guard keys by :func:`release_key`, whose first
+    digest is :func:`content_digest_v2`).
 
-    Guarantee (against a malicious server): two models get the same digest whenever a task would
-    see the same numbers, however the server re-encoded them. Hashed, under the domain
+    Guarantee (against a malicious server): two models get the same digest whenever they hold
+    the same numbers, however the server re-encoded them. Not enough for a float32 task: a
+    float64 copy nudged below float32 resolution is other numbers here, the same model to the
+    task (use :func:`content_digest_v2`). Hashed, under the domain
     :data:`CONTENT_DOMAIN`: the number of tensors, then for each tensor **sorted by name** its
     UTF-8 name and its values flattened in C order, upcast exactly to little-endian float64,
     with -0.0 written as 0.0 (each part length-prefixed). Deliberately left out, because a server
@@ -175,3 +184,98 @@ def content_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
             np.add(piece, 0.0, out=piece)
             digest.update(piece.data.cast("B"))
     return digest.digest()
+
+
+def _float32_digests(tensors: Mapping[str, np.ndarray], *, with_v1: bool) -> tuple[bytes, bytes]:
+    """One pass over ``tensors``: :func:`content_digest_v2` and (``with_v1``; else b"") the
+    :func:`content_digest` of the model rounded to float32. Errors: as content_digest_v2."""
+    v2 = hashlib.sha256(CONTENT_DOMAIN_V2)
+    v1 = hashlib.sha256(CONTENT_DOMAIN) if with_v1 else None
+    count = len(tensors).to_bytes(8, "little")
+    buf32 = np.empty(_DIGEST_PIECE, dtype="<f4")
+    buf64 = np.empty(_DIGEST_PIECE, dtype="<f8") if with_v1 else None
+    v2.update(count)
+    if v1 is not None:
+        v1.update(count)
+    for name in sorted(tensors):
+        array = tensors[name]
+        if not isinstance(name, str) or not name:
+            raise InvalidUpdateError("tensor names must be non-empty strings")
+        if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPES:
+            raise InvalidUpdateError(
+                f"tensor {name!r} must be a numpy array of dtype {sorted(_DTYPES)}"
+            )
+        flat = array.reshape(-1)  # C order; a view when the array is C-contiguous
+        raw_name = name.encode()
+        for h in (v2,) if v1 is None else (v2, v1):
+            h.update(len(raw_name).to_bytes(8, "little"))
+            h.update(raw_name)
+            h.update(flat.size.to_bytes(8, "little"))
+        for start in range(0, flat.size, _DIGEST_PIECE):
+            piece = buf32[: min(_DIGEST_PIECE, flat.size - start)]
+            source = flat[start : start + piece.size]
+            with np.errstate(over="ignore"):
+                piece[...] = source  # float64 rounded to nearest float32; float16/32 exact
+            if not np.isfinite(piece).all():
+                if np.isfinite(source).all():
+                    raise InvalidUpdateError(
+                        f"tensor {name!r} holds values beyond the float32 range "
+                        f"(|x| <= {float(np.finfo(np.float32).max):.4g})"
+                    )
+                raise InvalidUpdateError(f"tensor {name!r} holds NaN or infinite values")
+            np.add(piece, np.float32(0.0), out=piece)  # -0.0 -> 0.0 (one canonical zero)
+            v2.update(piece.data.cast("B"))
+            if v1 is not None and buf64 is not None:
+                wide = buf64[: piece.size]
+                wide[...] = piece  # exact
+                v1.update(wide.data.cast("B"))
+    return v2.digest(), b"" if v1 is None else v1.digest()
+
+
+def content_digest_v2(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """The SHA-256 of a model as a float32 task holds it (version 2 of :func:`content_digest`).
+
+    Guarantee (against a malicious server): two models whose values are equal after rounding to
+    float32 get the same digest, however the server typed, ordered, shaped or serialised them.
+    So a float64 copy of a float32 model nudged below float32 resolution (``w * (1 + 2**-40)``),
+    which a float32 task (``torch`` ``load_state_dict`` casts) trains on bit for bit, is the
+    same model; version 1 (values upcast to float64) gave it a new digest and thereby a second
+    release. Hashed, under the domain :data:`CONTENT_DOMAIN_V2`: the number of tensors, then for
+    each tensor **sorted by name** its UTF-8 name, its number of values and its values flattened
+    in C order, rounded to nearest float32 (float16 and float32 values are exact) and written as
+    little-endian float32 with -0.0 as 0.0 (name and count length-prefixed). Hashing half the
+    bytes of version 1, it is also faster.
+
+    Not protected by any digest: a task that trains in float64 on a model perturbed by less
+    than float32 resolution (a different model for that task, the same digest here, so no
+    harm), or perturbed visibly (a new digest: the multi-round differencing residual of
+    ``protocols/security.md``, which only differential privacy bounds).
+
+    Errors: InvalidUpdateError for a name that is not a non-empty string, a non-float array,
+    NaN / infinite values, or a finite value beyond the float32 range (no float32 task can hold
+    it; such a model is refused).
+    """
+    return _float32_digests(tensors, with_v1=False)[0]
+
+
+def release_key(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """The key of the one-release-per-model guard (:mod:`secure_fl.transport.replay`): the
+    digests by which a site may have recorded a release of this model, 32 bytes each
+    (:data:`DIGEST_BYTES`), the first the one to record.
+
+    Guarantee: the key is :func:`content_digest_v2`, then :func:`content_digest` (version 1,
+    which versions before this one recorded) of the model rounded to float32, then, only when
+    it differs (a float64 model that float32 does not hold exactly), version 1 of the model as
+    given. So a model released and recorded by an older version under version 1 is still
+    refused when re-sent as a nudged float64 copy (its float32 rounding is the released model)
+    or as is. The first two are computed in one pass.
+
+    Errors: InvalidUpdateError, as :func:`content_digest_v2`.
+    """
+    v2, v1_rounded = _float32_digests(tensors, with_v1=True)
+    key = v2 + v1_rounded
+    if any(a.dtype == np.float64 for a in tensors.values() if isinstance(a, np.ndarray)):
+        v1_given = content_digest(tensors)
+        if v1_given != v1_rounded:
+            key += v1_given
+    return key
