@@ -15,17 +15,25 @@ id, site id, the node the claim came from); an unproven claim is ignored (logged
 cannot get an honest site excluded by claiming its id. Without a verify key every claim counts
 (two claims of one id exclude both, in :mod:`.workflow`). The user's public metrics of a site
 are read from its reply that carries its masked input or upload (:attr:`Exchange.metrics`).
+
+:func:`screen_weights` refuses, before the round is planned, a reported weight above the
+workflow's ``max_weight`` and one whose share the round layer's own normalisation
+(:func:`~secure_fl.rounds.plan.normalise_weights`) rounds to 0, so that one site's weight cannot
+make the plan fail for everyone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from secure_fl.errors import RemoteProtocolError, SignatureError
+from secure_fl.errors import ConfigError, RemoteProtocolError, SignatureError
 from secure_fl.integrations.flower import records
 from secure_fl.rounds import codec
+from secure_fl.rounds.plan import normalise_weights
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -61,6 +69,49 @@ def public_metrics(reply: Message) -> dict[str, float]:
         for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
+
+
+def screen_weights(
+    weights: Mapping[int, float], max_weight: float | None = None
+) -> tuple[dict[int, float], dict[int, str]]:
+    """Split the reported ``weights`` (site id -> weight) into those the round is planned with
+    and the refused ones (site id -> reason). Refused: a weight that is not a finite number
+    > 0 or is above ``max_weight`` (None: no bound), then every weight whose share
+    ``w / sum(w)``, in exact rationals rounded once to float as
+    :func:`~secure_fl.rounds.plan.normalise_weights` computes it, is 0 (repeated until the rest
+    normalise; dropping a site only raises the others' shares). Nothing is clipped: a refused
+    site is out of the round.
+
+    Guarantee: the kept weights (when any) pass ``normalise_weights``. A weight >= 1 is never
+    refused for underflow (its share is >= 1 / (n * 2**1024) > 2**-1074 for n < 2**50 sites),
+    so a huge report excludes no honest site; without ``max_weight`` it weights the mean as it
+    likes.
+    Errors: none (whatever cannot be planned is refused)."""
+    refused: dict[int, str] = {}
+    kept: dict[int, float] = {}
+    for site in sorted(weights):
+        w = weights[site]
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
+            refused[site] = f"reported weight {w!r} is not a finite number > 0"
+        elif max_weight is not None and w > max_weight:
+            refused[site] = f"reported weight {w!r} exceeds max_weight={max_weight!r}"
+        else:
+            kept[site] = float(w)
+    while kept:
+        try:
+            normalise_weights(kept)
+            break
+        except ConfigError as exc:
+            total = sum((Fraction(w) for w in kept.values()), Fraction(0))
+            low = [s for s, w in kept.items() if float(Fraction(w) / total) == 0.0]
+            for site in low or list(kept):  # (no other failure is known: refuse them all)
+                w = kept.pop(site)
+                refused[site] = (
+                    f"reported weight {w!r}: its share underflows to 0"
+                    if low
+                    else (f"reported weight {w!r} cannot be normalised: {exc}")
+                )
+    return kept, refused
 
 
 class Exchange:
@@ -228,4 +279,4 @@ class Exchange:
                 self.gone.add(site)
 
 
-__all__ = ["MESSAGE_TYPE", "Exchange", "array_bytes", "public_metrics"]
+__all__ = ["MESSAGE_TYPE", "Exchange", "array_bytes", "public_metrics", "screen_weights"]

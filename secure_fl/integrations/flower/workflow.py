@@ -17,10 +17,17 @@ round's id and that site id in its envelope; anything else is refused and that s
 nothing more this round. A ``left`` reply, an error reply and a missing reply (stage timeout)
 are all a dropout.
 
+Weights are self-reported (FedAvg's): before planning, a site whose weight is above
+``max_weight`` or whose share of the total underflows to 0 is excluded
+(:func:`._exchange.screen_weights`; logged, in ``outcome.excluded`` and
+:attr:`FlowerRoundResult.refused_weights`). Without ``max_weight`` a site can weight the mean
+as it likes (a huge weight makes the mean its own update).
+
 Errors of :meth:`SecureAggregationWorkflow.run_round`: ThresholdError when fewer than
-``min_sites`` nodes or participants are there or the server half says too few remain (the
-round aborts, nothing is revealed); ConfigError for a round that cannot be planned; other
-ProtocolError from the server half abort the round.
+``min_sites`` nodes or participants are there, the round cannot be planned with its
+participants, or the server half says too few remain (the round aborts, nothing is revealed;
+one site cannot abort the run); ConfigError for a missing layout; other ProtocolError from the
+server half abort the round.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import numpy as np
 
 from secure_fl.errors import ConfigError, ThresholdError
 from secure_fl.integrations.flower import records
-from secure_fl.integrations.flower._exchange import Exchange, array_bytes
+from secure_fl.integrations.flower._exchange import Exchange, array_bytes, screen_weights
 from secure_fl.integrations.flower._plan import fresh_round_id
 from secure_fl.rounds.base import RoundOutcome, ServerRound
 from secure_fl.rounds.plan import plan_secure_round
@@ -67,7 +74,9 @@ class FlowerRoundResult:
     Flower node id; ``metrics`` site id -> the public metrics the site released with its masked
     input (SecAgg) or upload (plain; none in a CKKS round); ``seconds``
     wall time; ``bytes_to_sites`` / ``bytes_from_sites`` payload bytes (frames and arrays, not
-    Flower's own framing); ``site_bytes`` site id -> bytes of the frames it sent."""
+    Flower's own framing); ``site_bytes`` site id -> bytes of the frames it sent;
+    ``refused_weights`` site id -> the reported weight it was excluded for (above
+    ``max_weight``, or a share that underflows to 0; also in ``outcome.excluded``)."""
 
     outcome: RoundOutcome
     mean: ArrayRecord | None = field(repr=False)
@@ -78,6 +87,7 @@ class FlowerRoundResult:
     bytes_to_sites: int
     bytes_from_sites: int
     site_bytes: Mapping[int, int] = field(default_factory=dict)
+    refused_weights: Mapping[int, float] = field(default_factory=dict)
 
 
 class SecureAggregationWorkflow:
@@ -90,7 +100,9 @@ class SecureAggregationWorkflow:
     replies of one stage (and for the nodes to connect); ``privacy`` the privacy hook (its plan
     sets ``l2_clip`` and the distributed-DP JSON, its release the mean to apply; not with
     CKKS); ``ckks_public`` the server's public CKKS context file and ``ckks_fingerprint`` the
-    federation's (CKKS only; the server never holds a secret context).
+    federation's (CKKS only; the server never holds a secret context); ``max_weight`` the
+    largest reported weight accepted (a site reporting more is excluded from the round, not
+    clipped; None: no bound, and a site can weight the mean as it likes).
 
     Errors: ConfigError naming the argument for an invalid one.
     """
@@ -105,6 +117,7 @@ class SecureAggregationWorkflow:
         privacy: RoundPrivacy | None = None,
         ckks_public: Path | None = None,
         ckks_fingerprint: str | None = None,
+        max_weight: float | None = None,
     ) -> None:
         if not isinstance(spec, AggregationSpec):
             raise ConfigError(f"spec must be an AggregationSpec, got {type(spec).__name__}")
@@ -126,6 +139,12 @@ class SecureAggregationWorkflow:
             raise ConfigError(
                 f"stage_timeout_s must be a finite number > 0, got {stage_timeout_s!r}"
             )
+        if max_weight is not None and (
+            isinstance(max_weight, bool)
+            or not isinstance(max_weight, int | float)
+            or not (0 < max_weight < math.inf)
+        ):
+            raise ConfigError(f"max_weight must be None or a finite number > 0, got {max_weight!r}")
         self.public: Any = None
         if spec.protocol == "ckks":
             if ckks_public is None:
@@ -145,6 +164,7 @@ class SecureAggregationWorkflow:
         self.min_sites = min_sites
         self.stage_timeout_s = float(stage_timeout_s)
         self.privacy = privacy
+        self.max_weight = None if max_weight is None else float(max_weight)
         #: Every round's result, in order (:meth:`__call__` appends).
         self.history: list[FlowerRoundResult] = []
 
@@ -185,8 +205,10 @@ class SecureAggregationWorkflow:
 
         Guarantee: only the round layer's messages leave the server; each reply is taken only
         from the node that claimed its site id (see the module docstring).
-        Errors: ThresholdError (too few nodes, participants or survivors: nothing revealed);
-        ConfigError (no layout, a round that cannot be planned); ProtocolError on an abort."""
+        A site whose reported weight is refused (module docstring) is excluded before planning.
+        Errors: ThresholdError (too few nodes, participants or survivors, or a round that
+        cannot be planned with its participants: nothing revealed); ConfigError (no layout);
+        ProtocolError on an abort."""
         from flwr.app import ConfigRecord
 
         start = time.perf_counter()
@@ -212,8 +234,11 @@ class SecureAggregationWorkflow:
                 sorted(duplicated),
                 off_roster,
             )
-        ex.bind({s: c[0][0] for s, c in claims.items() if s not in duplicated and s in self.roster})
-        weights = {s: claims[s][0][1] for s in ex.node_of}
+        bound = {s: c[0] for s, c in claims.items() if s not in duplicated and s in self.roster}
+        weights, refused = screen_weights({s: w for s, (_, w) in bound.items()}, self.max_weight)
+        for site, reason in refused.items():
+            log.warning("round %d: excluded site %d: %s", round_index, site, reason)
+        ex.bind({s: bound[s][0] for s in weights})
         if len(weights) < self.min_sites:
             raise ThresholdError(
                 f"round {round_index}: {len(weights)} site(s) trained and claimed a roster id; "
@@ -228,8 +253,10 @@ class SecureAggregationWorkflow:
                 released = self.privacy.release(round_index, outcome, vector, weights=weights)
                 vector = np.asarray(released, dtype=np.float64)
             mean = records.unflatten(vector, layout)
-        if duplicated:
-            outcome = dataclasses.replace(outcome, excluded=outcome.excluded | duplicated)
+        if duplicated or refused:
+            outcome = dataclasses.replace(
+                outcome, excluded=outcome.excluded | duplicated | frozenset(refused)
+            )
         seconds = time.perf_counter() - start
         log.info(
             "round %d (%s): survivors %s, dropped %s, excluded %s, %.2f s",
@@ -250,6 +277,7 @@ class SecureAggregationWorkflow:
             bytes_to_sites=ex.bytes_to_sites,
             bytes_from_sites=ex.bytes_from_sites,
             site_bytes=dict(ex.site_bytes),
+            refused_weights={s: bound[s][1] for s in refused},
         )
 
     def _server_round(
@@ -260,16 +288,21 @@ class SecureAggregationWorkflow:
             pp = self.privacy.plan(index, sorted(weights), layout.size, weights=dict(weights))
             l2_clip, dp_json, floor = pp.l2_clip, pp.distributed_dp_json, pp.threshold
         keys = {s: self.roster[s].verify_key for s in weights}
-        plan = plan_secure_round(
-            self.spec,
-            weights,
-            vector_length=layout.size,
-            round_id=round_id,
-            verify_keys={s: k for s, k in keys.items() if k is not None},
-            distributed_dp_json=dp_json,
-            l2_clip=l2_clip,
-            min_threshold=floor,
-        )
+        try:
+            plan = plan_secure_round(
+                self.spec,
+                weights,
+                vector_length=layout.size,
+                round_id=round_id,
+                verify_keys={s: k for s, k in keys.items() if k is not None},
+                distributed_dp_json=dp_json,
+                l2_clip=l2_clip,
+                min_threshold=floor,
+            )
+        except ConfigError as exc:  # nothing was sent yet: abort the round, never the run
+            raise ThresholdError(
+                f"round {index} cannot be planned with sites {sorted(weights)}: {exc}"
+            ) from exc
         if self.spec.protocol == "plain":
             from secure_fl.rounds.plain import PlainServerRound
 

@@ -373,3 +373,85 @@ def test_local_grid_authenticates_senders_and_turns_exceptions_into_error_replie
     assert list(grid.pull_messages(ids)) == []  # each reply is returned once
     with pytest.raises(ConfigError, match="no node"):
         grid.push_messages([grid.create_message(RecordDict(), "train", 7, "1")])
+
+
+# -- self-reported weights (attack review B5): one site's weight never aborts the run ------------
+
+
+def _weight_round(
+    tmp_path: Path, weights: list[float], **kwargs: Any
+) -> tuple[SecureAggregationWorkflow, LocalGrid, list[np.ndarray]]:
+    ups = _updates(len(weights))
+    spec = _spec("secagg+", threshold=3)
+    fed = provision(spec, tmp_path, len(weights))
+    grid = local_grid(fed, write_updates(tmp_path, ups, weights), protocol="secagg+")
+    return _workflow(spec, fed, **kwargs), grid, ups
+
+
+def test_a_tiny_weight_excludes_only_its_site(tmp_path: Path) -> None:
+    weights = [1.0, 2.0, 3.0, 4.0, 5e-324]  # site 5's share of the total underflows to 0
+    workflow, grid, ups = _weight_round(tmp_path, weights)
+    result = workflow.run_round(grid, arrays=None, layout=LAYOUT)
+    assert result.refused_weights == {5: 5e-324}
+    assert 5 in result.outcome.excluded and 5 not in result.nodes
+    assert result.outcome.survivors == frozenset({1, 2, 3, 4})
+    assert dict(result.weights) == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    assert result.mean is not None
+    got = records.flatten(result.mean)[0]
+    bound = float(result.outcome.record["max_error"])
+    assert np.max(np.abs(got - _mean(ups, weights, [0, 1, 2, 3]))) <= bound
+
+
+def test_a_huge_weight_is_the_mean_unless_max_weight_excludes_it(tmp_path: Path) -> None:
+    weights = [10.0, 10.0, 10.0, 1e15]
+    workflow, grid, ups = _weight_round(tmp_path, weights)
+    result = workflow.run_round(grid, arrays=None, layout=LAYOUT)
+    assert result.mean is not None and not result.refused_weights  # FedAvg's weights: by design
+    got = records.flatten(result.mean)[0]
+    assert np.max(np.abs(got - ups[3])) <= 1e-6  # the documented property without max_weight
+
+    workflow, grid, ups = _weight_round(tmp_path / "bounded", weights, max_weight=1000.0)
+    init = ArrayRecord({"update": Array(np.zeros(6))})
+    final = workflow(grid, Context(0, 0, {}, RecordDict(), {}), initial_arrays=init, num_rounds=1)
+    (result,) = workflow.history
+    assert result.refused_weights == {4: 1e15} and 4 in result.outcome.excluded
+    assert result.outcome.survivors == frozenset({1, 2, 3})
+    bound = float(result.outcome.record["max_error"])
+    assert np.max(np.abs(final["update"].numpy() - _mean(ups, weights, [0, 1, 2]))) <= bound
+
+
+def test_a_round_that_cannot_be_planned_aborts_the_round_not_the_run(tmp_path: Path) -> None:
+    # threshold 3 among the 2 sites left once site 3's weight is refused: make_config refuses
+    workflow, grid, _ = _weight_round(tmp_path, [1.0, 2.0, 5e-324])
+    with pytest.raises(ThresholdError, match="cannot be planned"):
+        workflow.run_round(grid, arrays=None, layout=LAYOUT)
+    init = ArrayRecord({"update": Array(np.ones(6))})
+    final = workflow(grid, Context(0, 0, {}, RecordDict(), {}), initial_arrays=init, num_rounds=2)
+    assert workflow.history == []
+    np.testing.assert_array_equal(final["update"].numpy(), np.ones(6))
+
+
+def test_screen_weights_refuses_without_clipping() -> None:
+    from secure_fl.integrations.flower._exchange import screen_weights
+    from secure_fl.rounds.plan import normalise_weights
+
+    kept, refused = screen_weights({1: 1.0, 2: 1.7e308, 3: 5e-324, 4: math.nan, 5: 3.0}, 1e300)
+    assert kept == {1: 1.0, 5: 3.0}
+    assert set(refused) == {2, 3, 4}
+    assert "max_weight" in refused[2] and "underflows" in refused[3] and "finite" in refused[4]
+    # without a bound a huge weight keeps every weight >= 1 (no honest site is refused)
+    kept, refused = screen_weights({1: 1.0, 2: 1.7e308, 3: 2.0})
+    assert kept == {1: 1.0, 2: 1.7e308, 3: 2.0} and not refused
+    assert min(normalise_weights(kept).values()) > 0
+    kept, refused = screen_weights({1: 5e-324, 2: 5e-324})  # comparable, however small
+    assert kept == {1: 5e-324, 2: 5e-324} and not refused
+    bad: Any
+    for bad in (0, -1.0, math.inf, math.nan, True, "10"):
+        with pytest.raises(ConfigError, match="max_weight"):
+            SecureAggregationWorkflow(_spec("plain"), _roster(), max_weight=bad)
+
+
+def _roster() -> list[Any]:
+    from secure_fl.transport.config_common import RosterEntry
+
+    return [RosterEntry(site_id=i, name=f"site-{i}") for i in (1, 2, 3)]
