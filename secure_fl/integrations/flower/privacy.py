@@ -65,7 +65,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from secure_fl.errors import ConfigError
+from secure_fl.errors import ConfigError, ThresholdError
 from secure_fl.privacy.config import PrivacyConfig
 from secure_fl.rounds.base import RoundOutcome
 from secure_fl.rounds.policy import SitePolicy
@@ -256,8 +256,9 @@ class FlowerPrivacy:
         Errors: BudgetExceededError when a budget would be exceeded (``stopped.json`` is
         written; the round must not run, the run stops); ConfigError after :meth:`finish`, for a
         bad round index, all ``rounds`` rounds released already, a site id off the roster, a
-        vector length other than the configured one, or (distributed) fewer participants than
-        the noise threshold."""
+        vector length other than the configured one; ThresholdError (distributed) for fewer
+        participants than the noise threshold (the round is not started, nothing is charged, the
+        run goes on)."""
         if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 1:
             raise ConfigError(f"round_index must be an integer >= 1, got {round_index!r}")
         if self._final_epsilon is not None:
@@ -275,13 +276,20 @@ class FlowerPrivacy:
         if unknown:
             raise ConfigError(f"site ids {unknown} are not on the roster {sorted(self.names)}")
         participants = {int(s): self.names[int(s)] for s in sorted(set(site_ids))}
+        sizing = self.server.session.distributed
+        if sizing is not None and len(participants) < sizing.threshold:
+            # Too few sites for the noise this round: the round cannot run, the run goes on
+            # (nothing is charged: no intent is recorded).
+            raise ThresholdError(
+                f"{len(participants)} participants are fewer than the noise threshold "
+                f"t={sizing.threshold}: the round is not started"
+            )
         self._label = None
         text = self.server.before_round(self.completed, participants)
         self._label, self._participants = round_index, participants
         self._weights = None
         if weights is not None:
             self._weights = {int(s): float(w) for s, w in weights.items()}
-        sizing = self.server.session.distributed
         return PrivacyPlan(
             l2_clip=self.server.l2_clip(),
             distributed_dp_json=text,

@@ -16,7 +16,12 @@ import pytest
 
 flwr = pytest.importorskip("flwr")
 
-from secure_fl.errors import BudgetExceededError, ConfigError, PolicyError  # noqa: E402
+from secure_fl.errors import (  # noqa: E402
+    BudgetExceededError,
+    ConfigError,
+    PolicyError,
+    ThresholdError,
+)
 from secure_fl.integrations.flower.privacy import (  # noqa: E402
     FlowerPrivacy,
     PrivacyPlan,
@@ -358,3 +363,18 @@ def test_a_budget_stop_ends_the_flower_run_and_the_audit_explains_it(tmp_path: P
     status, codes, eps = _audit(tmp_path / "run")
     assert status == "PASS" and "BUDGET_STOP" in codes
     assert eps <= 8.0
+
+
+def test_too_few_participants_for_the_noise_skip_the_round_not_the_run(tmp_path: Path) -> None:
+    fp = _privacy(tmp_path, DISTRIBUTED, rounds=2)
+    t = fp.plan(1, IDS, DIM).threshold
+    assert t is not None and t > 1
+    mean = np.zeros(DIM)
+    fp.release(1, _outcome(IDS, mean), mean)
+    with pytest.raises(ThresholdError, match="noise threshold"):
+        fp.plan(2, IDS[: t - 1], DIM)  # a ThresholdError: the workflow skips the round
+    _run(fp, range(2, 3))  # the next round with every site runs and is ledgered as round 2
+    fp.finish()
+    status, codes, _ = _audit(tmp_path)
+    assert status == "PASS", codes
+    assert fp.completed == 2
