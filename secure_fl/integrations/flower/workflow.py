@@ -357,8 +357,10 @@ class SecureAggregationWorkflow:
         (the mean update of the survivors), or ``global += server_optimizer.step(mean)``
         (:mod:`secure_fl.aggregators.server_opt`: FedAvgM, FedAdam; post-processing of the
         released mean). A round that aborts (ThresholdError) leaves the global model unchanged
-        and is logged; the loop goes on. Results are appended to :attr:`history`. Errors: ConfigError for ``num_rounds`` < 1 or a CKKS spec (the server
-        never decrypts the CKKS model; run :meth:`run_round` and let the sites keep theirs)."""
+        and is logged; the loop goes on. Results are appended to :attr:`history`.
+        Errors: ConfigError for ``num_rounds`` < 1 or a CKKS spec (the server never decrypts
+        the CKKS model; run :meth:`run_round` and let the sites keep theirs); ThresholdError when
+        every round aborted (naming the first reason: a run that trained nothing fails)."""
         if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
             raise ConfigError(f"num_rounds must be an integer >= 1, got {num_rounds!r}")
         if self.spec.protocol == "ckks":
@@ -367,12 +369,16 @@ class SecureAggregationWorkflow:
                 "it (use run_round)"
             )
         current = initial_arrays
+        first: ThresholdError | None = None
+        released = 0
         for index in range(1, num_rounds + 1):
             try:
                 result = self.run_round(grid, arrays=current, config=config, round_index=index)
             except ThresholdError as exc:
                 log.warning("round %d aborted, global model unchanged: %s", index, exc)
+                first = first or exc
                 continue
+            released += 1
             self.history.append(result)
             if result.mean is None:
                 continue
@@ -381,6 +387,12 @@ class SecureAggregationWorkflow:
                 flat, layout = records.flatten(result.mean, where="mean")
                 step = records.unflatten(server_optimizer.step(flat), layout)
             current = add_arrays(current, step)
+        if released == 0 and first is not None:
+            # Every round aborted: say so (a run that trained nothing must not look finished).
+            raise ThresholdError(
+                f"all {num_rounds} rounds aborted and the global model is unchanged; the first "
+                f"reason: {first}"
+            )
         return current
 
 
