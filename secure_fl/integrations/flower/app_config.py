@@ -12,7 +12,10 @@ digests, and in simulation relative paths to the sites' JSON); it is written ato
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -233,15 +236,133 @@ def simulation_site(cfg: AppConfig, partition_id: int) -> Any:
     return load_flower_site(sites[wanted])
 
 
+# -- what only the site decides: its DP-SGD and its training seed ----------------------------
+
+#: The run/node config keys of a site's DP-SGD.
+DP_KEYS = ("dp-target-epsilon", "dp-delta", "dp-clip")
+#: The site-local secret the deployed training seed is derived from (in ``state_dir/flower``).
+TRAIN_SEED_FILE = "train-seed"
+_LOG = logging.getLogger(__name__)
+
+
+def is_simulation(node_config: Mapping[str, Any]) -> bool:
+    """True for a simulation node (``partition-id`` and no ``secure-fl-site``: the ServerApp
+    provisioned the sites), False for a deployed one (everything else)."""
+    return "partition-id" in node_config and "secure-fl-site" not in node_config
+
+
+def site_privacy(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Any:
+    """The site's DP-SGD (a :class:`~secure_fl.privacy.config.PrivacyConfig`, None for no
+    DP-SGD: target epsilon 0). ``run_config``: the run config over the app's defaults.
+
+    Deployment (:func:`is_simulation` False): every DP-SGD setting is the node config's
+    (``dp-target-epsilon``, default 0: no DP-SGD; ``dp-delta``, default 1e-5; ``dp-clip``,
+    default 1.0); the run config's ``dp-*`` keys are ignored, with a WARNING naming those that
+    differ, so a server can neither weaken (a larger delta or clip) nor switch off a site's
+    DP-SGD. Simulation: a node config key wins, else the run config's, else the default.
+    Errors: ConfigError naming the key and its allowed range."""
+    from secure_fl.privacy.config import PrivacyConfig
+
+    node = {k: node_config[k] for k in DP_KEYS if k in node_config}
+    try:
+        mine = AppConfig.from_config(node)
+    except ConfigError as exc:
+        raise ConfigError(f"node config: {exc}") from exc
+    if is_simulation(node_config):
+        chosen = AppConfig.from_config({**dict(run_config), **node})
+    else:
+        chosen = mine
+        server = AppConfig.from_config({k: run_config[k] for k in DP_KEYS if k in run_config})
+        ignored = [
+            f"{k}={getattr(server, n)!r}"
+            for k, n in zip(DP_KEYS, ("dp_target_epsilon", "dp_delta", "dp_clip"), strict=True)
+            if k in run_config and getattr(server, n) != getattr(mine, n)
+        ]
+        if ignored:
+            _LOG.warning(
+                "run config %s ignored: a deployed site's DP-SGD comes from its node config "
+                "(dp-target-epsilon=%r, dp-delta=%r, dp-clip=%r)",
+                ", ".join(ignored),
+                mine.dp_target_epsilon,
+                mine.dp_delta,
+                mine.dp_clip,
+            )
+    if chosen.dp_target_epsilon == 0:
+        return None
+    return PrivacyConfig(
+        level="sample",
+        target_epsilon=chosen.dp_target_epsilon,
+        clip=chosen.dp_clip,
+        delta=chosen.dp_delta,
+    )
+
+
+def _train_secret(node_dir: Path) -> bytes:
+    path = node_dir / TRAIN_SEED_FILE
+    if not path.exists():
+        tmp = node_dir / f".{TRAIN_SEED_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, os.urandom(32))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # created once: a concurrent creator's file wins, never replaced
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"{path} is open to other users (mode {mode:o}); chmod 600")
+    secret = path.read_bytes()
+    if len(secret) != 32:
+        raise ConfigError(f"{path} must hold 32 bytes, got {len(secret)}")
+    return secret
+
+
+def site_secret_seed(node_dir: str | os.PathLike[str], purpose: str) -> int:
+    """A 256-bit seed for ``purpose``: HMAC-SHA256 of ``purpose`` under the site-local secret
+    ``node_dir/train-seed`` (32 bytes of ``os.urandom``, 0600, created on first use and never
+    replaced). The same purpose gives the same seed at this site only. Errors: ConfigError
+    when the secret file is open to other users or not 32 bytes."""
+    secret = _train_secret(Path(node_dir))
+    tag = f"secure-fl/flower/{purpose}".encode()
+    return int.from_bytes(hmac.new(secret, tag, hashlib.sha256).digest(), "big")
+
+
+def site_train_seed(
+    node_dir: str | os.PathLike[str], server_round: int, nonce: bytes | None = None
+) -> int:
+    """A deployed site's training seed for one train message: :func:`site_secret_seed` of the
+    round and a fresh 16-byte ``os.urandom`` nonce (``nonce``: tests only). The server chooses
+    the round number (it can send ``server-round`` 1 twice), so the round alone would let it
+    replay the site's training (batch order, augmentation) on two nearly equal models and
+    difference the updates exactly (B2); the nonce makes every training's randomness new.
+    Limits: the trainer seeds torch with 32 bits derived from it. Errors: ConfigError (a bad
+    round, or :func:`site_secret_seed`'s)."""
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 1:
+        raise ConfigError(f"server-round must be an int >= 1, got {server_round!r}")
+    fresh = os.urandom(16) if nonce is None else nonce
+    return site_secret_seed(node_dir, f"train/{server_round}/{fresh.hex()}")
+
+
 __all__ = [
+    "DP_KEYS",
     "FEDERATION_INDEX",
     "PROTOCOLS",
+    "TRAIN_SEED_FILE",
     "WORKDIR_ENV",
     "AppConfig",
     "federation_for_run",
+    "is_simulation",
     "merged_config",
     "read_federation_index",
     "simulation_dir",
     "simulation_site",
+    "site_privacy",
+    "site_secret_seed",
+    "site_train_seed",
     "write_federation_index",
 ]

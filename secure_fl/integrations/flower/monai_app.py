@@ -10,18 +10,24 @@ and ``"metrics"`` (``num-examples``, ``steps``, ``val-dice``, ``train-loss`` wit
 Where a node's data and secure_fl identity come from (the node's own config wins):
 
 * deployment: node config ``secure-fl-site`` (the site's JSON, :mod:`.node`) and ``datalist``
-  (a MONAI datalist of this site's cases); ``dp-target-epsilon`` / ``dp-clip`` /
-  ``dp-delta`` pin the site's own DP-SGD;
+  (a MONAI datalist of this site's cases); ``dp-target-epsilon`` (default 0: none) /
+  ``dp-clip`` (1.0) / ``dp-delta`` (1e-5) are the site's DP-SGD, ALL of it: the run config's
+  ``dp-*`` keys are ignored with a WARNING (:func:`.app_config.site_privacy`); the held-out
+  split and the training are seeded from a site-local secret (``state_dir/flower/train-seed``;
+  training: with the round and a fresh nonce), never from the run config, so the server cannot
+  replay a site's training (metric ``seed-site-secret`` = 1);
 * simulation (node config ``partition-id`` / ``num-partitions``, no ``secure-fl-site``): the
   synthetic federation and the provisioned keys under the work folder (run config ``work-dir``,
   else ``$SECURE_FL_FLOWER_WORKDIR``, else ``<tempdir>/secure-fl-flower``): partition ``p`` is
   site ``site_name(p)``. The ServerApp provisions that folder (every key on one machine: a
-  simulation, not a deployment).
+  simulation, not a deployment); the run config's ``dp-*`` keys apply where the node config
+  has none, and its ``seed`` seeds training (reproducible runs, ``seed-site-secret`` = 0).
 
 Run config keys (all optional, :class:`AppConfig`): ``num-server-rounds``, ``protocol``,
 ``min-sites``, ``num-sites``, ``stage-timeout``, ``work-dir``, ``out-dir``, ``seed``,
 ``grid-size``, ``cases-per-site``, ``channels``, ``local-epochs``, ``lr``, ``batch-size``,
-``threads``, ``dp-target-epsilon`` (0: no DP-SGD), ``dp-clip``, ``dp-delta``, ``federation``.
+``threads``, ``dp-target-epsilon`` (0: no DP-SGD), ``dp-clip``, ``dp-delta`` (these three in
+simulation only), ``federation``.
 
 Guarantees: the ServerApp never sees a site's update (only the workflow's mean); a site's
 DP-SGD spend lives in its own ``state_dir`` (``state_dir/flower/dp_sgd.jsonl``, :mod:`.dp_log`):
@@ -36,12 +42,13 @@ Errors: ConfigError naming the run/node config key.
 
 Layout: the run config (:class:`AppConfig`) and the federation index (provisioning) live in
 :mod:`.app_config`; every one of their names stays importable from here. What remains (about
-430 lines) is the client and the server of one app, kept in one module to be read together.
+450 lines) is the client and the server of one app, kept in one module to be read together.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,18 +63,25 @@ from secure_fl.integrations.flower.app_config import (
     WORKDIR_ENV,
     AppConfig,
     federation_for_run,
+    is_simulation,
     merged_config,
     read_federation_index,
     simulation_dir,
     simulation_site,
+    site_privacy,
+    site_secret_seed,
+    site_train_seed,
     write_federation_index,
 )
+
+_LOG = logging.getLogger(__name__)
 
 # -- the site ------------------------------------------------------------------------------
 
 
-def _site_data(context: Any, cfg: AppConfig) -> tuple[str, list[Any], list[Any]]:
-    """(site name, train cases, held-out cases) of this node (module docstring)."""
+def _site_data(context: Any, cfg: AppConfig, split_seed: int) -> tuple[str, list[Any], list[Any]]:
+    """(site name, train cases, held-out cases) of this node (module docstring); the held-out
+    cases are drawn with ``split_seed``."""
     from secure_fl.data import load_datalist, site_name, split_by_site
     from secure_fl.data.synthetic import generate_federation
 
@@ -91,46 +105,47 @@ def _site_data(context: Any, cfg: AppConfig) -> tuple[str, list[Any], list[Any]]
         raise ConfigError(
             "node config needs 'datalist' (deployment) or 'partition-id' (simulation)"
         )
-    splits = split_by_site(cases, seed=cfg.seed)
+    splits = split_by_site(cases, seed=split_seed)
     if len(splits) != 1:
         raise ConfigError(f"this node's cases must belong to one site, got {sorted(splits)}")
     ((name, (train, val)),) = splits.items()
     return name, train, val
 
 
-def _node_number(node: Mapping[str, Any], key: str, default: float) -> float:
-    value = node.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
-        raise ConfigError(f"node config {key} must be a finite number, got {value!r}")
-    return float(value)
+def _privacy(context: Any, defaults: Mapping[str, Any] | None) -> Any:
+    """The site's DP-SGD (:func:`.app_config.site_privacy`: deployed, the node config alone)."""
+    return site_privacy(dict(context.node_config), {**(defaults or {}), **context.run_config})
 
 
-def _privacy(context: Any, cfg: AppConfig) -> Any:
-    """The site's DP-SGD setting: node config (the site's own) wins over the run config; a
-    target epsilon of 0 means no DP-SGD. Errors: ConfigError naming the key."""
-    from secure_fl.privacy.config import PrivacyConfig
-
-    node = dict(context.node_config)
-    eps = _node_number(node, "dp-target-epsilon", cfg.dp_target_epsilon)
-    if eps < 0:
-        raise ConfigError(f"dp-target-epsilon must be >= 0 (0: no DP-SGD), got {eps!r}")
-    if eps == 0:
-        return None
-    return PrivacyConfig(
-        level="sample",
-        target_epsilon=eps,
-        clip=_node_number(node, "dp-clip", cfg.dp_clip),
-        delta=_node_number(node, "dp-delta", cfg.dp_delta),
-    )
+def _seeds(
+    context: Any, cfg: AppConfig, defaults: Mapping[str, Any] | None, server_round: int
+) -> tuple[int, int, str]:
+    """(split seed, training seed, where from): in simulation the run config's ``seed``
+    (reproducible research runs); deployed, the site's secret (:func:`.app_config.site_secret_seed`
+    for the held-out split, stable; :func:`.app_config.site_train_seed`, new every message)."""
+    if is_simulation(context.node_config):
+        return cfg.seed, cfg.seed, "run-config"
+    node_dir = resolve_site(context, defaults).node_dir
+    split = site_secret_seed(node_dir, "split")
+    return split, site_train_seed(node_dir, server_round), "site-secret"
 
 
-def _trainer(context: Any, cfg: AppConfig, *, private: bool) -> Any:
+def _trainer(
+    context: Any,
+    cfg: AppConfig,
+    *,
+    private: bool,
+    defaults: Mapping[str, Any] | None = None,
+    server_round: int = 1,
+) -> Any:
     from secure_fl.data import PreprocessConfig
     from secure_fl.training.model import ModelConfig
     from secure_fl.training.trainer import SiteTrainer, TrainConfig
 
-    name, train, val = _site_data(context, cfg)
-    privacy = _privacy(context, cfg) if private else None
+    split_seed, seed, source = _seeds(context, cfg, defaults, server_round)
+    _LOG.info("round %d: seeds from the %s", server_round, source)
+    name, train, val = _site_data(context, cfg, split_seed)
+    privacy = _privacy(context, defaults) if private else None
     grid = (cfg.grid_size,) * 3
     trainer = SiteTrainer(
         name,
@@ -146,7 +161,7 @@ def _trainer(context: Any, cfg: AppConfig, *, private: bool) -> Any:
             amp=False,
             lr_schedule="constant",
         ),
-        seed=cfg.seed,
+        seed=seed,
         threads=cfg.threads,
         progress=False,
         privacy=privacy,
@@ -198,18 +213,20 @@ def train_fn(message: Any, context: Any, defaults: Mapping[str, Any] | None = No
     from monai.fl.utils.exchange_object import ExchangeObject
 
     cfg = merged_config(defaults, context.run_config)
-    trainer = _trainer(context, cfg, private=True)
+    server_round = _round_of(message)
+    trainer = _trainer(context, cfg, private=True, defaults=defaults, server_round=server_round)
     weights = _state_of(message, "train")
     with _dp_history(trainer, context, defaults):  # appended before the arrays leave
         trainer.train(
             ExchangeObject(weights=weights),
-            extra={"round": _round_of(message) - 1, "rounds": cfg.num_server_rounds},
+            extra={"round": server_round - 1, "rounds": cfg.num_server_rounds},
         )
     result = trainer.get_weights()
     stats = result.statistics or {}
     metrics: dict[str, Any] = {
         "num-examples": int(trainer.num_train_cases),
         "steps": int(trainer.last_steps),
+        "seed-site-secret": int(not is_simulation(context.node_config)),
     }
     if "train_loss" in stats and np.isfinite(stats["train_loss"]):
         metrics["train-loss"] = float(stats["train_loss"])
@@ -230,7 +247,7 @@ def evaluate_fn(message: Any, context: Any, defaults: Mapping[str, Any] | None =
     from monai.fl.utils.exchange_object import ExchangeObject
 
     cfg = merged_config(defaults, context.run_config)
-    trainer = _trainer(context, cfg, private=False)
+    trainer = _trainer(context, cfg, private=False, defaults=defaults)
     scores = trainer.evaluate(ExchangeObject(weights=_state_of(message, "evaluate")))
     metrics: dict[str, Any] = {"num-examples": len(trainer.val_cases)}
     if np.isfinite(scores.metrics["val_dice"]):

@@ -12,9 +12,17 @@ Layout of ``out_dir``::
     server/ckks-public.ctx    (ckks) the public context for the server, mode 0644
     roster.json               the public roster (names, site ids, verify keys)
 
+After provisioning (ckks): ``ckks/ckks-secret.ctx`` is the federation's CKKS secret, the key
+that decrypts every site's update. Each site's copy is already in its ``<name>/`` folder: move
+each ``<name>/`` folder to its site, hand ``server/`` and ``roster.json`` to the server, and
+DELETE ``ckks/`` (and the moved ``<name>/`` folders) from the provisioning machine: the server
+must never be able to read a secret context.
+
 Guarantee: private files are created with mode 0600 (never wider, never overwritten), private
-folders 0700; site ids are 1..n in the order of ``names``. Errors: ConfigError naming the
-argument (bad names, fewer than 2 sites, an existing key, TenSEAL missing for ckks).
+folders 0700; site ids are 1..n in the order of ``names``; every target is checked before
+anything is written, so a refused call writes nothing. Errors: ConfigError naming the argument
+(bad names, fewer than 2 sites, an existing key or CKKS secret in any site folder, an existing
+``ckks/`` with ckks, TenSEAL missing for ckks).
 """
 
 from __future__ import annotations
@@ -56,6 +64,20 @@ def _mkdir_private(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def _check_targets(root: Path, names: Sequence[str], *, ckks: bool) -> None:
+    """Refuse (ConfigError naming every one) when any target already holds a secret."""
+    taken = [root / name / "signing.key" for name in names]
+    taken += [root / name / "ckks-secret.ctx" for name in names]
+    existing = [str(p) for p in taken if os.path.lexists(p)]
+    if ckks and (root / "ckks").exists() and any((root / "ckks").iterdir()):
+        existing.append(str(root / "ckks"))
+    if existing:
+        raise ConfigError(
+            f"out_dir: an earlier provisioning exists ({', '.join(existing)}); nothing was "
+            "written: provision into a fresh folder"
+        )
+
+
 def provision_flower(
     names: Sequence[str],
     out_dir: str | Path,
@@ -82,6 +104,14 @@ def provision_flower(
     if not isinstance(policy, SitePolicy):
         raise ConfigError(f"policy must be a SitePolicy, got {type(policy).__name__}")
     root = Path(out_dir)
+    provisioner = None
+    if ckks_preset is not None:
+        from secure_fl.transport.provision_ckks import ckks_provisioner
+
+        provisioner = ckks_provisioner()
+        if provisioner is None:
+            raise ConfigError("ckks_preset needs secure_fl.he and TenSEAL (pip install tenseal)")
+    _check_targets(root, names, ckks=ckks_preset is not None)
     root.mkdir(parents=True, exist_ok=True)
     roster: list[RosterEntry] = []
     for site_id, name in enumerate(names, start=1):
@@ -101,12 +131,7 @@ def provision_flower(
     ckks_public: Path | None = None
     fingerprint: str | None = None
     secret: bytes | None = None
-    if ckks_preset is not None:
-        from secure_fl.transport.provision_ckks import ckks_provisioner
-
-        provisioner = ckks_provisioner()
-        if provisioner is None:
-            raise ConfigError("ckks_preset needs secure_fl.he and TenSEAL (pip install tenseal)")
+    if provisioner is not None:
         ckks_dir = root / "ckks"
         _mkdir_private(ckks_dir)
         made = provisioner(ckks_dir, ckks_preset)

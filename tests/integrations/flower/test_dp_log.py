@@ -20,16 +20,20 @@ def _round(r: int) -> DPRound:
     return DPRound(r, 12, 1.1, 0.25, 1.0, "csprng")
 
 
-def _trainer() -> SimpleNamespace:
-    return SimpleNamespace(own_dp=SimpleNamespace(rounds_log=[]))
+DELTA, TARGET = 1e-5, 8.0
+
+
+def _trainer(delta: float = DELTA, target: float | None = TARGET) -> SimpleNamespace:
+    privacy = SimpleNamespace(delta=delta, target_epsilon=target)
+    return SimpleNamespace(own_dp=SimpleNamespace(rounds_log=[], privacy=privacy))
 
 
 def test_rounds_are_appended_and_read_back(tmp_path: Path) -> None:
     log = DPSGDLog(tmp_path / "flower" / "dp_sgd.jsonl")
     assert log.read() == []
     with log.held():
-        log.append([_round(0)])
-        log.append([_round(1), _round(0)])
+        log.append([_round(0)], delta=DELTA, target_epsilon=TARGET)
+        log.append([_round(1), _round(0)], delta=DELTA, target_epsilon=TARGET)
     assert log.read() == [_round(0), _round(1), _round(0)]
     assert log.path.stat().st_mode & 0o777 == 0o600
 
@@ -56,22 +60,22 @@ def test_history_replaces_the_trainer_log_and_survives_a_failing_block(tmp_path:
         ('{"round": 0}', "fields"),
         (
             '{"round": -1, "steps": 1, "noise_multiplier": 1.0, "sample_rate": 0.5, '
-            '"clip": 1.0, "noise_source": "csprng"}',
+            '"clip": 1.0, "noise_source": "csprng", "delta": 1e-5, "target_epsilon": 8.0}',
             "round",
         ),
         (
             '{"round": 0, "steps": 1, "noise_multiplier": 0.0, "sample_rate": 0.5, '
-            '"clip": 1.0, "noise_source": "csprng"}',
+            '"clip": 1.0, "noise_source": "csprng", "delta": 1e-5, "target_epsilon": 8.0}',
             "noise_multiplier",
         ),
         (
             '{"round": 0, "steps": 1, "noise_multiplier": 1.0, "sample_rate": 2.0, '
-            '"clip": 1.0, "noise_source": "csprng"}',
+            '"clip": 1.0, "noise_source": "csprng", "delta": 1e-5, "target_epsilon": 8.0}',
             "sample_rate",
         ),
         (
             '{"round": 0, "steps": 1, "noise_multiplier": 1.0, "sample_rate": 0.5, '
-            '"clip": 1.0, "noise_source": "none"}',
+            '"clip": 1.0, "noise_source": "none", "delta": 1e-5, "target_epsilon": 8.0}',
             "noise_source",
         ),
     ],
@@ -90,7 +94,7 @@ def test_a_malformed_log_is_refused_not_read_as_empty(
 
 def test_a_truncated_or_shared_log_is_refused(tmp_path: Path) -> None:
     log = DPSGDLog(tmp_path / "dp_sgd.jsonl")
-    log.append([_round(0)])
+    log.append([_round(0)], delta=DELTA, target_epsilon=TARGET)
     text = log.path.read_text()
     log.path.write_text(text[:-5])
     with pytest.raises(ConfigError, match="incomplete"):
@@ -108,3 +112,73 @@ def test_a_trainer_without_own_dp_is_refused(tmp_path: Path) -> None:
         durable_dp_history(SimpleNamespace(own_dp=None), DPSGDLog(tmp_path / "x")),
     ):
         pass
+
+
+def test_each_round_records_its_delta_and_target_epsilon(tmp_path: Path) -> None:
+    log = DPSGDLog(tmp_path / "dp_sgd.jsonl")
+    log.append([_round(0)], delta=DELTA, target_epsilon=TARGET)
+    line = json.loads(log.path.read_text())
+    assert line["delta"] == DELTA and line["target_epsilon"] == TARGET
+
+
+@pytest.mark.parametrize(
+    ("delta", "target", "field"),
+    [(0.5, TARGET, "delta"), (DELTA, 80.0, "target_epsilon"), (DELTA, None, "target_epsilon")],
+)
+def test_a_round_at_another_delta_or_target_is_refused_before_training(
+    tmp_path: Path, delta: float, target: float | None, field: str
+) -> None:
+    """B4: re-judging the recorded spend at a larger delta (or a higher target) would reopen
+    the budget; the log refuses the round, naming the file and the field, and logs nothing."""
+    log = DPSGDLog(tmp_path / "dp_sgd.jsonl")
+    log.append([_round(0)], delta=DELTA, target_epsilon=TARGET)
+    trainer = _trainer(delta, target)
+    ran = []
+    with (
+        pytest.raises(ConfigError, match=rf"dp_sgd.jsonl line 1: {field} was"),
+        durable_dp_history(trainer, log),
+    ):
+        ran.append(1)
+    assert ran == [] and log.read(delta=DELTA, target_epsilon=TARGET) == [_round(0)]
+    with pytest.raises(ConfigError, match=field):
+        log.append([_round(1)], delta=delta, target_epsilon=target)
+
+
+def test_a_log_without_delta_is_refused(tmp_path: Path) -> None:
+    """A line from before delta was recorded cannot be judged: refused, not read at any delta."""
+    path = tmp_path / "dp_sgd.jsonl"
+    path.write_text(
+        '{"round": 0, "steps": 1, "noise_multiplier": 1.0, "sample_rate": 0.5, '
+        '"clip": 1.0, "noise_source": "csprng"}\n'
+    )
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError, match="fields must be exactly"):
+        DPSGDLog(path).read()
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, "x"])
+def test_a_recorded_delta_outside_0_1_is_refused(tmp_path: Path, delta: object) -> None:
+    path = tmp_path / "dp_sgd.jsonl"
+    line = json.loads(_line_text())
+    line["delta"] = delta
+    path.write_text(json.dumps(line) + "\n")
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError, match="delta"):
+        DPSGDLog(path).read()
+
+
+def _line_text() -> str:
+    return (
+        '{"round": 0, "steps": 1, "noise_multiplier": 1.0, "sample_rate": 1.0, "clip": 1.0, '
+        '"noise_source": "csprng", "delta": 1e-5, "target_epsilon": 8.0}'
+    )
+
+
+def test_sample_rate_one_and_no_target_are_valid(tmp_path: Path) -> None:
+    path = tmp_path / "dp_sgd.jsonl"
+    line = json.loads(_line_text())
+    line["target_epsilon"] = None
+    path.write_text(json.dumps(line) + "\n")
+    os.chmod(path, 0o600)
+    (entry,) = DPSGDLog(path).read(delta=1e-5, target_epsilon=None)
+    assert entry.sample_rate == 1.0

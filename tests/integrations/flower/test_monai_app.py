@@ -73,6 +73,7 @@ def test_train_returns_trained_unet_and_public_metrics(tmp_path: Path) -> None:
     assert math.isfinite(metrics["train-loss"])
     assert 0.0 <= metrics["val-dice"] <= 1.0
     assert "dp-epsilon" not in metrics
+    assert metrics["seed-site-secret"] == 0  # simulation: the run config seed (reproducible)
 
 
 def _provisioned(defaults: dict[str, Any]) -> dict[str, Any]:
