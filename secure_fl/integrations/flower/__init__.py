@@ -34,6 +34,7 @@ _LAZY: dict[str, str] = {
     "PrivacyPlan": "privacy",
     "SecureAggregationWorkflow": "workflow",
     "load_flower_site": "node",
+    "load_roster": "provision",
     "make_secure_fl_mod": "mod",
     "provision_flower": "provision",
     "secure_fl_mod": "mod",

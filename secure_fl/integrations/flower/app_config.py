@@ -137,6 +137,22 @@ def merged_config(defaults: Mapping[str, Any] | None, run_config: Mapping[str, A
     return AppConfig.from_config({**(defaults or {}), **dict(run_config)})
 
 
+def initial_model_seed(cfg: AppConfig) -> int:
+    """The seed of a run's initial global model: the run config's ``seed`` when given (> 0),
+    else a fresh value in [1, 2**32 - 1] from ``os.urandom``, new for every call (every run).
+
+    Why: a site refuses to train twice on the same model (its release record), so a second run
+    from the same initial model on the same provisioned sites would abort every round; with
+    ``seed`` 0 (unset) every run starts from a new model. An explicit ``seed`` reproduces the
+    model (the run reports which seed it used) and such a rerun needs fresh sites."""
+    if cfg.seed:
+        return cfg.seed
+    while True:
+        value = int.from_bytes(os.urandom(4), "big")
+        if value:
+            return value
+
+
 # -- the federation (who is on the roster, where each site's JSON is) ------------------------
 
 
@@ -356,6 +372,7 @@ __all__ = [
     "WORKDIR_ENV",
     "AppConfig",
     "federation_for_run",
+    "initial_model_seed",
     "is_simulation",
     "merged_config",
     "read_federation_index",

@@ -21,7 +21,10 @@ Where a node's data and secure_fl identity come from (the node's own config wins
   else ``$SECURE_FL_FLOWER_WORKDIR``, else ``<tempdir>/secure-fl-flower``): partition ``p`` is
   site ``site_name(p)``. The ServerApp provisions that folder (every key on one machine: a
   simulation, not a deployment); the run config's ``dp-*`` keys apply where the node config
-  has none, and its ``seed`` seeds training (reproducible runs, ``seed-site-secret`` = 0).
+  has none, and its ``seed`` seeds the data and training (reproducible runs,
+  ``seed-site-secret`` = 0). The initial global model is seeded by ``seed`` when given (> 0),
+  else by a fresh random value per run (recorded in ``metrics.json``): sites refuse to train
+  twice on one model, so a rerun from the same model on the same sites would abort every round.
 
 Run config keys (all optional, :class:`AppConfig`): ``num-server-rounds``, ``protocol``,
 ``min-sites``, ``num-sites``, ``stage-timeout``, ``work-dir``, ``out-dir``, ``seed``,
@@ -42,7 +45,7 @@ Errors: ConfigError naming the run/node config key.
 
 Layout: the run config (:class:`AppConfig`) and the federation index (provisioning) live in
 :mod:`.app_config`; every one of their names stays importable from here. What remains (about
-450 lines) is the client and the server of one app, kept in one module to be read together.
+470 lines) is the client and the server of one app, kept in one module to be read together.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from secure_fl.integrations.flower.app_config import (
     WORKDIR_ENV,
     AppConfig,
     federation_for_run,
+    initial_model_seed,
     is_simulation,
     merged_config,
     read_federation_index,
@@ -295,14 +299,15 @@ def make_monai_client_app(
 # -- the server ------------------------------------------------------------------------------
 
 
-def initial_arrays(cfg: AppConfig) -> Any:
-    """The initial global UNet (seeded by ``seed``) as an ``ArrayRecord``."""
+def initial_arrays(cfg: AppConfig, seed: int | None = None) -> Any:
+    """The initial global UNet as an ``ArrayRecord``, seeded by ``seed`` (None: the run
+    config's ``seed``; :func:`run_server` passes :func:`.app_config.initial_model_seed`)."""
     import torch
     from flwr.app import Array, ArrayRecord
 
     from secure_fl.training.model import ModelConfig, build_unet, get_state
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if seed is None else seed)
     net = build_unet(ModelConfig(channels=cfg.model_channels(), num_res_units=1))
     return ArrayRecord({k: Array(v) for k, v in get_state(net).items()})
 
@@ -334,9 +339,13 @@ def run_server(grid: Any, context: Any, defaults: Mapping[str, Any] | None = Non
     """Run the federation: ``num-server-rounds`` rounds of the workflow from the initial UNet
     (a round that aborts for too few sites leaves the model unchanged), then an evaluation;
     write ``model.npz`` and ``metrics.json`` to the out folder (``out-dir``, else
-    ``<work>/out/run-<run_id>``) and return it. Errors: ConfigError (bad config; in simulation
-    a node count other than ``num-sites``), the workflow's errors."""
+    ``<work>/out/run-<run_id>``) and return it. The initial model is seeded by
+    :func:`.app_config.initial_model_seed` (run config ``seed``, else fresh per run), recorded
+    in ``metrics.json`` as ``initial_model_seed``. Each round's survivors and the output folder
+    are logged through Flower's logger (shown by ``flwr run --stream``). Errors: ConfigError
+    (bad config; in simulation a node count other than ``num-sites``), the workflow's errors."""
     from flwr.app import ConfigRecord
+    from flwr.common.logger import log
 
     from secure_fl.errors import ThresholdError
     from secure_fl.integrations.flower.records import flatten
@@ -358,7 +367,8 @@ def run_server(grid: Any, context: Any, defaults: Mapping[str, Any] | None = Non
         if len(node_ids) != cfg.num_sites:
             raise ConfigError(
                 f"num-sites is {cfg.num_sites} but {len(node_ids)} SuperNodes run "
-                "(set options.num-supernodes to num-sites)"
+                f'(flwr run . --federation-config "num-supernodes={cfg.num_sites}", or '
+                f"--run-config 'num-sites={len(node_ids)}')"
             )
         generate_federation(
             cfg.work_path() / "data",
@@ -367,7 +377,9 @@ def run_server(grid: Any, context: Any, defaults: Mapping[str, Any] | None = Non
             shape=(cfg.grid_size,) * 3,
             seed=cfg.seed,
         )
-    arrays = start = initial_arrays(cfg)
+    model_seed = initial_model_seed(cfg)
+    log(logging.INFO, "secure_fl: initial model seed %d (run config seed %d)", model_seed, cfg.seed)
+    arrays = start = initial_arrays(cfg, seed=model_seed)
     rounds: list[dict[str, Any]] = []
     for r in range(1, cfg.num_server_rounds + 1):
         config = ConfigRecord({"server-round": r, "num-server-rounds": cfg.num_server_rounds})
@@ -375,10 +387,19 @@ def run_server(grid: Any, context: Any, defaults: Mapping[str, Any] | None = Non
             result = workflow.run_round(grid, arrays=arrays, config=config, round_index=r)
         except ThresholdError as exc:
             rounds.append({"round": r, "aborted": str(exc)})
+            log(logging.INFO, "secure_fl: round %d aborted, model unchanged: %s", r, exc)
             continue
         if result.mean is None:
             raise ConfigError(f"protocol {cfg.protocol!r} released no mean to the server")
         arrays = add_arrays(arrays, result.mean)
+        log(
+            logging.INFO,
+            "secure_fl: round %d: survivors %s, dropped %s, excluded %s",
+            r,
+            sorted(result.outcome.survivors),
+            sorted(result.outcome.dropped),
+            sorted(result.outcome.excluded),
+        )
         rounds.append(
             {
                 "round": r,
@@ -401,11 +422,14 @@ def run_server(grid: Any, context: Any, defaults: Mapping[str, Any] | None = Non
     summary = {
         "protocol": cfg.protocol,
         "num_server_rounds": cfg.num_server_rounds,
+        "seed": cfg.seed,
+        "initial_model_seed": model_seed,
         "rounds": rounds,
         "final": {"val_dice": dice, "val_cases": n_val},
         "model_change_l2": float(np.linalg.norm(change)),
     }
     atomic_write(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    log(logging.INFO, "secure_fl: final model and metrics written to %s", out)
     return out
 
 

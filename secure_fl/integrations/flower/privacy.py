@@ -265,7 +265,9 @@ class FlowerPrivacy:
             raise ConfigError("this FlowerPrivacy is finished (its ledger is closed)")
         if self.completed >= self.rounds:
             raise ConfigError(
-                f"all rounds={self.rounds} rounds the noise is calibrated for were released"
+                f"all rounds={self.rounds} rounds the noise is calibrated for were released "
+                f"in out_dir {self.out_dir} (the run continues its ledger): use a new out_dir "
+                "for a new run"
             )
         if vector_length != self.vector_length:
             raise ConfigError(

@@ -10,7 +10,7 @@ Layout of ``out_dir``::
     <name>/ckks-secret.ctx    (ckks) the federation's secret context, mode 0600
     ckks/                     (ckks) both artefacts as generated (keep the secret one offline)
     server/ckks-public.ctx    (ckks) the public context for the server, mode 0644
-    roster.json               the public roster (names, site ids, verify keys)
+    roster.json               the public roster (names, site ids, verify keys; :func:`load_roster`)
 
 After provisioning (ckks): ``ckks/ckks-secret.ctx`` is the federation's CKKS secret, the key
 that decrypts every site's update. Each site's copy is already in its ``<name>/`` folder: move
@@ -170,4 +170,30 @@ def provision_flower(
     return FlowerFederation(federation, entries, configs, ckks_public, fingerprint)
 
 
-__all__ = ["FlowerFederation", "provision_flower"]
+def load_roster(path: str | os.PathLike[str]) -> tuple[RosterEntry, ...]:
+    """The public roster (names, site ids 1..n, verify keys) of a ``roster.json`` that
+    :func:`provision_flower` wrote: what a ServerApp needs for
+    :class:`~.workflow.SecureAggregationWorkflow`, no secret of any site.
+
+    Guarantee: every entry has a 32-byte verify key; names and ids are valid and distinct.
+    Errors: ConfigError naming the file (unreadable, not JSON, a missing or unknown field, an
+    entry without ``verify_key``, fewer than 2 sites, duplicate names or ids)."""
+    from secure_fl.transport.config_common import _roster
+    from secure_fl.transport.config_section import _read_json, _Section
+
+    try:
+        data, base = _read_json(Path(path))
+        s = _Section(data, "", base)
+        roster = _roster(s)
+        s.str_("federation")
+        s.done()
+        missing = [e.name for e in roster if e.verify_key is None]
+        if missing:
+            raise ConfigError(f"roster entries {missing} have no verify_key")
+        _check_roster(roster)
+    except ConfigError as exc:
+        raise ConfigError(f"roster file {path}: {exc}") from exc
+    return roster
+
+
+__all__ = ["FlowerFederation", "load_roster", "provision_flower"]

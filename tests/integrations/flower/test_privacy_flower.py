@@ -218,8 +218,9 @@ def test_a_new_hook_continues_the_ledger_and_stops_after_rounds(tmp_path: Path) 
     assert again.completed == 1
     _run(again, range(1, 3))  # a new workflow counts from 1 again: ledger rounds 2 and 3
     assert again.last_record["round"] == 3 and again.last_record["round_index"] == 2
-    with pytest.raises(ConfigError, match="rounds=3"):
+    with pytest.raises(ConfigError, match="rounds=3") as refused:
         again.plan(3, IDS, DIM)
+    assert str(tmp_path) in str(refused.value) and "use a new out_dir" in str(refused.value)
     again.finish()
     status, codes, eps = _audit(tmp_path)
     assert status == "PASS", codes
