@@ -43,8 +43,8 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)
-	$(BIN)/ruff check secure_fl tests benchmarks
-	$(BIN)/ruff format --check secure_fl tests benchmarks
+	$(BIN)/ruff check secure_fl tests benchmarks examples
+	$(BIN)/ruff format --check secure_fl tests benchmarks examples
 	$(BIN)/mypy
 
 bench: $(STAMP)
