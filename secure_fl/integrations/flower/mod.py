@@ -2,19 +2,23 @@
 
 Put :data:`secure_fl_mod` (or :func:`make_secure_fl_mod` with a fixed site) in front of the
 user's ``@app.train()`` function: ``ClientApp(mods=[secure_fl_mod])``. A message without a
-``"secure_fl"`` record passes straight through. For one round (:mod:`.records` for the layout):
+``"secure_fl"`` record is refused when it is a ``train`` message (``"train"`` or
+``"train.<action>"``: the user's train function never runs for it) and otherwise (evaluate,
+query) passes through, unless the reply holds an ArrayRecord (then an Error replaces it): no
+array leaves the node outside a secure_fl round (:mod:`.mod_gate`). For one round (:mod:`.records` for the layout):
 
 1. ``train``: the user's train function runs; its trained arrays never leave the node. The
    update (trained minus sent arrays, or the trained arrays when none were sent) is sealed
    into ``context.state`` (AES-256-GCM under the :class:`~.node.NodeSealer`, bound to site id
    and round id) with the user's metrics; the reply is the site id, the weight
    (``num-examples``) and, with a signing key, the proof of the claim
-   (:func:`~.records.claim_message`). The user's metrics leave only with the site's masked
-   input (SecAgg, the ``MaskedInput`` reply) or upload (plain), as a ``"metrics"``
-   MetricRecord of that reply, never in a CKKS round: a train stage is no free oracle of the
-   site's data. The training runs for at most
-   :data:`~.node.MAX_TRAINS_WITHOUT_SETUP` (3) train stages in a row that no setup followed
-   (:func:`~.node.charge_train`).
+   (:func:`~.records.claim_message`). The user's metrics leave only after the release of the
+   update for this model was recorded: with the site's unmask answer (SecAgg, the
+   ``UnmaskResponse`` reply) or its upload (plain), as a ``"metrics"`` MetricRecord of that
+   reply, never in a CKKS round: a train stage (or a round aborted after the masked inputs)
+   is no free oracle of the site's data. The training runs for at most
+   :data:`~.node.MAX_TRAINS_WITHOUT_SETUP` (3) train stages in a row that no input of the
+   site followed (:func:`~.node.charge_train`).
 2. ``setup``: the round layer's site half is built from the frame's message type, with this
    node's OWN policy, roster, keys and guards (never the server's word), and answers; a SecAgg
    half's state is exported to ``context.state`` BEFORE the reply is returned.
@@ -33,16 +37,21 @@ server sends in the clear makes the node fail closed: the range of the new local
 checked when a CKKS setup arrives, and a refusal there only leaves the round (PolicyError).
 
 The one-release-per-model guard hashes what the model IS (:func:`model_digest`): the sent
-arrays' content digest (names sorted, values upcast to float64), each array first cast to the
-dtype of the matching trained array (the precision the site's model holds), so that neither a
+floating-point arrays' content digest (names sorted, values upcast to float64; integer arrays
+such as a batch counter are no part of it), each array first cast to the dtype of the matching
+trained array (the precision the site's model holds), so that neither a
 reordered nor a re-typed copy of a model (e.g. a float64 copy nudged below float32 resolution
 for a float32 model) gets a second release. The sent and trained arrays must have the same key
 SET and shapes (their order may differ; the update is laid out in the sent order). A train
 function must return its arrays in the dtype of the model it trained (``ArrayRecord(model.
 state_dict())`` does).
 
+An exception of the user's train function reaches the server only as its class; the node logs
+it with its traceback, at WARNING when the operator's node config sets ``secure-fl-debug = true``
+(:data:`DEBUG_KEY`), else at DEBUG (:func:`_log_train_failure`).
+
 The ``setup`` / ``step`` / ``result`` stages live in :mod:`.mod_stages` (split to keep each module
-under 400 lines).
+under 400 lines; this one is just over, for the train stage and its checks in one place).
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ from secure_fl.errors import (
     SecureFLError,
 )
 from secure_fl.integrations.flower import records
+from secure_fl.integrations.flower.mod_gate import without_envelope
 from secure_fl.integrations.flower.node import (
     FlowerSite,
     NodeReleaseGuard,
@@ -101,7 +111,7 @@ def make_secure_fl_mod(site: SiteSource = None) -> Mod:
         except Exception as exc:  # malformed record: no round id to answer under
             return Message(Error(code=0, reason=_reason(exc)), reply_to=msg)
         if envelope is None:
-            return call_next(msg, context)
+            return without_envelope(msg, context, call_next)  # no training, no arrays leave
         return _handle(msg, context, call_next, envelope, site)
 
     return secure_fl_mod
@@ -157,9 +167,8 @@ def _handle(
                 )
         forget_round(context)
         reason = _reason(exc)
-        log.warning(
-            "secure_fl site %s leaves round %d (%s): %s", site_id, env.round_id, env.stage, reason
-        )
+        who = "node (no site)" if site_id is None else f"site {site_id}"
+        log.warning("secure_fl %s leaves round %d (%s): %s", who, env.round_id, env.stage, reason)
         return _reply(msg, Envelope(env.stage, env.round_id, site_id=site_id, left=reason))
 
 
@@ -226,7 +235,7 @@ def pack_pending(
     metrics: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The pending update as bytes: a JSON header (with the user's ``metrics``: released only
-    with the masked input or upload), the float64 update, the base (if any)."""
+    with the unmask answer or plain upload), the float64 update, the base (if any)."""
     head = json.dumps(
         {
             "weight": weight,
@@ -239,18 +248,23 @@ def pack_pending(
             "dtypes": list(layout.dtypes),
         }
     ).encode()
-    body = update.astype("<f8").tobytes() + (b"" if base is None else base.astype("<f8").tobytes())
-    return struct.pack(">I", len(head)) + head + body
+    parts: list[Any] = [struct.pack(">I", len(head)), head]
+    for vector in (update, base):
+        if vector is not None:  # little-endian float64 words, joined with one copy
+            parts.append(np.ascontiguousarray(vector, dtype="<f8").reshape(-1).data.cast("B"))
+    return b"".join(parts)
 
 
 def unpack_pending(data: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
     """(header, update, base) of :func:`pack_pending`'s bytes."""
     (size,) = struct.unpack_from(">I", data)
     head = json.loads(data[4 : 4 + size])
-    n = int(head["n"])
-    values = np.frombuffer(data[4 + size :], dtype="<f8").astype(np.float64)
-    update = values[:n].copy()
-    base = values[n : 2 * n].copy() if head["base"] else None
+    n, start = int(head["n"]), 4 + size
+    # one copy each: writable native float64 arrays, independent of ``data``
+    update = np.frombuffer(data, dtype="<f8", count=n, offset=start).astype(np.float64)
+    base = None
+    if head["base"]:
+        base = np.frombuffer(data, dtype="<f8", count=n, offset=start + 8 * n).astype(np.float64)
     return head, update, base
 
 
@@ -268,13 +282,21 @@ def model_digest(
 ) -> str:
     """SHA-256 (hex) of what the model ``sent`` IS, as the site's model holds it:
     :func:`secure_fl.transport.tensors.content_digest` (names sorted, values upcast exactly to
-    float64, -0.0 as 0.0; neither the order nor the dtype of the record counts) of each array
-    cast first to the dtype of the array of the same name in ``like`` (the trained arrays; None:
-    as sent), integer arrays then as float64. Guarantee: a reordered copy of a model, or a
-    wider-typed copy that the site's dtype rounds to the same numbers (float64 values nudged
-    below float32 resolution for a float32 model), has the same digest. Errors:
-    InvalidUpdateError when a value does not fit the site's dtype (it would be infinite) or a
-    name of ``like`` is missing."""
+    float64, -0.0 as 0.0; neither the order nor the dtype of the record counts) of each
+    FLOATING-POINT array, cast first to the dtype of the array of the same name in ``like``
+    (the trained arrays; None: as sent). Arrays whose dtype (the site's, with ``like``) is not
+    floating point (integer counters such as torch's ``num_batches_tracked``, booleans) are
+    left out of the model's identity: a server that changes only a counter, which leaves the
+    trained weights bit-identical, gets no second release.
+
+    Guarantee: a reordered copy of a model, a wider-typed copy that the site's dtype rounds to
+    the same numbers (float64 values nudged below float32 resolution for a float32 model), or a
+    copy whose integer arrays differ, has the same digest. NOT caught (the documented
+    residual, ``protocols/security.md``): a float value nudged by one ulp of the site's dtype
+    is a new model; a server can perturb a model slightly without changing the training much,
+    and only differential privacy bounds what the difference of two such rounds reveals.
+    Errors: InvalidUpdateError when a value does not fit the site's dtype (it would be
+    infinite), a name of ``like`` is missing, or the model holds no floating-point array."""
     from secure_fl.transport.tensors import content_digest
 
     cast: dict[str, np.ndarray] = {}
@@ -286,8 +308,13 @@ def model_digest(
             with np.errstate(over="ignore", invalid="ignore"):
                 array = array.astype(np.asarray(like[name]).dtype)
         if array.dtype.name not in ("float16", "float32", "float64"):
-            array = array.astype(np.float64)
+            continue  # not part of the model's identity (see the docstring)
         cast[str(name)] = np.ascontiguousarray(array)
+    if not cast:
+        raise InvalidUpdateError(
+            "the model holds no floating-point array (float16, float32 or float64); its "
+            "identity for the one-release-per-model guard would be empty"
+        )
     return content_digest(cast).hex()
 
 
@@ -295,7 +322,12 @@ def _align(sent: Any, trained: Any) -> dict[str, Any]:
     """The trained ``ArrayRecord``'s arrays in the sent record's key order. Errors:
     InvalidUpdateError when the key sets or a shape differ."""
     if set(sent.keys()) != set(trained.keys()):
-        raise InvalidUpdateError("the trained arrays' keys differ from the sent ones")
+        only_sent = sorted(set(sent.keys()) - set(trained.keys()))
+        only_got = sorted(set(trained.keys()) - set(sent.keys()))
+        raise InvalidUpdateError(
+            "the trained arrays' keys differ from the sent ones (keys in one only): "
+            f"sent={only_sent} got={only_got}"
+        )
     out: dict[str, Any] = {}
     for key, array in sent.items():
         if tuple(array.shape) != tuple(trained[key].shape):
@@ -333,7 +365,11 @@ def _train(
 ) -> Message:
     forget_round(context)  # a new round supersedes whatever this node held
     charge_train(site.state_dir)  # PolicyError: too many trains without a setup; nothing runs
-    reply = call_next(msg, context)
+    try:
+        reply = call_next(msg, context)
+    except Exception:
+        _log_train_failure(context, site)
+        raise  # the server gets only "<ExceptionClass>: ..." (_reason)
     if reply.has_error():
         raise InvalidUpdateError("the train function replied with an error")
     content = reply.content
@@ -359,12 +395,33 @@ def _train(
     del trained
     NodeReleaseGuard(site.state_dir, env.round_id, digest).check_fresh()
     sealer = NodeSealer(site.state_dir)
-    packed = pack_pending(update, base, weight, digest, layout, dict(metrics))
+    # The base (the sent model) is needed only by a CKKS setup: not sealed without a context.
+    kept = base if site.ckks is not None else None
+    packed = pack_pending(update, kept, weight, digest, layout, dict(metrics))
     put_sealed(context, PENDING, sealer, site.site_id, env.round_id, packed)
-    del update, base, packed
+    del update, base, kept, packed
     proof = _proof(site, msg, env.round_id)
     envelope = Envelope("train", env.round_id, site_id=site.site_id, weight=weight, proof=proof)
     return _reply(msg, envelope)
+
+
+#: The node config key (the SuperNode operator's, never the run config) that logs the user's
+#: train function's exceptions with their traceback at WARNING (else DEBUG).
+DEBUG_KEY = "secure-fl-debug"
+
+
+def _log_train_failure(context: Context, site: FlowerSite) -> None:
+    """Log the exception the user's train function raised, with its traceback, on this node
+    only: at WARNING when the node config sets ``secure-fl-debug = true``, else at DEBUG. The
+    reply never holds it (only its class leaves, :func:`_reason`). Call from an ``except``."""
+    flag = context.node_config.get(DEBUG_KEY, False)
+    debug = flag is True or (isinstance(flag, str) and flag.strip().lower() == "true")
+    log.log(
+        logging.WARNING if debug else logging.DEBUG,
+        "secure_fl site %s: the train function raised (only its class is sent to the server)",
+        site.site_id,
+        exc_info=True,
+    )
 
 
 def save_model(path: Path, vector: np.ndarray, layout: Layout) -> None:
@@ -380,4 +437,4 @@ def save_model(path: Path, vector: np.ndarray, layout: Layout) -> None:
     atomic_write(path, buffer.getvalue(), mode=0o600)
 
 
-__all__ = ["PENDING", "ROUND", "STATE", "make_secure_fl_mod", "secure_fl_mod"]
+__all__ = ["DEBUG_KEY", "PENDING", "ROUND", "STATE", "make_secure_fl_mod", "secure_fl_mod"]

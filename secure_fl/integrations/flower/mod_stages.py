@@ -2,9 +2,15 @@
 under 400 lines): build, restore and export this node's round half, with its own policy,
 roster, keys, DP floor and durable guards.
 
-The user's metrics (sealed with the pending update) are returned with the reply that carries
-the site's masked input (SecAgg: ``MaskedInput``) or its upload (``PlainUpload``); never in a
-CKKS round.
+The user's metrics (sealed with the pending update) are returned only after this node recorded
+the release of its update for the round's model (one round id per model,
+:class:`~.node.NodeReleaseGuard`): with the site's unmask answer (SecAgg: ``UnmaskResponse``,
+after ``claim(round_id, survivors)`` wrote the record) or with its upload (``PlainUpload``,
+after :meth:`~.node.NodeReleaseGuard.upload` wrote it); never in a CKKS round. A server that
+aborts a round after the masked inputs gets no metrics, so it cannot query the site's metrics
+on one model round after round. The train cap (:func:`~.node.charge_train`) is cleared only
+when an input actually leaves (the masked input, the plain or CKKS upload), never by a setup
+the policy refuses.
 
 Every function raises on refusal (the mod turns it into a ``left`` reply): PolicyError (the
 round breaks this site's policy, or, CKKS, the new local model is beyond the preset's range:
@@ -30,9 +36,9 @@ from secure_fl.rounds import codec
 from secure_fl.rounds.messages import (
     CkksResult,
     CkksSetup,
-    MaskedInput,
     PlainSetup,
     SecAggSetup,
+    UnmaskResponse,
 )
 from secure_fl.rounds.plain import PlainSiteRound
 from secure_fl.rounds.secagg import SecAggSiteRound
@@ -45,7 +51,7 @@ StageReply = tuple[bytes | None, dict[str, Any] | None]
 def run_stage(env: Envelope, frame: bytes, context: Context, site: FlowerSite) -> StageReply:
     """The reply of stage ``env.stage`` (``setup``, ``step``, ``result``) for ``frame``: the
     reply frame (None: reply without a frame) and the user's metrics when this reply carries
-    the site's masked input or upload (else None). Errors: see the module docstring."""
+    the site's unmask answer or plain upload (else None). Errors: see the module docstring."""
     message = codec.decode(frame)
     if getattr(message, "round_id", env.round_id) != env.round_id:
         raise RemoteProtocolError(
@@ -143,7 +149,10 @@ def _setup(
         plain = PlainSiteRound(site.site_id, policy=site.policy)
         guard.claim(round_id, None)  # one participation per round id
         upload = plain.on_setup(message, update=update, reported_weight=weight)
-        return (None, None) if upload is None else (codec.encode(upload), metrics or None)
+        if upload is None:
+            return None, None
+        guard.upload(round_id, release=True)  # the model's release, BEFORE the upload leaves
+        return codec.encode(upload), metrics or None
     if isinstance(message, CkksSetup):
         from secure_fl.rounds.ckks import CkksSiteRound
         from secure_fl.rounds.messages import CkksUpload
@@ -161,6 +170,7 @@ def _setup(
             out = ckks.on_setup(message, update=update, reported_weight=weight, base=base)
             del update, base
             upload = out if isinstance(out, CkksUpload) else ckks.upload()
+            guard.upload(round_id, release=False)  # clears the train cap; no model release
         except PostDecryptionError:
             # The server chose the base in the clear: no fail-closed marker, only leave.
             raise PolicyError(
@@ -173,10 +183,11 @@ def _setup(
 
 
 def _with_metrics(reply: Any, metrics: dict[str, Any]) -> StageReply:
-    """The encoded ``reply``, with ``metrics`` when it is the site's masked input."""
+    """The encoded ``reply``, with ``metrics`` when it is the site's unmask answer (the round
+    half wrote the release record, ``claim(round_id, survivors)``, before returning it)."""
     if reply is None:
         return None, None
-    released = (metrics or None) if isinstance(reply, MaskedInput) else None
+    released = (metrics or None) if isinstance(reply, UnmaskResponse) else None
     return codec.encode(reply), released
 
 
@@ -199,23 +210,30 @@ def _step(
         dp=dp,
         participants=tuple(int(s) for s in meta["site_ids"]),
     )
-    half = SecAggSiteRound.restore(
-        blob,
-        sealer,
-        site_id=site.site_id,
-        round_id=round_id,
-        policy=site.policy,
-        signing_key=_signing_key(site),
-        noise=hook,
-        release_guard=guard,
-    )
-    del context.state[m.STATE]  # restored once; its counter is spent
-    reply = half.handle(message)
-    if half.done:
-        m.forget_round(context)
-    else:
-        fresh = half.export_state(sealer)  # BEFORE the reply leaves
-        context.state[m.STATE] = ConfigRecord({"round": round_id, "blob": fresh})
+    signing_key = _signing_key(site)
+    try:
+        half = SecAggSiteRound.restore(
+            blob,
+            sealer,
+            site_id=site.site_id,
+            round_id=round_id,
+            policy=site.policy,
+            signing_key=signing_key,
+            noise=hook,
+            release_guard=guard,
+        )
+        del context.state[m.STATE]  # restored once; its counter is spent
+        reply = half.handle(message)
+        if half.done:
+            m.forget_round(context)
+        else:
+            fresh = half.export_state(sealer)  # BEFORE the reply leaves (durable counter)
+            context.state[m.STATE] = ConfigRecord({"round": round_id, "blob": fresh})
+    finally:
+        # The restore's consume is written at once but fsynced with the export's counter;
+        # without an export (the last step, or a refusal) it is made durable here, before
+        # any reply leaves (NodeSealer.sync; a no-op after an export).
+        sealer.sync()
     return _with_metrics(reply, dict(meta.get("metrics") or {}))
 
 

@@ -19,13 +19,15 @@
   node (``state_dir/flower/releases.json``): one participation per round id, one survivor set per
   round id for unmasking, the masked input recorded before it leaves, and one round id per
   global model (SHA-256 of the arrays the server sent; content guard, as the gRPC site's
-  :mod:`secure_fl.transport.replay`), recorded before the unmask answer leaves; in a DP round the
-  site's own DP record (:class:`~secure_fl.transport.site_dp.DPRoundRecord`) as the gRPC site.
+  :mod:`secure_fl.transport.replay`), recorded before the unmask answer (or plain upload)
+  leaves; in a DP round the site's own DP record
+  (:class:`~secure_fl.transport.site_dp.DPRoundRecord`) as the gRPC site.
 * :func:`charge_train` -- the train function runs for at most :data:`MAX_TRAINS_WITHOUT_SETUP`
-  (3) train stages in a row that no setup followed (within :data:`TRAIN_WINDOW_S`, one hour;
-  recorded in ``releases.json`` before the training runs, cleared when a setup of this site's
-  pending update is accepted), so that a server cannot run the site's training on many models
-  for free (each train stage is a query of the site's data).
+  (3) train stages in a row that no input of the site followed (within
+  :data:`TRAIN_WINDOW_S`, one hour; recorded in ``releases.json`` before the training runs,
+  cleared only when an input of this site actually leaves: the masked input, the plain or the
+  CKKS upload; a setup that the policy refuses clears nothing), so that a server cannot run
+  the site's training on many models for free (each train stage is a query of the site's data).
 
 Threat: the key file and the blobs are both on the node; the key file is 0600 in a 0700 folder
 and never enters ``context.state`` (which Flower may persist or ship elsewhere), so a blob alone
@@ -43,6 +45,7 @@ import contextlib
 import fcntl
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -74,7 +77,8 @@ NODE_DIR = "flower"
 SEALER_KEY = "sealer.key"
 SEALER_COUNTERS = "sealer-counters.json"
 RELEASES = "releases.json"
-#: The most train stages in a row that no setup followed (within :data:`TRAIN_WINDOW_S`).
+#: The most train stages in a row that no input of the site followed (masked input, plain or
+#: CKKS upload; within :data:`TRAIN_WINDOW_S`).
 MAX_TRAINS_WITHOUT_SETUP = 3
 #: Seconds after which a train stage without a setup no longer counts.
 TRAIN_WINDOW_S = 3600.0
@@ -138,8 +142,43 @@ def load_flower_site(path: str | Path) -> FlowerSite:
     ``site_id`` (optional; checked against the roster), ``roster`` ([{name, site_id,
     verify_key (hex)}]), ``policy`` (the gRPC site's policy section), ``state_dir``,
     ``signing_key`` (optional), ``ckks`` ({context, fingerprint}, optional); relative paths are
-    relative to the file. Unknown keys are refused. Errors: ConfigError naming the field."""
-    data, base = _read_json(Path(path))
+    relative to the file. Unknown keys are refused. Errors: ConfigError naming the field.
+
+    Parsed once per version of the file in a process (Flower calls the mod for every message):
+    an unchanged file (same path, device, inode, size and modification time, checked before and
+    after the read, and last modified over :data:`_SETTLED_NS` ago, so that two writes within
+    the file system's timestamp granularity cannot hide) gives the same frozen FlowerSite
+    again; any change reloads it."""
+    file = Path(path).absolute()
+    before = _stamp(file)
+    cached = _SITES.get(before) if before is not None else None
+    if cached is not None:
+        return cached
+    site = _parse_flower_site(file)
+    if before is not None and time.time_ns() - before[4] > _SETTLED_NS and _stamp(file) == before:
+        if len(_SITES) >= _SITES_MAX:
+            _SITES.clear()
+        _SITES[before] = site
+    return site
+
+
+#: path + stat of a site JSON -> its parsed FlowerSite (see :func:`load_flower_site`).
+_SITES: dict[tuple[str, int, int, int, int], FlowerSite] = {}
+_SITES_MAX = 64
+#: A site JSON modified less than this long ago (ns) is parsed again at every load.
+_SETTLED_NS = 2_000_000_000
+
+
+def _stamp(file: Path) -> tuple[str, int, int, int, int] | None:
+    try:
+        st = file.stat()
+    except OSError:
+        return None  # the read reports it (ConfigError naming the file)
+    return (str(file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _parse_flower_site(path: Path) -> FlowerSite:
+    data, base = _read_json(path)
     s = _Section(data, "", base)
     roster = _roster(s)
     name = s.str_("name")
@@ -164,12 +203,16 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> FlowerSite:
     """The node's :class:`FlowerSite`, from the JSON file named by ``node_config``'s
     :data:`NODE_CONFIG_KEY` (``flwr`` ``--node-config "secure-fl-site='site.json'"``, or the
     simulation's per-node config). Errors: ConfigError naming the key when it is absent or not
-    a string, or the JSON's field (:func:`load_flower_site`)."""
+    a string (with the node config keys present, and the hint for Flower's simulation, which
+    sets only ``partition-id`` / ``num-partitions``: ``make_secure_fl_mod(site_fn)``), or the
+    JSON's field (:func:`load_flower_site`)."""
     value = node_config.get(NODE_CONFIG_KEY) if isinstance(node_config, Mapping) else None
     if not isinstance(value, str) or not value:
+        present = sorted(str(k) for k in node_config) if isinstance(node_config, Mapping) else []
         raise ConfigError(
             f"node_config[{NODE_CONFIG_KEY!r}] must name this node's secure_fl site JSON "
-            f"(a path), got {value!r}"
+            f"(a path), got {value!r}; node config keys present: {present}; in simulation "
+            "Flower sets only partition-id/num-partitions: use make_secure_fl_mod(site_fn)"
         )
     return load_flower_site(value)
 
@@ -222,17 +265,35 @@ def _load_or_create_key(path: Path) -> bytes:
     return key
 
 
+def _replace_unsynced(path: Path, text: str) -> None:
+    """Replace ``path`` (0600) by ``text`` atomically (a rename) WITHOUT fsync: every process
+    sees the new content at once; it is durable after the next fsynced write of the file or
+    :meth:`NodeSealer.sync`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class NodeSealer(StateSealer):
     """A :class:`~secure_fl.rounds.state.StateSealer` whose key and freshness counters live in
     ``state_dir/flower`` (module docstring), so that a state exported while handling one Flower
     message is restored, once, while handling the next one, in any process of the node.
 
     Guarantee: as StateSealer's (a blob that is altered, foreign, stale, already restored, or of
-    another site or round fails with one opaque DecryptionError), across process restarts.
+    another site or round fails with one opaque DecryptionError), across process restarts; a
+    restore's consume is a compare-and-set (two processes racing on one blob: one wins), seen
+    by every process at once and made durable (fsync) by the next state's counter or by
+    :meth:`sync` before the host's reply leaves.
     Refuses pickling and copying; its repr names no key. Errors: ConfigError for an unreadable
     or group/world-accessible key file or an unreadable counters file."""
 
-    __slots__ = ("_counters", "_dir")
+    __slots__ = ("_counters", "_dir", "_seen", "_unsynced")
 
     def __init__(self, state_dir: str | Path) -> None:
         folder = Path(state_dir) / NODE_DIR
@@ -243,22 +304,62 @@ class NodeSealer(StateSealer):
         self._aead = AESGCM(_load_or_create_key(folder / SEALER_KEY))
         self._latest = {}
         self._open = set()
+        self._seen: dict[tuple[int, int], int] = {}  # counter _current verified, to consume
+        self._unsynced = False  # a consume written but not yet fsynced (see sync)
 
     def __repr__(self) -> str:
         return f"NodeSealer({self._dir.name}/<key file>)"
 
-    def _update(self, site_id: int, round_id: int, *, issue: bool, consume: bool) -> int:
+    def _update(
+        self, site_id: int, round_id: int, *, issue: bool, consume: bool, seen: int | None = None
+    ) -> int:
+        """One compare-and-set of (site, round)'s entry under the lock: ``issue`` a new counter
+        (open), ``consume`` the open one (``seen``: the counter :meth:`_current` verified; any
+        other state fails with the opaque DecryptionError, so two processes racing to restore
+        one blob cannot both succeed), or advance (every blob dies). An advance of an entry
+        that is already closed writes nothing: no blob of it can be restored (``_current``
+        needs ``open``) and the next issue moves past every counter used so far."""
         key = f"{int(site_id)}:{int(round_id)}"
         with _locked(self._counters):
             data = _read_json_file(self._counters)
             entry = data.get(key, {"latest": 0, "open": False})
-            if issue or not consume:
-                entry = {"latest": int(entry["latest"]) + 1, "open": issue}
-            else:
+            if issue:
+                entry = {"latest": int(entry["latest"]) + 1, "open": True}
+            elif consume:
+                if entry.get("open") is not True or int(entry["latest"]) != seen:
+                    raise DecryptionError("round state could not be restored")
                 entry = {"latest": int(entry["latest"]), "open": False}
+            elif entry.get("open") is not True and key in data:
+                return int(entry["latest"])  # already closed: nothing to kill, no write
+            else:
+                entry = {"latest": int(entry["latest"]) + 1, "open": False}
             data[key] = entry
-            atomic_write(self._counters, json.dumps(data, sort_keys=True), mode=0o600)
+            text = json.dumps(data, sort_keys=True)
+            if consume:  # visible to every process at once; durable before any reply leaves
+                _replace_unsynced(self._counters, text)
+                self._unsynced = True
+            else:  # durable: the file's latest content (any earlier consume included)
+                atomic_write(self._counters, text, mode=0o600)
+                self._unsynced = False
             return int(entry["latest"])
+
+    def sync(self) -> None:
+        """Make every consume recorded by this sealer durable (fsync of the counters file and
+        its folder; nothing when there is none). A consume is written at once (another process
+        cannot restore the blob again) but not fsynced: the export of the next state (an
+        fsynced write of the same file) makes it durable before the reply leaves; a host that
+        replies without exporting a new state (the round's last message) calls this first.
+        Errors: OSError."""
+        if not self._unsynced:
+            return
+        with _locked(self._counters):
+            for path, flags in ((self._counters, os.O_RDONLY), (self._dir, os.O_RDONLY)):
+                fd = os.open(path, flags)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self._unsynced = False
 
     def advance(self, site_id: int, round_id: int) -> None:
         """Every blob of (site, round) sealed so far dies (recorded on disk)."""
@@ -274,17 +375,21 @@ class NodeSealer(StateSealer):
         if not isinstance(entry, dict) or entry.get("open") is not True:
             raise DecryptionError("round state could not be restored")
         counter = int(entry["latest"])
+        self._seen[(int(site_id), int(round_id))] = counter
         return f"site={int(site_id)};round={int(round_id)};counter={counter}\x00".encode()
 
     def _consume(self, site_id: int, round_id: int) -> None:
-        self._update(site_id, round_id, issue=False, consume=True)
+        seen = self._seen.pop((int(site_id), int(round_id)), None)
+        self._update(site_id, round_id, issue=False, consume=True, seen=seen)
 
 
 def charge_train(state_dir: Path, *, now: float | None = None) -> None:
     """Record one train stage in ``state_dir/flower/releases.json`` BEFORE the user's training
     runs. Guarantee: the training runs for at most :data:`MAX_TRAINS_WITHOUT_SETUP` train
-    stages in a row that no setup followed within :data:`TRAIN_WINDOW_S` seconds (the record is
-    cleared by :meth:`NodeReleaseGuard.claim` at a setup); across processes and restarts.
+    stages in a row that no input of this site followed within :data:`TRAIN_WINDOW_S` seconds
+    (the record is cleared only when an input leaves: :meth:`NodeReleaseGuard.contribute`, the
+    masked input, or :meth:`NodeReleaseGuard.upload`, the plain or CKKS upload; never by a
+    setup alone, which a server can make the policy refuse); across processes and restarts.
     ``now``: the wall-clock time (tests only). Errors: PolicyError for one stage too many
     (nothing is trained); ConfigError for an unreadable record."""
     folder = Path(state_dir) / NODE_DIR
@@ -301,7 +406,7 @@ def charge_train(state_dir: Path, *, now: float | None = None) -> None:
         if len(recent) >= MAX_TRAINS_WITHOUT_SETUP:
             raise PolicyError(
                 f"the server ran this site's training {len(recent)} times in a row without a "
-                f"setup (at most {MAX_TRAINS_WITHOUT_SETUP} per {TRAIN_WINDOW_S:g} s); it trains "
+                f"setup that took its input (at most {MAX_TRAINS_WITHOUT_SETUP} per {TRAIN_WINDOW_S:g} s); it trains "
                 "again after that"
             )
         data["unset_trains"] = [*recent, stamp]
@@ -319,7 +424,8 @@ class NodeReleaseGuard:
 
     Guarantee (against a malicious server, across processes and restarts): one participation
     per round id; one survivor set per round id for unmasking; a global model released (unmask
-    answered) under one round id only; no claim for another round id than this guard's.
+    answered, or uploaded in a plain round) under one round id only; the train cap cleared only
+    when an input leaves; no claim for another round id than this guard's.
     Errors: PolicyError for a refused release; ConfigError for an unreadable record."""
 
     def __init__(
@@ -388,8 +494,7 @@ class NodeReleaseGuard:
                 if self._dp_record is not None and self._dp is not None:
                     self._dp_record.check_room(self.round_id)
                 data["joined"].append(self.round_id)
-                data["unset_trains"] = []  # a setup followed (see charge_train)
-                self._save(data)
+                self._save(data)  # the train cap is NOT cleared here (contribute / upload)
                 return
             chosen = sorted(int(s) for s in survivors)
             previous = data["unmasked"].get(str(self.round_id))
@@ -413,7 +518,8 @@ class NodeReleaseGuard:
     def contribute(self, round_id: int) -> None:
         """See :meth:`secure_fl.rounds.guards.ReleaseGuard.contribute`: recorded (and, in a DP
         round, charged to the site's DP record within ``policy.max_dp_rounds``) before the
-        masked input leaves. Errors: PolicyError; ConfigError."""
+        masked input leaves; an input leaves, so the train cap is cleared (:func:`charge_train`).
+        Errors: PolicyError; ConfigError."""
         self._own(round_id)
         with self._edit():
             data = self._load()
@@ -423,6 +529,30 @@ class NodeReleaseGuard:
                 )
             if self.round_id not in data["contributed"]:
                 data["contributed"].append(self.round_id)
+            data["unset_trains"] = []  # an input leaves (see charge_train)
+            self._save(data)
+
+    def upload(self, round_id: int, *, release: bool) -> None:
+        """Record, before a plain or CKKS upload of round ``round_id`` leaves, that an input of
+        this site leaves (clears the train cap, :func:`charge_train`) and, with ``release``
+        (plain: the update leaves in the clear), that the global model is released under this
+        round id (one round id per model, as the unmask answer of a SecAgg round). Errors:
+        PolicyError (another round id than this guard's, or the model already released under
+        another round id); ConfigError."""
+        self._own(round_id)
+        with self._edit():
+            data = self._load()
+            if release:
+                released = data["content"].get(self.model_digest)
+                if released is not None and int(released) != self.round_id:
+                    raise PolicyError(
+                        f"this site already released its update for model "
+                        f"{self.model_digest[:16]}... in round {released}"
+                    )
+                data["content"][self.model_digest] = self.round_id
+            if self.round_id not in data["contributed"]:
+                data["contributed"].append(self.round_id)
+            data["unset_trains"] = []  # an input leaves (see charge_train)
             self._save(data)
 
 

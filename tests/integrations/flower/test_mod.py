@@ -14,7 +14,7 @@ import pytest
 flwr = pytest.importorskip("flwr")
 
 import numpy as np  # noqa: E402
-from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from site_helpers import (  # noqa: E402
     Node,
     drive_round,
@@ -253,11 +253,32 @@ def test_a_dp_round_below_the_site_floor_is_refused(tmp_path: Path) -> None:
 def test_messages_without_secure_fl_pass_through_and_bad_ones_never_raise(
     tmp_path: Path,
 ) -> None:
+    # (B1) a train message without the secure_fl record is refused: the user's train function
+    # does not run and no array leaves; evaluate / query pass through unless the reply holds
+    # arrays
     fed = _federation(tmp_path, 2, SitePolicy())
     node = _nodes(fed)[0]
-    plain_msg = instruction(RecordDict({"config": ConfigRecord({"x": 1})}), node.node_id)
-    reply = secure_fl_mod(plain_msg, node.context, node.train)
-    assert node.train_calls == 1 and "arrays" in reply.content
+    for kind in ("train", "train.finetune"):
+        plain_msg = _typed(
+            instruction(RecordDict({"config": ConfigRecord({"x": 1})}), node.node_id), kind
+        )
+        reply = secure_fl_mod(plain_msg, node.context, node.train)
+        assert node.train_calls == 0 and reply.has_error() and not reply.has_content()
+        assert "without the secure_fl record" in (reply.error.reason or "")
+    for kind in ("evaluate", "query.x"):
+        msg = _typed(
+            instruction(RecordDict({"config": ConfigRecord({"x": 1})}), node.node_id), kind
+        )
+        reply = secure_fl_mod(msg, node.context, node.train)  # its reply holds arrays
+        assert node.train_calls == 1 and reply.has_error() and not reply.has_content()
+        assert "holds arrays" in (reply.error.reason or "")
+        node.train_calls = 0
+
+        def score(msg: Message, context: Context) -> Message:
+            return Message(RecordDict({"metrics": MetricRecord({"dice": 0.5})}), reply_to=msg)
+
+        reply = secure_fl_mod(msg, node.context, score)
+        assert not reply.has_error() and reply.content.metric_records["metrics"]["dice"] == 0.5
     bad = instruction(RecordDict({records.KEY: ConfigRecord({"v": 9})}), node.node_id)
     reply = secure_fl_mod(bad, node.context, node.train)
     assert reply.has_error() and "RemoteProtocolError" in (reply.error.reason or "")
@@ -275,6 +296,12 @@ def test_messages_without_secure_fl_pass_through_and_bad_ones_never_raise(
     env = records.read(reply.content)
     assert env is not None and env.left is not None and "3.14159" not in env.left
     assert env.left.startswith("RuntimeError")
+
+
+def _typed(msg: Message, message_type: str) -> Message:
+    """``msg`` (from :func:`instruction`) with another message type."""
+    msg.metadata.message_type = message_type
+    return msg
 
 
 def test_bad_user_replies_leave(tmp_path: Path) -> None:

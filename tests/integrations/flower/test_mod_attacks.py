@@ -1,13 +1,13 @@
 """Regression tests of a malicious server (or node) against the secure_fl Flower mod and the
-workflow's node -> site map (attack findings A1, A3, A4, A5, A8): each test reproduces the
-attack and checks that it fails."""
+workflow's node -> site map (attack findings A1, A3, A4, A5, A8; second review B1, B2b, B3, B6):
+each test reproduces the attack and checks that it fails."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -18,18 +18,23 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 from server_helpers import local_grid, provision, write_updates  # noqa: E402
-from site_helpers import Node, arrays_of, drive_round  # noqa: E402
+from site_helpers import Node, arrays_of, drive_round, instruction, send  # noqa: E402
 
-from secure_fl.errors import ThresholdError  # noqa: E402
+from secure_fl.errors import InvalidUpdateError, ThresholdError  # noqa: E402
 from secure_fl.integrations.flower import records  # noqa: E402
-from secure_fl.integrations.flower.mod import FAIL_CLOSED  # noqa: E402
+from secure_fl.integrations.flower.mod import FAIL_CLOSED, model_digest, secure_fl_mod  # noqa: E402
 from secure_fl.integrations.flower.node import MAX_TRAINS_WITHOUT_SETUP  # noqa: E402
 from secure_fl.integrations.flower.provision import FlowerFederation, provision_flower  # noqa: E402
 from secure_fl.integrations.flower.records import Envelope  # noqa: E402
 from secure_fl.integrations.flower.workflow import SecureAggregationWorkflow  # noqa: E402
 from secure_fl.rounds import codec  # noqa: E402
-from secure_fl.rounds.local import in_process_policy  # noqa: E402
-from secure_fl.rounds.messages import MaskedInput, PlainUpload  # noqa: E402
+from secure_fl.rounds.local import in_process_policy, make_server_round  # noqa: E402
+from secure_fl.rounds.messages import (  # noqa: E402
+    MaskedInput,
+    PlainSetup,
+    PlainUpload,
+    UnmaskResponse,
+)
 from secure_fl.rounds.policy import SitePolicy  # noqa: E402
 from secure_fl.rounds.spec import AggregationSpec  # noqa: E402
 
@@ -227,12 +232,13 @@ def test_a3_metrics_leave_only_with_the_masked_input_or_upload(
         for e in fed.roster
     ]
     keys = _keys(fed) if active else None
-    rounds = MAX_TRAINS_WITHOUT_SETUP + 1  # each setup resets the train cap
+    rounds = MAX_TRAINS_WITHOUT_SETUP + 1  # each input that leaves resets the train cap
     for index in range(rounds):
         model = {k: v + index for k, v in GLOBAL.items()}
         run = drive_round(list[Node](nodes), spec, model, verify_keys=keys)
         assert run.error is None and run.left == {}
-    wanted = (MaskedInput if active else PlainUpload).__name__
+    # (B6) SecAgg: with the unmask answer, after the model's release was recorded
+    wanted = (UnmaskResponse if active else PlainUpload).__name__
     for node in nodes:
         carrying = [r for r in node.replies if "metrics" in r[2]]
         assert [r[1] for r in carrying] == [wanted] * rounds
@@ -321,3 +327,191 @@ def test_a8_a_proof_is_bound_to_round_site_and_node() -> None:
     env = Envelope("train", 7, site_id=1, weight=1.0, proof=b"\x01" * 64)
     back = records.read(RecordDict({records.KEY: records.to_record(env)}))
     assert back == env
+
+
+# -- second attack review (B1, B2b, B3, B6) --------------------------------------------------------
+
+
+def _typed(node: Node, content: RecordDict, message_type: str) -> Message:
+    msg = instruction(content, node.node_id)
+    msg.metadata.message_type = message_type
+    return msg
+
+
+def test_b1_a_train_message_without_the_record_never_reaches_the_train_function(
+    tmp_path: Path,
+) -> None:
+    fed = _federation(tmp_path, 3)  # SecAgg only: nothing may leave in the clear
+    node = _nodes(fed, EchoNode)[0]
+    for kind in ("train", "train.local"):
+        content = RecordDict({"arrays": arrays_of(GLOBAL), "config": ConfigRecord({})})
+        reply = secure_fl_mod(_typed(node, content, kind), node.context, node.train)
+        assert reply.has_error() and not reply.has_content()  # no arrays, no metrics
+        assert "without the secure_fl record" in (reply.error.reason or "")
+    assert node.train_calls == 0
+    # another category runs, but a reply holding arrays is replaced by an Error
+    content = RecordDict({"arrays": arrays_of(GLOBAL), "config": ConfigRecord({})})
+    reply = secure_fl_mod(_typed(node, content, "evaluate"), node.context, node.train)
+    assert node.train_calls == 1 and reply.has_error() and not reply.has_content()
+
+
+def test_b3_a_setup_the_policy_refuses_does_not_reset_the_train_cap(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, 2)  # the policy refuses plain aggregation
+    node = _nodes(fed, EchoNode)[0]
+    refused = 0
+    for index in range(2 * MAX_TRAINS_WITHOUT_SETUP):
+        rid = int.from_bytes(os.urandom(8), "big") % (records.ROUND_ID_LIMIT - 1) + 1
+        content = RecordDict(
+            {
+                records.KEY: records.to_record(Envelope("train", rid)),
+                "config": ConfigRecord({}),
+                "arrays": arrays_of({k: v + index for k, v in GLOBAL.items()}),
+            }
+        )
+        env = records.read(node.call(content).content)
+        assert env is not None
+        if env.left is not None:
+            refused += 1
+            assert "without a setup" in env.left
+            continue
+        setup = PlainSetup(rid, (1, 2), 8, {1: 10.0, 2: 10.0})
+        left = send(node, "setup", rid, codec.encode(setup)).left
+        assert left is not None and left.startswith("PolicyError")  # nothing left the site
+    assert node.train_calls == MAX_TRAINS_WITHOUT_SETUP
+    assert refused == MAX_TRAINS_WITHOUT_SETUP
+
+
+class OracleNode(EchoNode):
+    """Reports a metric that is a linear function of a secret of the site and the model."""
+
+    SECRET = np.arange(1.0, 9.0)
+
+    def train(self, msg: Message, context: Any) -> Message:
+        reply = super().train(msg, context)
+        sent = msg.content.array_records["arrays"]
+        w = np.concatenate([sent[k].numpy().astype(np.float64).reshape(-1) for k in ORDER])
+        metrics = MetricRecord({"num-examples": self.num_examples, "probe": float(self.SECRET @ w)})
+        arrays = reply.content.array_records["arrays"]
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    def call(self, content: RecordDict) -> Message:
+        reply = super().call(content)
+        if "metrics" in reply.content.metric_records:
+            probe = reply.content.metric_records["metrics"]["probe"]
+            assert isinstance(probe, float)
+            self.seen.append(probe)
+        return reply
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.seen: list[float] = []
+
+
+class _AbortAfterInputs:
+    """A malicious server: it takes the masked inputs, then stops before any unmasking."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.inputs = inner, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def receive(self, site: int, msg: Any) -> None:
+        self.inputs += isinstance(msg, MaskedInput)
+        self.inner.receive(site, msg)
+
+    def close(self) -> Any:
+        if self.inputs:
+            raise RuntimeError("the server aborts before unmasking")
+        return self.inner.close()
+
+
+def test_b6_a_server_that_aborts_after_the_masked_inputs_reads_no_metrics(
+    tmp_path: Path,
+) -> None:
+    fed = _federation(tmp_path, 3)
+    nodes = _nodes(fed, OracleNode)
+    oracle = nodes[0]
+    assert isinstance(oracle, OracleNode)
+    for index in range(3):  # the same model twice, then another: never a metric
+        model = {k: v + (index // 2) for k, v in GLOBAL.items()}
+        run = drive_round(
+            nodes,
+            SPEC,
+            model,
+            verify_keys=_keys(fed),
+            make_server=lambda plan: cast(Any, _AbortAfterInputs(make_server_round(plan))),
+        )
+        assert run.outcome is None and run.left == {}
+    assert oracle.seen == []
+    # a completed round releases them, once, with the unmask answer
+    done = drive_round(nodes, SPEC, {k: v + 5 for k, v in GLOBAL.items()}, verify_keys=_keys(fed))
+    assert done.error is None and done.left == {} and len(oracle.seen) == 1
+
+
+def test_b6_a_plain_upload_records_the_models_release(tmp_path: Path) -> None:
+    spec = AggregationSpec.from_options("plain", {})
+    fed = _federation(tmp_path, 3, policy=in_process_policy(spec))
+    nodes = _nodes(fed, OracleNode)
+    first = drive_round(nodes, spec, GLOBAL)
+    assert first.error is None and first.left == {}
+    second = drive_round(nodes, spec, GLOBAL)  # the same model under a new round id
+    assert set(second.left) == {1, 2, 3}
+    assert all("already released" in reason for reason in second.left.values())
+    oracle = nodes[0]
+    assert isinstance(oracle, OracleNode) and len(oracle.seen) == 1
+
+
+class CounterNode(Node):
+    """A torch-like model: float weights and an int64 counter (``num_batches_tracked``) that
+    does not change the trained weights."""
+
+    def train(self, msg: Message, context: Any) -> Message:
+        self.train_calls += 1
+        sent = msg.content.array_records["arrays"]
+        out = {k: (v.numpy() + self.trained[k]).astype(v.dtype) for k, v in sent.items()}
+        metrics = MetricRecord({"num-examples": self.num_examples})
+        return Message(RecordDict({"arrays": arrays_of(out), "metrics": metrics}), reply_to=msg)
+
+
+def test_b2b_a_model_whose_integer_counter_changed_is_the_same_model(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, 4)
+    rng = np.random.default_rng(1)
+    model: dict[str, np.ndarray] = {**GLOBAL, "n": np.array(7, np.int64)}
+    nodes: list[Node] = [
+        CounterNode(
+            e.site_id,
+            100 + e.site_id,
+            fed.site_configs[e.name],
+            {
+                "w": rng.normal(0, 0.3, (2, 3)).astype(np.float32),
+                "b": rng.normal(0, 0.3, 2).astype(np.float32),
+                "n": np.array(1, np.int64),
+            },
+            10,
+        )
+        for e in fed.roster
+    ]
+    first = drive_round(nodes, SPEC, model, verify_keys=_keys(fed))
+    assert first.error is None and first.left == {}
+    moved: dict[str, np.ndarray] = {
+        **model,
+        "n": np.array(1007, np.int64),
+    }  # the trained weights are bit-identical
+    second = drive_round(nodes[:-1], SPEC, moved, verify_keys=_keys(fed, without=4))
+    assert set(second.left) == {1, 2, 3}
+    assert all("already released" in reason for reason in second.left.values())
+
+
+def test_b2b_model_digest_keys_by_float_arrays_only() -> None:
+    base: dict[str, np.ndarray] = {"w": np.ones(3, np.float32), "n": np.array(7, np.int64)}
+    assert model_digest(base) == model_digest({**base, "n": np.array(9, np.int64)})
+    assert model_digest(base) == model_digest({"w": base["w"]})
+    # the site's dtype decides: an int64 counter sent as float64 is still a counter
+    like: dict[str, np.ndarray] = {"w": base["w"], "n": base["n"]}
+    assert model_digest({**base, "n": np.array(9.0)}, like) == model_digest(base, like)
+    # the documented residual: a one-ulp float nudge IS a new model (only DP bounds it)
+    nudged: dict[str, np.ndarray] = {**base, "w": np.nextafter(base["w"], np.float32(2))}
+    assert model_digest(nudged) != model_digest(base)
+    with pytest.raises(InvalidUpdateError, match="no floating-point array"):
+        model_digest({"n": np.array(7, np.int64)})
