@@ -6,8 +6,9 @@ the next. ``export_state(site_round, sealer) -> bytes``: the public state (setup
 peers' advertisements, graph, survivor sets) as JSON in the clear; the secrets (the two X25519
 private keys, the self-mask seed, the graph nonce, the Shamir shares held for peers, the encoded
 input not yet masked, and what the encoding says about the private update: ``clipped``,
-``l2_clipped``) as AES-256-GCM ciphertext under the :class:`StateSealer`'s key, with the public
-part as associated data (neither can be altered or swapped without the one opaque
+``l2_clipped``) as AES-256-GCM ciphertext under the :class:`StateSealer`'s key (plaintext: a
+u32 length, the secret JSON, then the encoded input's raw little-endian words, never hex in
+JSON: it is millions of words), with the public part as associated data (neither can be altered or swapped without the one opaque
 :class:`~secure_fl.errors.DecryptionError`).
 
 **Freshness: one state, restored once.** Integrity alone would let a host be made to restore an
@@ -65,9 +66,9 @@ if TYPE_CHECKING:
     from secure_fl.rounds.base import NoiseHook, SiteRound
     from secure_fl.rounds.guards import ReleaseGuard
 
-MAGIC = b"SFRS\x02"
+MAGIC = b"SFRS\x03"
 _NONCE = 12
-_AD_DOMAIN = b"secure_fl/rounds/state/v2\x00"
+_AD_DOMAIN = b"secure_fl/rounds/state/v3\x00"
 
 
 class StateSealer(NoPickle):
@@ -143,8 +144,10 @@ def _unhex(s: str | None) -> bytes | None:
     return None if s is None else bytes.fromhex(s)
 
 
-def _client_state(client: SecAggClient) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(public, secret) state of a SecAggClient (internal attributes, read in one place)."""
+def _client_state(client: SecAggClient) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """(public, secret, raw input) state of a SecAggClient (internal attributes, read in one
+    place). The encoded input (millions of words) is not put in the JSON: ``secret["input"]``
+    holds its word count (or None) and the raw little-endian words ride after the JSON."""
     c: Any = client
     public = {
         "phase": c.phase.value,
@@ -158,17 +161,19 @@ def _client_state(client: SecAggClient) -> tuple[dict[str, Any], dict[str, Any]]
         "rejected": sorted(c._rejected),
     }
     inp = c._input
+    raw: Any = b""
+    if inp is not None:
+        words = np.ascontiguousarray(inp, dtype=inp.dtype.newbyteorder("<")).reshape(-1)
+        raw = words.data.cast("B")  # no copy: joined once into the sealed plaintext
     secret = {
         "enc_key": None if c._enc_key is None else c._enc_key.private_bytes().hex(),
         "mask_key": None if c._mask_key is None else c._mask_key.private_bytes().hex(),
         "self_seed": _hex(c._self_seed),
         "nonce": _hex(c._nonce),
         "held": {str(o): [h.hex() for h in t] for o, t in sorted(c._held.items())},
-        "input": None
-        if inp is None
-        else np.ascontiguousarray(inp).astype(inp.dtype.newbyteorder("<")).tobytes().hex(),
+        "input": None if inp is None else int(inp.size),
     }
-    return public, secret
+    return public, secret, raw
 
 
 def _round_of(site: SiteRound) -> int:
@@ -188,6 +193,7 @@ def export_state(site: SiteRound, sealer: StateSealer) -> bytes:
 
     public: dict[str, Any] = {"site_id": site.site_id}
     secret: dict[str, Any] = {}
+    raw: Any = b""
     if isinstance(site, SecAggSiteRound):
         round_id = _round_of(site)
         public.update(
@@ -203,7 +209,7 @@ def export_state(site: SiteRound, sealer: StateSealer) -> bytes:
         if site.client is not None:
             if site.client.phase is ClientPhase.ERROR:
                 raise LocalProtocolError("a site half in the error state has no state to export")
-            public["client"], secret = _client_state(site.client)
+            public["client"], secret, raw = _client_state(site.client)
         secret.update(clipped=site.clipped, l2_clipped=site.l2_clipped)
     elif isinstance(site, PlainSiteRound):
         round_id = _round_of(site)
@@ -217,7 +223,10 @@ def export_state(site: SiteRound, sealer: StateSealer) -> bytes:
         raise LocalProtocolError(f"export_state: unsupported site half {type(site).__name__}")
     clear = json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
     fresh = sealer._issue(site.site_id, round_id)
-    sealed = sealer.seal(json.dumps(secret, sort_keys=True).encode(), fresh + MAGIC + clear)
+    head = json.dumps(secret, sort_keys=True).encode()
+    plaintext = b"".join((struct.pack(">I", len(head)), head, raw))
+    sealed = sealer.seal(plaintext, fresh + MAGIC + clear)
+    del plaintext
     if isinstance(site, SecAggSiteRound):
         site._sealer = sealer  # its next message invalidates this blob
     return MAGIC + struct.pack(">I", len(clear)) + clear + sealed
@@ -254,12 +263,17 @@ def restore_state(
         start = len(MAGIC) + 4
         clear = raw[start : start + size]
         fresh = sealer._current(site_id, round_id)
-        secret = json.loads(sealer.open(raw[start + size :], fresh + MAGIC + clear))
+        plaintext = sealer.open(raw[start + size :], fresh + MAGIC + clear)
         sealer._consume(site_id, round_id)
+        (head,) = struct.unpack_from(">I", plaintext)
+        secret = json.loads(plaintext[4 : 4 + head])
+        words = memoryview(plaintext)[4 + head :]
         public = json.loads(clear)
         if int(public["site_id"]) != int(site_id):
             raise _opaque()
-        half = _rebuild(public, secret, policy, signing_key, randbytes, rng, noise, release_guard)
+        half = _rebuild(
+            public, secret, words, policy, signing_key, randbytes, rng, noise, release_guard
+        )
         if int(_round_of(half)) != int(round_id):
             raise _opaque()
         if isinstance(half, SecAggSiteRound):
@@ -274,6 +288,7 @@ def restore_state(
 def _rebuild(
     public: dict[str, Any],
     secret: dict[str, Any],
+    words: memoryview,
     policy: SitePolicy,
     signing_key: SigningKey | None,
     randbytes: RandomBytes,
@@ -320,13 +335,17 @@ def _rebuild(
             if signing_key is None or own != signing_key.public_bytes:
                 raise _opaque()  # another site's key: this blob is not that site's state
         client = site.new_client(config)
-        _load_client(client, public["client"], secret, config.bits)
+        _load_client(client, public["client"], secret, words, config.bits)
         site.client = client
     return site
 
 
 def _load_client(
-    client: SecAggClient, public: dict[str, Any], secret: dict[str, Any], bits: int
+    client: SecAggClient,
+    public: dict[str, Any],
+    secret: dict[str, Any],
+    words: memoryview,
+    bits: int,
 ) -> None:
     c: Any = client
     c.phase = ClientPhase(public["phase"])
@@ -346,11 +365,16 @@ def _load_client(
     c._held = {
         int(o): tuple(bytes.fromhex(h) for h in t) for o, t in secret.get("held", {}).items()
     }
-    if secret.get("input") is not None:
-        dtype = np.dtype("<u4") if bits == 32 else np.dtype("<u8")
-        c._input = np.frombuffer(bytes.fromhex(secret["input"]), dtype=dtype).astype(
-            dtype.newbyteorder("=")
-        )
+    count = secret.get("input")
+    dtype = np.dtype("<u4") if bits == 32 else np.dtype("<u8")
+    if count is None:
+        if len(words):
+            raise _opaque()
+    else:
+        if len(words) != int(count) * dtype.itemsize:
+            raise _opaque()
+        # one copy: a writable array in native order, independent of the plaintext buffer
+        c._input = np.frombuffer(words, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
 __all__ = ["StateSealer", "export_state", "restore_state"]

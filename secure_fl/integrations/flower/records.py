@@ -207,16 +207,17 @@ def flatten(arrays: Any, *, where: str = "arrays") -> tuple[np.ndarray, Layout]:
         value = array.numpy()
         if value.dtype.kind not in "fiu":
             raise RemoteProtocolError(f"{where}[{key!r}] has dtype {value.dtype}: numbers only")
-        flat = np.asarray(value, dtype=np.float64).reshape(-1)
-        if not np.all(np.isfinite(flat)):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise RemoteProtocolError(f"{where}[{key!r}] holds a value that is not finite")
+        flat = np.asarray(value, dtype=np.float64).reshape(-1)
         keys.append(str(key))
         shapes.append(tuple(int(d) for d in value.shape))
         dtypes.append(value.dtype.str)
         parts.append(flat)
     if not parts:
         raise RemoteProtocolError(f"{where} holds no array")
-    return np.concatenate(parts), Layout(tuple(keys), tuple(shapes), tuple(dtypes))
+    vector = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return vector, Layout(tuple(keys), tuple(shapes), tuple(dtypes))
 
 
 def unflatten(vector: np.ndarray, layout: Layout) -> Any:
