@@ -128,8 +128,10 @@ class PlainServerRound(ServerRound):
 
 class PlainSiteRound(SiteRound):
     """The site half of a plain round. Sends its update in the clear, and only when its own
-    ``policy`` accepts plain aggregation (PolicyError otherwise, nothing sent) and the setup
-    lists its reported weight (PolicyError otherwise). A setup whose weights are not one finite
+    ``policy`` accepts plain aggregation and does not require distributed DP
+    (``require_dp``, or implied by ``min_noise_multiplier`` / ``max_dp_rounds``: a plain round
+    carries no noise; PolicyError otherwise, nothing sent) and the setup lists its reported
+    weight (PolicyError otherwise). A setup whose weights are not one finite
     weight > 0 per site, or whose ``l2_clip`` is not None or finite > 0, is refused
     (RemoteProtocolError naming the field)."""
 
@@ -156,6 +158,8 @@ class PlainSiteRound(SiteRound):
         if self.setup_message is not None:
             raise RemoteProtocolError("a second setup for one round")
         site_policy.check_aggregation(self.policy, "plain")
+        # A plain round carries no distributed DP noise: refused when the policy requires DP.
+        site_policy.check_privacy_floor(self.policy, "plain")
         if self.site_id not in setup.site_ids:
             raise RemoteProtocolError("this site is not in the round")
         listed = setup_weights(setup)  # RemoteProtocolError: not one finite weight > 0 per site

@@ -244,3 +244,21 @@ def test_a_second_unmasking_with_another_survivor_set_is_refused() -> None:
     with pytest.raises(PolicyError, match="another survivor set"):
         same.claim(r.plan.round_id, out.survivors - {5})
     assert isinstance(same, ReleaseGuard)
+
+
+@pytest.mark.parametrize(
+    "floor",
+    [{"require_dp": True}, {"min_noise_multiplier": 1.0}, {"max_dp_rounds": 5}],
+)
+def test_plain_is_refused_when_the_policy_requires_dp(floor: dict[str, Any]) -> None:
+    # Attack C9: a site whose policy sets a DP floor sent its update in the clear (no noise,
+    # nothing charged) when the server asked for plain and the policy otherwise allowed it.
+    policy = SitePolicy(aggregations=("secagg+", "plain"), allow_plain=True, **floor)
+    setup = PlainSetup(1, (1, 2), 3, {1: 1.0, 2: 1.0})
+    site = PlainSiteRound(1, policy=policy)
+    with pytest.raises(PolicyError, match="distributed DP"):
+        site.on_setup(setup, update=np.zeros(3), reported_weight=1.0)
+    assert not site.done and site.setup_message is None
+    # the same policy without the floor sends
+    lax = PlainSiteRound(1, policy=SitePolicy(aggregations=("secagg+", "plain"), allow_plain=True))
+    assert lax.on_setup(setup, update=np.zeros(3), reported_weight=1.0) is not None

@@ -145,17 +145,19 @@ def load_flower_site(path: str | Path) -> FlowerSite:
     relative to the file. Unknown keys are refused. Errors: ConfigError naming the field.
 
     Parsed once per version of the file in a process (Flower calls the mod for every message):
-    an unchanged file (same path, device, inode, size and modification time, checked before and
-    after the read, and last modified over :data:`_SETTLED_NS` ago, so that two writes within
-    the file system's timestamp granularity cannot hide) gives the same frozen FlowerSite
-    again; any change reloads it."""
+    an unchanged file (same path, device, inode, size, modification time and status-change time,
+    checked before and after the read, and last modified or changed (mtime and ctime) over :data:`_SETTLED_NS` ago, so that
+    two writes within the file system's timestamp granularity cannot hide) gives the same frozen
+    FlowerSite again; any change reloads it. The status-change time (ctime) catches an in-place rewrite of the same size whose modification time was set back (cp -p,
+    rsync -a --inplace, tar): no system call sets ctime."""
     file = Path(path).absolute()
     before = _stamp(file)
     cached = _SITES.get(before) if before is not None else None
     if cached is not None:
         return cached
     site = _parse_flower_site(file)
-    if before is not None and time.time_ns() - before[4] > _SETTLED_NS and _stamp(file) == before:
+    settled = before is not None and time.time_ns() - max(before[4], before[5]) > _SETTLED_NS
+    if before is not None and settled and _stamp(file) == before:
         if len(_SITES) >= _SITES_MAX:
             _SITES.clear()
         _SITES[before] = site
@@ -163,18 +165,20 @@ def load_flower_site(path: str | Path) -> FlowerSite:
 
 
 #: path + stat of a site JSON -> its parsed FlowerSite (see :func:`load_flower_site`).
-_SITES: dict[tuple[str, int, int, int, int], FlowerSite] = {}
+_SITES: dict[tuple[str, int, int, int, int, int], FlowerSite] = {}
 _SITES_MAX = 64
 #: A site JSON modified less than this long ago (ns) is parsed again at every load.
 _SETTLED_NS = 2_000_000_000
 
 
-def _stamp(file: Path) -> tuple[str, int, int, int, int] | None:
+def _stamp(file: Path) -> tuple[str, int, int, int, int, int] | None:
+    """(path, device, inode, size, mtime ns, ctime ns) of ``file``; None when it cannot be
+    stat-ed. ctime is in the key because ``os.utime`` can restore mtime but not ctime."""
     try:
         st = file.stat()
     except OSError:
         return None  # the read reports it (ConfigError naming the file)
-    return (str(file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (str(file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _parse_flower_site(path: Path) -> FlowerSite:

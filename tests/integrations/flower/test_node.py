@@ -148,3 +148,46 @@ def test_release_guard_is_durable(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="already released"):
         guard.claim(9, frozenset({1, 2}))
     assert _mode(tmp_path / "flower" / "releases.json") == 0o600
+
+
+def test_site_cache_sees_an_in_place_rewrite_with_the_old_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cp -p / rsync -a --inplace / tar: same inode, same size, mtime set back to the old one.
+    # Only ctime (which no system call sets) betrays the change; the cache key must hold it.
+    import time
+
+    from secure_fl.integrations.flower import node as node_module
+
+    monkeypatch.setattr(node_module, "_SETTLED_NS", -1)  # ctime cannot be set back: settle now
+
+    fed = provision_flower(
+        ["a", "b", "c"],
+        tmp_path,
+        policy=SitePolicy(aggregations=("plain", "secagg+"), allow_plain=True),
+    )
+    path = Path(fed.site_configs["a"])
+    os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    cached = load_flower_site(path)
+    assert cached.policy.allow_plain and load_flower_site(path) is cached  # from the cache
+    text = path.read_text()
+    data = json.loads(text)
+    data["policy"]["aggregations"], data["policy"]["allow_plain"] = ["secagg+"], False
+    new = json.dumps(data, indent=2)
+    new += " " * (len(text) - len(new))
+    assert len(new) == len(text)
+    before = path.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    with path.open("r+") as fh:
+        fh.write(new)
+        fh.truncate()
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert after.st_ctime_ns != before.st_ctime_ns
+    site = load_flower_site(path)
+    assert not site.policy.allow_plain and site.policy.aggregations == ("secagg+",)
