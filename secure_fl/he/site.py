@@ -5,9 +5,12 @@ leave the site (``protocols/ckks.md``). The round recipe that calls these (and e
 site's upload) is :mod:`secure_fl.rounds.ckks`; :mod:`secure_fl.transport.ckks` re-exports them
 for the gRPC site.
 
-Fail closed: every check whose outcome depends on secret values (after the first decryption, and
-the range check of the site's own vector) raises :class:`~secure_fl.errors.PostDecryptionError`,
-whose message names the check and never a value; the caller must stop for good.
+Fail closed: every check whose outcome depends on secret values after the first decryption (and
+:func:`check_local_model`, the gRPC site's range check of its own vector) raises
+:class:`~secure_fl.errors.PostDecryptionError`, whose message names the check and never a value;
+the caller must stop for good. A round's setup never refuses on the site's own values: it
+refuses only on what the server sent (:func:`check_base`) and clips the rest
+(:func:`clip_local_model`).
 """
 
 from __future__ import annotations
@@ -165,6 +168,62 @@ def check_local_model(secret: SecretContext, vector: npt.NDArray[np.float64]) ->
             f"{secret.preset.max_abs:g} of CKKS preset {secret.preset.name!r} (the value is not "
             "logged): lower the learning rate or clip, or provision a preset with a larger max_abs"
         )
+
+
+def check_base(secret: SecretContext, base: npt.NDArray[np.float64]) -> None:
+    """Check the model the server sent in the clear (the base the site's update is added to):
+    every value finite and within the preset's ``max_abs``.
+
+    The outcome depends only on what the server sent, so refusing the round for it tells the
+    server nothing it did not know (the data-dependent part, :func:`clip_local_model`, never
+    refuses). Errors: PolicyError naming the bound (never a value of the site's).
+    """
+    from secure_fl.errors import PolicyError
+
+    with np.errstate(invalid="ignore"):
+        peak = float(np.max(np.abs(base))) if base.size else 0.0
+    if not math.isfinite(peak) or peak > secret.preset.max_abs:
+        raise PolicyError(
+            "the model the server sent holds values that are not finite or beyond the bound "
+            f"{secret.preset.max_abs:g} of CKKS preset {secret.preset.name!r}; the round is refused"
+        )
+
+
+def clip_local_model(
+    secret: SecretContext,
+    update: npt.NDArray[np.float64],
+    base: npt.NDArray[np.float64] | None = None,
+) -> tuple[npt.NDArray[np.float64], int]:
+    """This site's new local model ``base + update`` brought within what CKKS carries, and the
+    number of values that had to be changed (the caller logs it locally; it is never sent).
+
+    Every non-finite value of the update becomes 0 (the base's value is kept), then every value
+    of ``base + update`` beyond the preset's ``max_abs`` is clipped to it. It never refuses:
+    the outcome depends on the site's secret update and the server chooses the base, so a
+    refusal would be a one-bit oracle on the update (the server can place the base so that
+    "refused" answers any threshold question about the data). Check the base first with
+    :func:`check_base` (a base within the bound makes the clipped update agree in sign with the
+    true one on every value). ``update`` is not modified.
+
+    Errors: InvalidUpdateError when ``base`` and ``update`` differ in shape or are not 1-D.
+    """
+    from secure_fl.errors import InvalidUpdateError
+
+    if update.ndim != 1 or (base is not None and np.shape(base) != update.shape):
+        raise InvalidUpdateError("the update and base must be flat vectors of one length")
+    vector = np.array(update, dtype=np.float64)  # a copy
+    finite = np.isfinite(vector)
+    changed = int(vector.size - np.count_nonzero(finite))
+    if changed:
+        vector[~finite] = 0.0
+    if base is not None:
+        vector += np.asarray(base, dtype=np.float64)
+    bound = secret.preset.max_abs
+    beyond = np.abs(vector) > bound
+    over = int(np.count_nonzero(beyond))
+    if over:
+        np.clip(vector, -bound, bound, out=vector)
+    return vector, changed + over
 
 
 def local_model_vector(

@@ -8,6 +8,7 @@ encrypted sum for itself, failing closed on any check after the first decryption
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -35,13 +36,14 @@ from secure_fl.he.model import (
     pack_frames,
 )
 from secure_fl.he.packing import Layout
-from secure_fl.he.site import check_local_model, decrypt_model
+from secure_fl.he.site import check_base, check_local_model, clip_local_model, decrypt_model
 from secure_fl.rounds.base import SiteRound
 from secure_fl.rounds.checks import own_weight
 from secure_fl.rounds.messages import CkksResult, CkksSetup, CkksUpload, Message
 from secure_fl.rounds.policy import SitePolicy
 
 FloatVector = npt.NDArray[np.float64]
+log = logging.getLogger("secure_fl.rounds.ckks")
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,14 @@ class CkksSiteRound(SiteRound):
     """The site half of one CKKS round; holds the federation's secret context.
 
     ``secret`` the site's :class:`SecretContext` (its fingerprint must be ``expected_fingerprint``
-    when given); ``name`` the site's name in error messages; ``fail_closed`` (default True) makes
-    a range failure of the site's own vector a :class:`PostDecryptionError` without values (its
-    outcome depends on secret values the server may have chosen: ``protocols/ckks.md``, "Fail
-    closed"); the in-process simulation, where one process holds everything, passes False and
-    gets InvalidUpdateError with the peak. ``pool`` an optional
+    when given); ``name`` the site's name in error messages; ``fail_closed`` (default True):
+    the setup never refuses on the site's own values (whether they fit the preset depends on
+    the site's secret update and a base the server chose: a refusal would be a one-bit oracle),
+    it refuses only a base the server sent beyond the bound
+    (:func:`~secure_fl.he.site.check_base`) and clips the new local model into the preset's
+    range (:func:`~secure_fl.he.site.clip_local_model`; the count in :attr:`clipped`, logged at
+    WARNING on this site, never sent); the in-process simulation, where one process holds
+    everything, passes False and gets InvalidUpdateError with the peak instead. ``pool`` an optional
     :class:`~secure_fl.he.parallel.EncryptionPool` of the same context. ``stream`` (default
     False): :meth:`on_setup` returns the whole :class:`CkksUpload` (what a generic driver such
     as :func:`secure_fl.rounds.local.run_local` or the gRPC site sends); with True it returns
@@ -106,7 +111,7 @@ class CkksSiteRound(SiteRound):
         self.setup: CkksSetup | None = None
         self.weight: float | None = None
         self.layout: Layout | None = None
-        #: Values clipped per value (CKKS clips none: values beyond the bound are refused).
+        #: Values of the new local model clipped into the preset's range (``fail_closed``).
         self.clipped = 0
         #: Whether the update was clipped in L2 (``setup.l2_clip``).
         self.l2_clipped = False
@@ -155,19 +160,25 @@ class CkksSiteRound(SiteRound):
         base: np.ndarray | None = None,
     ) -> Message | None:
         """Check ``setup`` against this site's context, policy and reported weight, then prepare
-        the vector ``clip(update) (+ base)`` (``base``: the global model, when the round carries
-        the new local model) and return the :class:`CkksUpload` (a fresh encryption of
+        the vector ``clip(l2_clip(update) (+ base))`` (``base``: the global model, when the round
+        carries the new local model) and return the :class:`CkksUpload` (a fresh encryption of
         ``weight * vector``), or, with ``stream``, None: the caller then pulls :meth:`frames`.
 
         Checks, all before anything is encrypted or sent: the aggregation is one the policy
-        accepts; the fingerprint is this site's context's (PolicyError); the ring degree and
-        scale are its preset's; ``chunk_ciphertexts`` in [1, 4096]; the vector length is the
+        accepts and the policy does not require distributed DP (``require_dp``, or implied by
+        ``min_noise_multiplier`` / ``max_dp_rounds``: CKKS adds no noise); the fingerprint is
+        this site's context's (PolicyError); the ring degree and scale are its preset's; ``chunk_ciphertexts`` in [1, 4096]; the vector length is the
         update's and the policy's ``vector_length`` (PolicyError); the weight: with the
         participants' weights listed, this site's listed weight is the one it reported and the
         announced weight is its exact share (PolicyError), else it is in (0, 1].
 
+        With ``fail_closed`` (the default) every refusal depends on the setup and the base (what
+        the server sent: a base beyond the preset's bound is a PolicyError) and never on the
+        site's update: its non-finite values are zeroed and the new local model is clipped into
+        the preset's range (:attr:`clipped`, a WARNING in this site's log only).
+
         Errors: PolicyError / RemoteProtocolError as above; InvalidUpdateError for a malformed
-        update; PostDecryptionError / InvalidUpdateError for a vector beyond the bound (see
+        update; without ``fail_closed`` InvalidUpdateError for a vector beyond the bound (see
         :meth:`check_vector`); LocalProtocolError for a second setup."""
         if self.setup is not None:
             raise LocalProtocolError("this CKKS site half already accepted a setup")
@@ -175,6 +186,10 @@ class CkksSiteRound(SiteRound):
             raise RemoteProtocolError(f"expected a CkksSetup, got {type(setup).__name__}")
         if not self.policy.accepts("ckks"):
             raise PolicyError("this site's policy does not accept the aggregation 'ckks'")
+        # A CKKS round carries no distributed DP noise: refused when the policy requires DP.
+        from secure_fl.transport.policy import check_privacy_floor
+
+        check_privacy_floor(self.policy, "ckks")
         secret, preset = self._secret, self._secret.preset
         if setup.context_sha256 != _fingerprint_raw(secret.fingerprint):
             raise PolicyError(
@@ -205,15 +220,36 @@ class CkksSiteRound(SiteRound):
             weight = float(setup.weight)
             if not (math.isfinite(weight) and 0 < weight <= 1):
                 raise RemoteProtocolError(f"CkksSetup: weight {setup.weight!r} is not in (0, 1]")
-        vector = np.asarray(update, dtype=np.float64)
-        if setup.l2_clip is not None:
-            vector, info = l2_clip(vector, setup.l2_clip)
-            self.l2_clipped = bool(info.clipped)
         if base is not None:
             if np.shape(base) != (size,):
                 raise InvalidUpdateError("base must be a flat vector of the update's length")
-            vector = np.asarray(base, dtype=np.float64) + vector
-        self.check_vector(vector)
+            base = np.asarray(base, dtype=np.float64)
+            if self.fail_closed:
+                check_base(secret, base)  # PolicyError, on the server's values alone
+        vector = np.asarray(update, dtype=np.float64)
+        clipped = 0
+        finite = np.isfinite(vector)
+        if self.fail_closed and not finite.all():  # never refused: zeroed (logged below)
+            clipped = int(vector.size - np.count_nonzero(finite))
+            vector = np.where(finite, vector, 0.0)
+        if setup.l2_clip is not None:
+            vector, info = l2_clip(vector, setup.l2_clip)
+            self.l2_clipped = bool(info.clipped)
+        if self.fail_closed:
+            vector, more = clip_local_model(secret, vector, base)
+            self.clipped = clipped + more
+            if self.clipped:
+                log.warning(
+                    "CKKS site %s: %d value(s) of the new local model were non-finite or beyond "
+                    "the preset's bound %g and were clipped (logged here only, never sent)",
+                    self.name or self.site_id,
+                    self.clipped,
+                    preset.max_abs,
+                )
+        else:
+            if base is not None:
+                vector = base + vector
+            self.check_vector(vector)
         self.setup, self.weight, self._vector = setup, weight, vector
         self.layout = Layout(size, preset.slots, chunk)
         self._encryptor = SiteEncryptor(secret, self.layout)

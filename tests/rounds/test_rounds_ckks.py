@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from secure_fl.errors import (
+    InvalidUpdateError,
     PolicyError,
-    PostDecryptionError,
     RemoteProtocolError,
     ThresholdError,
 )
@@ -182,17 +182,48 @@ def test_site_checks_its_own_weight_and_length_before_sending(secret: SecretCont
         CkksSiteRound(1, secret=secret).on_setup(setups[1], update=np.ones(21), reported_weight=1.0)
 
 
-def test_site_fails_closed_on_its_own_vector_out_of_range(secret: SecretContext) -> None:
-    server = CkksServerRound(_plan({1: 1.0, 2: 1.0}, 8), secret.public())
+def test_site_never_refuses_on_its_own_vector_it_clips_it(
+    secret: SecretContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(C7) Whether the site's new local model fits the preset depends on its secret update and
+    on a base the server chose: a refusal would be a one-bit oracle (base at ``max_abs - t``:
+    refused iff the update exceeds ``t``). The site refuses only a base beyond the bound (what
+    the server sent) and clips the rest, logging the count locally. Fails before the fix: the
+    out-of-range vectors raised PostDecryptionError at setup."""
+    bound = secret.preset.max_abs
+    weights = {1: 1.0, 2: 1.0}
+    server = CkksServerRound(_plan(weights, 8), secret.public())
     setups = server.setup()
-    vec = np.full(8, 600.0)  # beyond max_abs = 512
-    with pytest.raises(PostDecryptionError) as info:
-        CkksSiteRound(1, secret=secret).on_setup(setups[1], update=vec, reported_weight=1.0)
-    assert "600" not in str(info.value)
-    # the new local model (base + update) is what is checked
-    with pytest.raises(PostDecryptionError):
-        CkksSiteRound(1, secret=secret).on_setup(
-            setups[1], update=np.full(8, 100.0), reported_weight=1.0, base=np.full(8, 500.0)
+    base = np.full(8, 500.0)
+    update = np.array([600.0, -600.0, np.nan, np.inf, 100.0, -1.0, 0.0, 5.0])
+    halves = {s: CkksSiteRound(s, secret=secret) for s in weights}
+    with caplog.at_level("WARNING", logger="secure_fl.rounds.ckks"):
+        for s, half in halves.items():
+            upload = half.on_setup(setups[s], update=update, reported_weight=1.0, base=base)
+            assert isinstance(upload, CkksUpload)
+            server.receive(s, upload)
+    assert halves[1].clipped == 4  # nan, inf zeroed; 1100 and 600 clipped
+    assert "4 value(s)" in caplog.text and "1100" not in caplog.text
+    server.close()
+    halves[1].handle(server.result(server.outcome()))
+    assert halves[1].model is not None
+    want = np.array([bound, -100.0, 500.0, 500.0, bound, 499.0, 500.0, 505.0])
+    assert np.max(np.abs(halves[1].model["vector"] - want)) < 1e-6
+    # without a base: the update itself is clipped
+    half = CkksSiteRound(1, secret=secret)
+    assert half.on_setup(setups[1], update=np.full(8, 600.0), reported_weight=1.0) is not None
+    assert half.clipped == 8
+    # a base the server sent beyond the bound (or not finite) is refused, whatever the update
+    for bad in (np.full(8, bound + 1.0), np.full(8, np.nan)):
+        for upd in (np.zeros(8), np.full(8, -1e9)):
+            with pytest.raises(PolicyError, match="the model the server sent"):
+                CkksSiteRound(1, secret=secret).on_setup(
+                    setups[1], update=upd, reported_weight=1.0, base=bad
+                )
+    # the in-process simulation (fail_closed=False) still says where and by how much
+    with pytest.raises(InvalidUpdateError, match="600"):
+        CkksSiteRound(1, secret=secret, fail_closed=False).on_setup(
+            setups[1], update=np.full(8, 600.0), reported_weight=1.0
         )
 
 
@@ -459,3 +490,24 @@ def test_receive_upload_takes_the_round_from_the_checked_header(secret: SecretCo
     assert asked == [7, 7] and not lock.locked()
     server.close()
     assert server.outcome().survivors == {1, 2}
+
+
+@pytest.mark.parametrize(
+    "floor",
+    [{"require_dp": True}, {"min_noise_multiplier": 1.0}, {"max_dp_rounds": 5}],
+)
+def test_site_refuses_ckks_when_its_policy_requires_dp(
+    secret: SecretContext, floor: dict[str, object]
+) -> None:
+    # Attack C9: a site whose policy sets a DP floor took a CKKS round (no distributed noise,
+    # nothing charged to its DP budget); it must leave before anything is encrypted or sent.
+    from secure_fl.rounds.policy import SitePolicy
+
+    server = CkksServerRound(_plan({1: 1.0, 2: 1.0}, 20), secret.public())
+    setups = server.setup()
+    half = CkksSiteRound(1, secret=secret, policy=SitePolicy(**floor))  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="distributed DP"):
+        half.on_setup(setups[1], update=np.ones(20), reported_weight=1.0)
+    assert half.setup is None
+    ok = CkksSiteRound(1, secret=secret, policy=SitePolicy())
+    assert ok.on_setup(setups[1], update=np.ones(20), reported_weight=1.0) is not None

@@ -33,8 +33,12 @@ traceback, key, share or update) and never raises; distributed DP is checked aga
 site's own floor (:class:`~secure_fl.transport.privacy_site.SitePrivacy`) and charged to its
 own DP record (``state_dir/flower/dp_rounds.jsonl``); a check after decrypting a CKKS result
 fails closed (``state_dir/flower/FAIL-CLOSED.json``: every later round is refused). Nothing the
-server sends in the clear makes the node fail closed: the range of the new local model is
-checked when a CKKS setup arrives, and a refusal there only leaves the round (PolicyError).
+server sends in the clear makes the node fail closed, and no refusal depends on the site's data
+beyond what the protocol releases: a CKKS setup refuses only a sent model beyond the preset's
+range and clips the new local model into it (:meth:`~secure_fl.rounds.ckks.CkksSiteRound.
+on_setup`); trained arrays that are not usable (non-finite values, keys or shapes other than
+the sent ones) are replaced by a ZERO update with the reported weight and the reply is that of
+a good train (the reason is logged on the node at WARNING, never sent).
 
 The one-release-per-model guard hashes what the model IS (:func:`model_digest`): the sent
 floating-point arrays' content digest (names sorted, values upcast to float64; integer arrays
@@ -46,12 +50,17 @@ SET and shapes (their order may differ; the update is laid out in the sent order
 function must return its arrays in the dtype of the model it trained (``ArrayRecord(model.
 state_dict())`` does).
 
-An exception of the user's train function reaches the server only as its class; the node logs
-it with its traceback, at WARNING when the operator's node config sets ``secure-fl-debug = true``
-(:data:`DEBUG_KEY`), else at DEBUG (:func:`_log_train_failure`).
+When the user's train function raises, replies with an error or gives no usable weight
+(``num-examples``), the server gets one constant reason, ``InvalidUpdateError: the train function
+failed`` (:data:`TRAIN_FAILED`; not even the exception's class); the node logs it with its
+traceback, at WARNING when the operator's node config sets ``secure-fl-debug = true``
+(:data:`DEBUG_KEY`), else at DEBUG (:func:`_log_train_failure`). Residual: that one bit (the
+train function failed, or not) is still the server's to see, on a model it chose; a train
+function that raises on its data (e.g. on an overflow) answers a question about the data, so a
+train function should not raise on data-dependent conditions.
 
 The ``setup`` / ``step`` / ``result`` stages live in :mod:`.mod_stages` (split to keep each module
-under 400 lines; this one is just over, for the train stage and its checks in one place).
+under 400 lines; this one is over, for the train stage and its checks in one place).
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ import io
 import json
 import logging
 import math
+import os
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -338,6 +348,19 @@ def _align(sent: Any, trained: Any) -> dict[str, Any]:
     return out
 
 
+def _layout_of(arrays: Any) -> Layout:
+    """The :class:`~.records.Layout` of an ``ArrayRecord`` whatever its values. Errors:
+    InvalidUpdateError (:data:`TRAIN_FAILED`) for an empty record or a non-numeric array."""
+    values = {str(k): v.numpy() for k, v in arrays.items()}
+    if not values or any(v.dtype.kind not in "fiu" for v in values.values()):
+        raise InvalidUpdateError(TRAIN_FAILED)
+    return Layout(
+        tuple(values),
+        tuple(tuple(int(d) for d in v.shape) for v in values.values()),
+        tuple(v.dtype.str for v in values.values()),
+    )
+
+
 def _check_weight(num: Any) -> float:
     if (
         isinstance(num, bool)
@@ -360,39 +383,61 @@ def _proof(site: FlowerSite, msg: Message, round_id: int) -> bytes | None:
     return key.sign(records.claim_message(round_id, site.site_id, node))
 
 
+#: The one reason a train stage leaves with when the user's train function raised or gave no
+#: usable weight (the same whatever happened: the details are logged on the node only).
+TRAIN_FAILED = "the train function failed"
+
+
 def _train(
     msg: Message, context: Context, call_next: ClientAppCallable, env: Envelope, site: FlowerSite
 ) -> Message:
     forget_round(context)  # a new round supersedes whatever this node held
     charge_train(site.state_dir)  # PolicyError: too many trains without a setup; nothing runs
-    try:
-        reply = call_next(msg, context)
-    except Exception:
-        _log_train_failure(context, site)
-        raise  # the server gets only "<ExceptionClass>: ..." (_reason)
-    if reply.has_error():
-        raise InvalidUpdateError("the train function replied with an error")
-    content = reply.content
-    arrays = content.array_records.get("arrays")
-    metrics = content.metric_records.get("metrics")
-    if arrays is None or metrics is None:
-        raise InvalidUpdateError("the train reply must hold 'arrays' and 'metrics'")
-    weight = _check_weight(metrics.get("num-examples"))
     sent = msg.content.array_records.get("arrays")
     base: np.ndarray | None = None
-    if sent is not None:
-        ordered = _align(sent, arrays)
-        trained, layout = records.flatten(ordered, where="reply arrays")
-        base, _ = records.flatten(sent, where="arrays")
-        update = trained - base
-        digest = model_digest(
-            {k: v.numpy() for k, v in sent.items()}, {k: v.numpy() for k, v in ordered.items()}
+    if sent is not None:  # the server's values: a refusal here depends on nothing else
+        base, sent_layout = records.flatten(sent, where="arrays")
+    try:
+        reply = call_next(msg, context)
+        if reply.has_error():
+            raise InvalidUpdateError("the train function replied with an error")
+        arrays = reply.content.array_records.get("arrays")
+        metrics = reply.content.metric_records.get("metrics")
+        if arrays is None or metrics is None:
+            raise InvalidUpdateError("the train reply must hold 'arrays' and 'metrics'")
+        weight = _check_weight(metrics.get("num-examples"))
+    except Exception:
+        _log_train_failure(context, site)
+        raise InvalidUpdateError(TRAIN_FAILED) from None  # one reason, never the class
+    if sent is not None and base is not None:
+        # The model's identity from the sent values and the trained dtypes only (never from
+        # whether the training went well): see model_digest.
+        like = {k: arrays.get(k, v).numpy() for k, v in sent.items()}
+        digest = model_digest({k: v.numpy() for k, v in sent.items()}, like)
+    try:
+        if sent is not None and base is not None:
+            trained, layout = records.flatten(_align(sent, arrays), where="reply arrays")
+            update = trained - base
+            del trained
+            if not np.isfinite(update).all():
+                raise InvalidUpdateError("the update (trained - sent) is not finite")
+        else:
+            update, layout = records.flatten(arrays, where="reply arrays")
+            digest = model_digest({k: v.numpy() for k, v in arrays.items()})
+    except (InvalidUpdateError, RemoteProtocolError) as exc:
+        # Whether the training overflowed (and where) depends on the data: never a refusal.
+        log.warning(
+            "secure_fl site %s: the trained arrays are not usable (%s); a zero update is sealed "
+            "with the reported weight (the reason is not sent)",
+            site.site_id,
+            exc,
         )
-    else:
-        update, layout = records.flatten(arrays, where="reply arrays")
-        digest = model_digest({k: v.numpy() for k, v in arrays.items()})
-        trained = update
-    del trained
+        if sent is None:
+            layout = _layout_of(arrays)
+            digest = os.urandom(32).hex()  # nothing was sent: no model to guard
+        else:
+            layout = sent_layout
+        update = np.zeros(layout.size, dtype=np.float64)
     NodeReleaseGuard(site.state_dir, env.round_id, digest).check_fresh()
     sealer = NodeSealer(site.state_dir)
     # The base (the sent model) is needed only by a CKKS setup: not sealed without a context.
@@ -413,13 +458,15 @@ DEBUG_KEY = "secure-fl-debug"
 def _log_train_failure(context: Context, site: FlowerSite) -> None:
     """Log the exception the user's train function raised, with its traceback, on this node
     only: at WARNING when the node config sets ``secure-fl-debug = true``, else at DEBUG. The
-    reply never holds it (only its class leaves, :func:`_reason`). Call from an ``except``."""
+    reply never holds it (only :data:`TRAIN_FAILED` leaves). Call from an ``except``."""
     flag = context.node_config.get(DEBUG_KEY, False)
     debug = flag is True or (isinstance(flag, str) and flag.strip().lower() == "true")
     log.log(
         logging.WARNING if debug else logging.DEBUG,
-        "secure_fl site %s: the train function raised (only its class is sent to the server)",
+        "secure_fl site %s: the train function raised or gave no usable weight (the server "
+        "is told only %r)",
         site.site_id,
+        TRAIN_FAILED,
         exc_info=True,
     )
 
@@ -437,4 +484,12 @@ def save_model(path: Path, vector: np.ndarray, layout: Layout) -> None:
     atomic_write(path, buffer.getvalue(), mode=0o600)
 
 
-__all__ = ["DEBUG_KEY", "PENDING", "ROUND", "STATE", "make_secure_fl_mod", "secure_fl_mod"]
+__all__ = [
+    "DEBUG_KEY",
+    "PENDING",
+    "ROUND",
+    "STATE",
+    "TRAIN_FAILED",
+    "make_secure_fl_mod",
+    "secure_fl_mod",
+]

@@ -13,8 +13,9 @@ when an input actually leaves (the masked input, the plain or CKKS upload), neve
 the policy refuses.
 
 Every function raises on refusal (the mod turns it into a ``left`` reply): PolicyError (the
-round breaks this site's policy, or, CKKS, the new local model is beyond the preset's range:
-no marker, the server chose the base; nothing derived from the data was sent),
+round breaks this site's policy, or, CKKS, the model the server sent is beyond the preset's
+range; the site's own new local model is never refused for its values, it is clipped into the
+range and the count logged on the node only, so no refusal answers a question about the data),
 RemoteProtocolError (a malformed or unexpected message), DecryptionError (a stale, replayed or
 altered state), PostDecryptionError (a check after decrypting a CKKS result: fail closed),
 ConfigError (the node's own files).
@@ -172,10 +173,10 @@ def _setup(
             upload = out if isinstance(out, CkksUpload) else ckks.upload()
             guard.upload(round_id, release=False)  # clears the train cap; no model release
         except PostDecryptionError:
-            # The server chose the base in the clear: no fail-closed marker, only leave.
-            raise PolicyError(
-                "the new local model is beyond the CKKS preset's range (the value is not sent)"
-            ) from None
+            # Not reached by the site's values (on_setup clips them into the preset's range and
+            # refuses only a base the server sent beyond it, PolicyError): a defensive leave
+            # without a fail-closed marker (nothing was decrypted in this round).
+            raise PolicyError("the CKKS upload could not be prepared (nothing is sent)") from None
         meta.update(protocol="ckks", head={k: head[k] for k in ("n", "keys", "shapes", "dtypes")})
         m.put_sealed(context, m.ROUND, sealer, site.site_id, round_id, json.dumps(meta).encode())
         return codec.encode(upload), None  # CKKS: the metrics never leave

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, cast
 
@@ -259,7 +260,9 @@ def test_a5_a_server_cannot_make_a_ckks_node_fail_closed(tmp_path: Path) -> None
     assert env is not None and env.left is None  # the node still takes rounds
 
 
-def test_a5_an_out_of_range_ckks_model_leaves_at_setup_without_a_marker(tmp_path: Path) -> None:
+def test_a5_an_out_of_range_ckks_update_is_clipped_without_a_marker(tmp_path: Path) -> None:
+    """Updates beyond the preset's range neither fail a node closed nor make it leave (C7: a
+    refusal would be an oracle on the data): each is clipped into the range and uploaded."""
     spec = AggregationSpec.from_options("ckks", {})
     fed = provision(spec, tmp_path, 3)
     ups = [np.full(6, 1e30), np.full(6, 1e30), np.full(6, 1e30)]
@@ -272,8 +275,8 @@ def test_a5_an_out_of_range_ckks_model_leaves_at_setup_without_a_marker(tmp_path
         ckks_fingerprint=fed.ckks_fingerprint,
     )
     layout = records.Layout(("update",), ((6,),), ("<f8",))
-    with pytest.raises(ThresholdError):
-        workflow.run_round(grid, arrays=None, layout=layout)
+    result = workflow.run_round(grid, arrays=None, layout=layout)
+    assert result.outcome.survivors == frozenset({1, 2, 3})
     assert not list(tmp_path.rglob(FAIL_CLOSED))
 
 
@@ -515,3 +518,197 @@ def test_b2b_model_digest_keys_by_float_arrays_only() -> None:
     assert model_digest(nudged) != model_digest(base)
     with pytest.raises(InvalidUpdateError, match="no floating-point array"):
         model_digest({"n": np.array(7, np.int64)})
+
+
+@pytest.mark.parametrize("protocol", ["ckks", "plain"])
+def test_c9_a_site_that_requires_dp_leaves_a_ckks_or_plain_round(
+    tmp_path: Path, protocol: str
+) -> None:
+    # Attack C9: a site whose policy sets a DP floor (min_noise_multiplier / max_dp_rounds)
+    # completed a CKKS round or (allow_plain) a plain round with its update in the clear: no
+    # distributed DP noise and nothing charged to dp_rounds.jsonl.
+    from secure_fl.he.context import PublicContext
+    from secure_fl.rounds.ckks import CkksServerRound
+
+    floor: dict[str, Any] = {"min_noise_multiplier": 1.0, "max_dp_rounds": 5}
+    if protocol == "plain":
+        policy = SitePolicy(aggregations=("secagg+", "plain"), allow_plain=True, **floor)
+        fed = _federation(tmp_path, 3, policy=policy)
+    else:
+        fed = _federation(tmp_path, 3, policy=SitePolicy(**floor), ckks_preset="n8192-add")
+    nodes = _nodes(fed, EchoNode)
+    make_server = None
+    if protocol == "ckks":
+        assert fed.ckks_public is not None and fed.ckks_fingerprint is not None
+        public = PublicContext.load(fed.ckks_public, expected_fingerprint=fed.ckks_fingerprint)
+
+        def make_server(plan: Any) -> Any:
+            return CkksServerRound(plan, public)
+
+    run = drive_round(
+        nodes, AggregationSpec.from_options(protocol, {}), GLOBAL, make_server=make_server
+    )
+    assert set(run.left) == {1, 2, 3}
+    assert all("distributed DP" in reason for reason in run.left.values())
+    assert isinstance(run.error, ThresholdError)
+    assert run.outcome is None or run.outcome.mean is None
+    assert not list((tmp_path / "fed").rglob("dp_rounds.jsonl"))
+
+
+# -- third review: no refusal that depends on the site's data (C5, C7) ----------------------------
+
+
+def _private_step(labels: np.ndarray) -> Any:
+    """An honest one-step GD train function of ``y = w * 1 + b`` on the site's private labels."""
+
+    def train(msg: Message, context: Any) -> Message:
+        sent = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+        w, b = float(sent["w"][0]), float(sent["b"][0])
+        r = w + b - labels
+        out = {"w": np.array([w - 0.5 * np.mean(r)]), "b": np.array([b - 0.5 * np.mean(r)])}
+        metrics = MetricRecord({"num-examples": 5})
+        return Message(RecordDict({"arrays": arrays_of(out), "metrics": metrics}), reply_to=msg)
+
+    return train
+
+
+def _ckks_probe(node: Node, model: dict[str, np.ndarray], public: Any) -> tuple[Any, Any]:
+    """(train envelope, setup envelope) of one CKKS round on ``model`` as the server sees them."""
+    from secure_fl.rounds.ckks import CkksServerRound
+    from secure_fl.rounds.plan import plan_round
+
+    rid = int.from_bytes(os.urandom(6), "big") + 1
+    content = RecordDict(
+        {
+            records.KEY: records.to_record(Envelope("train", rid)),
+            "arrays": arrays_of(model),
+            "config": ConfigRecord({}),
+        }
+    )
+    train = records.read(node.call(content).content)
+    weights = {1: 5.0, 2: 5.0, 3: 5.0}
+    spec = AggregationSpec.from_options("ckks", {})
+    plan = plan_round(spec, weights, vector_length=2, round_id=rid)
+    setup = CkksServerRound(plan, public).setup()[1]
+    return train, send(node, "setup", rid, codec.encode(setup))
+
+
+def test_c7_the_ckks_setup_is_no_range_oracle_on_the_data(tmp_path: Path) -> None:
+    """C7: a base just below ``max_abs`` that a site's training pushes beyond it iff its mean
+    label exceeds a threshold the server picked (binary search of the mean, one bit a round).
+    The server sees the same outcome (an upload, nothing left, no marker) whatever the data; a
+    base the server sent beyond the bound is refused whatever the data. Fails before the fix:
+    the site whose labels exceed the threshold left the round at setup."""
+    from secure_fl.he.context import PublicContext
+
+    fed = _federation(tmp_path, 3, ckks_preset="n8192-add")
+    assert fed.ckks_public is not None
+    public = PublicContext.load(fed.ckks_public, expected_fingerprint=fed.ckks_fingerprint)
+    bound = public.preset.max_abs
+    probe = {"w": np.array([bound - 2.0]), "b": np.array([-bound + 1e-9])}  # threshold 2
+    beyond = {"w": np.array([bound + 1.0]), "b": np.array([0.0])}
+    seen: dict[str, list[tuple[Any, ...]]] = {}
+    for label, labels in (("low", np.full(5, 1.0)), ("high", np.full(5, 3.0))):
+        node = Node(1, 101, fed.site_configs["s1"], {}, 5)
+        node.train = _private_step(labels)  # type: ignore[method-assign]
+        outcome = []
+        for model in (probe, beyond):
+            train, setup = _ckks_probe(node, model, public)
+            assert train.left is None
+            outcome.append((train.weight, setup.left, setup.frame is not None))
+        seen[label] = outcome
+        shutil.rmtree(Path(fed.site_configs["s1"]).parent / "state", ignore_errors=True)
+    assert seen["low"] == seen["high"]
+    assert seen["low"][0] == (5.0, None, True)  # uploaded (the high site's model clipped)
+    assert (seen["low"][1][1] or "").startswith("PolicyError") and not seen["low"][1][2]
+    assert not list((tmp_path / "fed").rglob(FAIL_CLOSED))
+
+
+def _overflowing_train(ages: list[float]) -> Any:
+    """C5's train function: a float32 step that overflows iff mean(age^2) is large."""
+
+    def train(msg: Message, context: Any) -> Message:
+        out = {}
+        for key, w in msg.content.array_records["arrays"].items():
+            x = np.asarray(ages, np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                grad = np.float32(np.mean((w.numpy()[0] * x).astype(np.float64) * x))
+                out[key] = (w.numpy() - np.float32(0.01) * grad).astype(np.float32)
+        metrics = MetricRecord({"num-examples": 4})
+        return Message(RecordDict({"arrays": arrays_of(out), "metrics": metrics}), reply_to=msg)
+
+    return train
+
+
+def test_c5_unusable_trained_arrays_give_the_reply_of_a_good_train(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """C5: a crafted model makes the site's training overflow iff a record exceeds a threshold;
+    the node used to leave naming the array. Now both sites reply alike (site id, weight), the
+    overflowing one has sealed a ZERO update, and the reason is in its own log only. Fails
+    before the fix: the second site left with "reply arrays['age'] holds a value that is not
+    finite"."""
+    from secure_fl.integrations.flower import mod as m
+    from secure_fl.integrations.flower.node import NodeSealer, site_from_node_config
+
+    fed = _federation(tmp_path, 3)
+    crafted = {"age": np.array([np.float32(3.4e38 / 4000.0)], np.float32)}
+    replies, updates = [], []
+    for ages in ([40.0, 55.0, 61.0, 70.0], [40.0, 55.0, 61.0, 97.0]):
+        node = Node(1, 101, fed.site_configs["s1"], {}, 4)
+        node.train = _overflowing_train(ages)  # type: ignore[method-assign]
+        rid = int.from_bytes(os.urandom(6), "big") + 1
+        content = RecordDict(
+            {records.KEY: records.to_record(Envelope("train", rid)), "arrays": arrays_of(crafted)}
+        )
+        with caplog.at_level("WARNING", logger="secure_fl.integrations.flower"):
+            reply = node.call(content)
+        env = records.read(reply.content)
+        assert env is not None
+        replies.append((env.left, env.weight, env.frame, set(reply.content.keys())))
+        site = site_from_node_config(node.context.node_config)
+        raw = m.open_sealed(node.context, m.PENDING, NodeSealer(site.state_dir), 1, rid)
+        updates.append(m.unpack_pending(raw)[1])
+        shutil.rmtree(Path(fed.site_configs["s1"]).parent / "state", ignore_errors=True)
+    assert replies[0] == replies[1] and replies[0][0] is None
+    assert np.all(np.isfinite(updates[0])) and np.any(updates[0] != 0)
+    assert np.all(updates[1] == 0)  # the zero update, with the reported weight
+    assert "not finite" in caplog.text and "zero update" in caplog.text
+
+
+def test_c5_a_failing_train_function_gives_one_reason_without_its_class(tmp_path: Path) -> None:
+    """C5: the class of the user's exception (or which check of the reply failed) was a channel
+    of its own; every failure of the train function now leaves with one constant reason."""
+    fed = _federation(tmp_path, 3)
+
+    def raises(exc: BaseException) -> Any:
+        def train(msg: Message, context: Any) -> Message:
+            raise exc
+
+        return train
+
+    def replies(content: RecordDict) -> Any:
+        return lambda msg, context: Message(content, reply_to=msg)
+
+    ok_arrays = arrays_of(GLOBAL)
+    trains = [
+        raises(FloatingPointError("overflow in age")),
+        raises(ZeroDivisionError()),
+        raises(InvalidUpdateError("a secure_fl error with 1.2345")),
+        replies(RecordDict({"arrays": ok_arrays})),  # no metrics
+        replies(RecordDict({"arrays": ok_arrays, "metrics": MetricRecord({"num-examples": 0})})),
+        replies(RecordDict({"metrics": MetricRecord({"num-examples": 3})})),  # no arrays
+    ]
+    reasons = set()
+    for i, train in enumerate(trains):
+        node = Node(1, 101, fed.site_configs["s1"], {}, 3)
+        node.train = train  # type: ignore[method-assign]
+        rid = 1000 + i
+        content = RecordDict(
+            {records.KEY: records.to_record(Envelope("train", rid)), "arrays": arrays_of(GLOBAL)}
+        )
+        env = records.read(node.call(content).content)
+        assert env is not None and env.weight is None
+        reasons.add(env.left)
+        shutil.rmtree(Path(fed.site_configs["s1"]).parent / "state", ignore_errors=True)
+    assert reasons == {"InvalidUpdateError: the train function failed"}

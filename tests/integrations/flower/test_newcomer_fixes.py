@@ -147,7 +147,7 @@ def test_a_train_function_exception_is_logged_on_the_node_never_sent(
     with caplog.at_level("DEBUG", logger="secure_fl.integrations.flower"):
         reply = _train_round(node)
     env = records.read(reply.content)
-    assert env is not None and env.left == "RuntimeError: unexpected error (details are not sent)"
+    assert env is not None and env.left == "InvalidUpdateError: the train function failed"
     assert "secret-value-4242" not in repr(reply.content)
     (logged,) = [r for r in caplog.records if "the train function raised" in r.getMessage()]
     assert logged.levelname == level and logged.exc_info is not None
@@ -165,7 +165,9 @@ def test_secure_fl_debug_in_the_run_config_changes_nothing(
     assert logged.levelname == "DEBUG"
 
 
-def test_trained_keys_that_differ_are_named(tmp_path: Path) -> None:
+def test_trained_keys_that_differ_are_named_on_the_node_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import numpy as np
 
     from secure_fl.integrations.flower import records
@@ -173,8 +175,11 @@ def test_trained_keys_that_differ_are_named(tmp_path: Path) -> None:
     node = _raising_node(tmp_path, {})
     del node.train  # back to the helper's train function, which returns node.trained
     node.trained = {"v": np.ones(3, np.float32)}
-    env = records.read(_train_round(node).content)
-    assert env is not None and "sent=['w'] got=['v']" in (env.left or "")
+    with caplog.at_level("WARNING", logger="secure_fl.integrations.flower"):
+        env = records.read(_train_round(node).content)
+    # (C5) a zero update is sealed and the reply is that of a good train; the operator sees why
+    assert env is not None and env.left is None and env.weight == 1
+    assert "sent=['w'] got=['v']" in caplog.text and "zero update" in caplog.text
 
 
 def test_a_node_without_its_site_json_is_told_what_it_has_and_what_to_do(
