@@ -167,8 +167,8 @@ class CkksSiteRound(SiteRound):
         Checks, all before anything is encrypted or sent: the aggregation is one the policy
         accepts and the policy does not require distributed DP (``require_dp``, or implied by
         ``min_noise_multiplier`` / ``max_dp_rounds``: CKKS adds no noise); the fingerprint is
-        this site's context's (PolicyError); the ring degree and scale are its preset's; ``chunk_ciphertexts`` in [1, 4096]; the vector length is the
-        update's and the policy's ``vector_length`` (PolicyError); the weight: with the
+        this site's context's (PolicyError); the ring degree and scale are its preset's;
+        ``chunk_ciphertexts`` in [1, 4096]; the vector length is the update's and the policy's ``vector_length`` (PolicyError); the weight: with the
         participants' weights listed, this site's listed weight is the one it reported and the
         announced weight is its exact share (PolicyError), else it is in (0, 1].
 
