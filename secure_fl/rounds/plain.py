@@ -28,12 +28,29 @@ from secure_fl.rounds.plan import RoundPlan
 from secure_fl.rounds.policy import SitePolicy
 from secure_fl.transport import policy as site_policy
 
+#: Relative slack on the plan's ``l2_clip`` when the server checks an upload's L2 norm (the
+#: site's clipping rounds in float64).
+L2_SLACK = 1e-9
+
+
+def _l2_norm(vector: np.ndarray) -> float:
+    """The L2 norm of finite ``vector`` without overflow (scaled by its largest magnitude)."""
+    values = np.asarray(vector, dtype=np.float64)
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    if scale == 0.0:
+        return 0.0
+    return scale * float(np.linalg.norm(values / scale))
+
 
 class PlainServerRound(ServerRound):
     """The server half of a plain round: one stage (uploads), then the weighted mean.
 
+    Guarantee: only finite uploads of the plan's length, and, when the plan has an ``l2_clip``,
+    of L2 norm at most ``l2_clip * (1 + L2_SLACK)``, enter the mean (:meth:`receive` refuses
+    any other with RemoteProtocolError: the round goes on without that site); a non-finite
+    mean is never released.
     Errors: ConfigError for a plan of another protocol; :meth:`close` raises ThresholdError
-    when no update arrived."""
+    when no update arrived or when the weighted mean is not finite (no outcome)."""
 
     def __init__(self, plan: RoundPlan) -> None:
         if plan.spec.protocol != "plain":
@@ -77,6 +94,14 @@ class PlainServerRound(ServerRound):
             )
         if not np.all(np.isfinite(vector)):
             raise RemoteProtocolError(f"upload from site {site} holds NaN or Inf")
+        bound = self.plan.spec.l2_clip
+        if bound is not None:
+            norm = _l2_norm(vector)
+            if norm > float(bound) * (1.0 + L2_SLACK):
+                raise RemoteProtocolError(
+                    f"upload from site {site} has L2 norm {norm:.6g}, above the plan's "
+                    f"l2_clip {float(bound):.6g} (relative slack {L2_SLACK:g})"
+                )
         self._got[site] = message
 
     @property
@@ -96,10 +121,17 @@ class PlainServerRound(ServerRound):
         t0 = time.perf_counter()
         survivors = frozenset(self._got)
         total = np.zeros(self.plan.vector_length, dtype=np.float64)
-        for site in sorted(survivors):
-            total += self.plan.weights[site] * self._got[site].vector
-        total /= sum(self.plan.weights[s] for s in sorted(survivors))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+            for site in sorted(survivors):
+                total += self.plan.weights[site] * self._got[site].vector
+            total /= sum(self.plan.weights[s] for s in sorted(survivors))
         self.seconds += time.perf_counter() - t0
+        if not np.all(np.isfinite(total)):
+            self._got = {}
+            raise ThresholdError(
+                "the weighted mean of the uploads is not finite (it overflowed); the round "
+                "has no outcome and nothing is applied"
+            )
         self._outcome = RoundOutcome(
             survivors=survivors,
             dropped=frozenset(self.plan.ids) - survivors,

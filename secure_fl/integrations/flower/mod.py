@@ -48,7 +48,9 @@ reordered nor a re-typed copy of a model (e.g. a float64 copy nudged below float
 for a float32 model) gets a second release. The sent and trained arrays must have the same key
 SET and shapes (their order may differ; the update is laid out in the sent order). A train
 function must return its arrays in the dtype of the model it trained (``ArrayRecord(model.
-state_dict())`` does).
+state_dict())`` does). A train stage WITHOUT sent arrays has no server model to guard: the
+guard gets a fresh random digest (``os.urandom``), never a hash of the trained arrays (that
+would be a hash of the site's update in the node's records and a link between its rounds).
 
 When the user's train function raises, replies with an error or gives no usable weight
 (``num-examples``), the server gets one constant reason, ``InvalidUpdateError: the train function
@@ -422,8 +424,11 @@ def _train(
             if not np.isfinite(update).all():
                 raise InvalidUpdateError("the update (trained - sent) is not finite")
         else:
+            # Nothing was sent: there is no server model to guard against a second release,
+            # and a digest of the trained arrays (the site's own update) must never reach the
+            # guard, whose records and refusals would let the server link or confirm updates.
             update, layout = records.flatten(arrays, where="reply arrays")
-            digest = model_digest({k: v.numpy() for k, v in arrays.items()})
+            digest = os.urandom(32).hex()
     except (InvalidUpdateError, RemoteProtocolError) as exc:
         # Whether the training overflowed (and where) depends on the data: never a refusal.
         log.warning(

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import tempfile
 import time
@@ -51,7 +52,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -82,6 +83,24 @@ RELEASES = "releases.json"
 MAX_TRAINS_WITHOUT_SETUP = 3
 #: Seconds after which a train stage without a setup no longer counts.
 TRAIN_WINDOW_S = 3600.0
+
+#: The refusals of :class:`NodeReleaseGuard` and :func:`charge_train` that reach the server:
+#: constant texts (no model digest, no earlier round id, no count); the details are logged on
+#: the node only (logger ``secure_fl.integrations.flower.node``, WARNING).
+REFUSED_JOINED = "this site already took part in a round with this round id"
+REFUSED_RELEASED = "this site already released its update for this global model in another round"
+REFUSED_SURVIVORS = (
+    "the server asks to unmask this round again with another survivor set; answering would "
+    "reveal the difference of two sums"
+)
+REFUSED_TRAIN_CAP = (
+    f"the server ran this site's training too many times in a row without a setup that took "
+    f"its input (at most {MAX_TRAINS_WITHOUT_SETUP} per {TRAIN_WINDOW_S:g} s); it trains again "
+    "after that"
+)
+REFUSED_DP_BUDGET = "this site's policy.max_dp_rounds allows it no further DP round"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -408,19 +427,27 @@ def charge_train(state_dir: Path, *, now: float | None = None) -> None:
             if isinstance(t, int | float) and stamp - float(t) < TRAIN_WINDOW_S
         ]
         if len(recent) >= MAX_TRAINS_WITHOUT_SETUP:
-            raise PolicyError(
-                f"the server ran this site's training {len(recent)} times in a row without a "
-                f"setup that took its input (at most {MAX_TRAINS_WITHOUT_SETUP} per {TRAIN_WINDOW_S:g} s); it trains "
-                "again after that"
-            )
+            log.warning("secure_fl node: training refused, %d trains without an input", len(recent))
+            raise PolicyError(REFUSED_TRAIN_CAP)
         data["unset_trains"] = [*recent, stamp]
         atomic_write(path, json.dumps(data, sort_keys=True), mode=0o600)
 
 
+@contextmanager
+def _constant_dp_refusal() -> Iterator[None]:
+    """Turn the DP record's PolicyError (which counts the site's DP rounds) into the constant
+    :data:`REFUSED_DP_BUDGET`; the details are logged on the node only."""
+    try:
+        yield
+    except PolicyError as exc:
+        log.warning("secure_fl node: DP round refused: %s", exc)
+        raise PolicyError(REFUSED_DP_BUDGET) from None
+
+
 class NodeReleaseGuard:
     """The node's durable :class:`~secure_fl.rounds.guards.ReleaseGuard` for round ``round_id``
-    on the global model ``model_digest`` (SHA-256 of the arrays the server sent; of the update
-    itself when none was sent), in ``state_dir/flower/releases.json`` (written atomically under
+    on the global model ``model_digest`` (SHA-256 of the arrays the server sent; a random one
+    when none was sent, never a hash of the update), in ``state_dir/flower/releases.json`` (written atomically under
     a lock, before the guarded message leaves). ``dp_record`` / ``dp``: in a DP round, the
     site's own record of DP rounds and this round's fields (:func:`~secure_fl.transport.site_dp.
     describe_dp`), charged before the masked input and again before the unmask answer;
@@ -429,7 +456,9 @@ class NodeReleaseGuard:
     Guarantee (against a malicious server, across processes and restarts): one participation
     per round id; one survivor set per round id for unmasking; a global model released (unmask
     answered, or uploaded in a plain round) under one round id only; the train cap cleared only
-    when an input leaves; no claim for another round id than this guard's.
+    when an input leaves; no claim for another round id than this guard's. Every refusal that
+    reaches the server is one of the constant texts ``REFUSED_*`` (no digest, no earlier round
+    id, no count; the details are logged on the node).
     Errors: PolicyError for a refused release; ConfigError for an unreadable record."""
 
     def __init__(
@@ -472,19 +501,28 @@ class NodeReleaseGuard:
                 f"{self.round_id}"
             )
 
+    def _refuse_released(self, previous: Any) -> NoReturn:
+        """Raise the constant :data:`REFUSED_RELEASED` (PolicyError); the model digest and the
+        earlier round id are logged on the node only."""
+        log.warning(
+            "secure_fl node: model %s... already released in round %s; refused in round %d",
+            self.model_digest[:16],
+            previous,
+            self.round_id,
+        )
+        raise PolicyError(REFUSED_RELEASED)
+
     def check_fresh(self) -> None:
         """Refuse (PolicyError) a round id this site already took part in, or a global model it
         already released under another round id: at the train stage, before anything derived
         from its data (even its weight) is sent."""
         data = self._load()
         if self.round_id in data["joined"]:
-            raise PolicyError(f"this site already took part in a round with id {self.round_id}")
+            log.warning("secure_fl node: round id %d refused: already joined", self.round_id)
+            raise PolicyError(REFUSED_JOINED)
         previous = data["content"].get(self.model_digest)
         if previous is not None and int(previous) != self.round_id:
-            raise PolicyError(
-                f"this site already released its update for model {self.model_digest[:16]}... "
-                f"in round {previous}; refusing it again in round {self.round_id}"
-            )
+            self._refuse_released(previous)
 
     def claim(self, round_id: int, survivors: frozenset[int] | None) -> None:
         """See :meth:`secure_fl.rounds.guards.ReleaseGuard.claim`; with ``survivors`` also the
@@ -496,25 +534,28 @@ class NodeReleaseGuard:
             if survivors is None:
                 self.check_fresh()
                 if self._dp_record is not None and self._dp is not None:
-                    self._dp_record.check_room(self.round_id)
+                    with _constant_dp_refusal():
+                        self._dp_record.check_room(self.round_id)
                 data["joined"].append(self.round_id)
                 self._save(data)  # the train cap is NOT cleared here (contribute / upload)
                 return
             chosen = sorted(int(s) for s in survivors)
             previous = data["unmasked"].get(str(self.round_id))
             if previous is not None and sorted(previous) != chosen:
-                raise PolicyError(
-                    f"the server asks to unmask round {self.round_id} again with another "
-                    "survivor set; answering would reveal the difference of two sums"
+                log.warning(
+                    "secure_fl node: second unmasking of round %d with survivors %s (was %s) "
+                    "refused",
+                    self.round_id,
+                    chosen,
+                    sorted(previous),
                 )
+                raise PolicyError(REFUSED_SURVIVORS)
             released = data["content"].get(self.model_digest)
             if released is not None and int(released) != self.round_id:
-                raise PolicyError(
-                    f"this site already released its update for model "
-                    f"{self.model_digest[:16]}... in round {released}"
-                )
+                self._refuse_released(released)
             if self._dp_record is not None and self._dp is not None:
-                self._dp_record.claim(self.round_id, chosen, self._dp)
+                with _constant_dp_refusal():
+                    self._dp_record.claim(self.round_id, chosen, self._dp)
             data["unmasked"][str(self.round_id)] = chosen
             data["content"][self.model_digest] = self.round_id
             self._save(data)
@@ -528,9 +569,10 @@ class NodeReleaseGuard:
         with self._edit():
             data = self._load()
             if self._dp_record is not None and self._dp is not None:
-                self._dp_record.claim(
-                    self.round_id, self.participants, self._dp, stage="masked_input"
-                )
+                with _constant_dp_refusal():
+                    self._dp_record.claim(
+                        self.round_id, self.participants, self._dp, stage="masked_input"
+                    )
             if self.round_id not in data["contributed"]:
                 data["contributed"].append(self.round_id)
             data["unset_trains"] = []  # an input leaves (see charge_train)
@@ -549,10 +591,7 @@ class NodeReleaseGuard:
             if release:
                 released = data["content"].get(self.model_digest)
                 if released is not None and int(released) != self.round_id:
-                    raise PolicyError(
-                        f"this site already released its update for model "
-                        f"{self.model_digest[:16]}... in round {released}"
-                    )
+                    self._refuse_released(released)
                 data["content"][self.model_digest] = self.round_id
             if self.round_id not in data["contributed"]:
                 data["contributed"].append(self.round_id)

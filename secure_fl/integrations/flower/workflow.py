@@ -206,8 +206,9 @@ class SecureAggregationWorkflow:
         Guarantee: only the round layer's messages leave the server; each reply is taken only
         from the node that claimed its site id (see the module docstring).
         A site whose reported weight is refused (module docstring) is excluded before planning.
-        Errors: ThresholdError (too few nodes, participants or survivors, or a round that
-        cannot be planned with its participants: nothing revealed); ConfigError (no layout);
+        Errors: ThresholdError (too few nodes, participants or survivors, a round that
+        cannot be planned with its participants: nothing revealed; or a mean that is not
+        finite: not released); ConfigError (no layout);
         ProtocolError on an abort."""
         from flwr.app import ConfigRecord
 
@@ -252,7 +253,17 @@ class SecureAggregationWorkflow:
             if self.privacy is not None:
                 released = self.privacy.release(round_index, outcome, vector, weights=weights)
                 vector = np.asarray(released, dtype=np.float64)
-            mean = records.unflatten(vector, layout)
+            with np.errstate(over="ignore"):  # an overflow into the model's dtype: below
+                mean = records.unflatten(vector, layout)
+            if not (
+                np.all(np.isfinite(vector))
+                and all(np.all(np.isfinite(a.numpy())) for a in mean.values())
+            ):
+                # Never hand on a mean that would make the global model non-finite for good.
+                raise ThresholdError(
+                    f"round {round_index}: the mean update is not finite (in float64 or in the "
+                    "model's dtypes); the round is not released"
+                )
         if duplicated or refused:
             outcome = dataclasses.replace(
                 outcome, excluded=outcome.excluded | duplicated | frozenset(refused)

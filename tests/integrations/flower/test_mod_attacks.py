@@ -24,7 +24,13 @@ from site_helpers import Node, arrays_of, drive_round, instruction, send  # noqa
 from secure_fl.errors import InvalidUpdateError, ThresholdError  # noqa: E402
 from secure_fl.integrations.flower import records  # noqa: E402
 from secure_fl.integrations.flower.mod import FAIL_CLOSED, model_digest, secure_fl_mod  # noqa: E402
-from secure_fl.integrations.flower.node import MAX_TRAINS_WITHOUT_SETUP  # noqa: E402
+from secure_fl.integrations.flower.node import (  # noqa: E402
+    MAX_TRAINS_WITHOUT_SETUP,
+    REFUSED_JOINED,
+    REFUSED_RELEASED,
+    REFUSED_TRAIN_CAP,
+    site_from_node_config,
+)
 from secure_fl.integrations.flower.provision import FlowerFederation, provision_flower  # noqa: E402
 from secure_fl.integrations.flower.records import Envelope  # noqa: E402
 from secure_fl.integrations.flower.workflow import SecureAggregationWorkflow  # noqa: E402
@@ -712,3 +718,49 @@ def test_c5_a_failing_train_function_gives_one_reason_without_its_class(tmp_path
         reasons.add(env.left)
         shutil.rmtree(Path(fed.site_configs["s1"]).parent / "state", ignore_errors=True)
     assert reasons == {"InvalidUpdateError: the train function failed"}
+
+
+# -- round-4 finding D1: no hash of a site's update in the guard, constant refusals ------------
+
+
+def test_d1_a_train_without_arrays_keys_the_guard_on_no_hash_of_the_update(
+    tmp_path: Path,
+) -> None:
+    """A server that sends no arrays learns nothing from the guard: the same trained arrays
+    twice are not refused as "already released" (no link between two rounds' updates), and the
+    node's record holds no digest of the update (so no refusal can carry one)."""
+    fed = _federation(tmp_path, 4)
+    nodes = _nodes(fed, Node)  # Node.train returns its fixed trained arrays, whatever was sent
+    first = drive_round(nodes, SPEC, None, verify_keys=_keys(fed))
+    assert first.error is None and first.left == {}
+    second = drive_round(nodes, SPEC, None, verify_keys=_keys(fed))
+    assert second.error is None and second.left == {}  # before the fix: all "already released"
+    for node in nodes:
+        state_dir = site_from_node_config(node.context.node_config).state_dir
+        record = json.loads((state_dir / "flower" / "releases.json").read_text())
+        assert model_digest(node.trained) not in record["content"]
+        assert len(record["content"]) == 2  # one random digest per round
+
+
+def test_d1_every_refusal_of_the_release_guard_is_a_constant_text(tmp_path: Path) -> None:
+    """A refused re-release names neither the model's digest nor the earlier round id; the
+    train cap names no count: the server gets one of the constant REFUSED_* texts."""
+    fed = _federation(tmp_path, 4)
+    nodes = _nodes(fed, EchoNode)
+    rid = 123456789
+    first = drive_round(nodes, SPEC, GLOBAL, verify_keys=_keys(fed), round_id=rid)
+    assert first.error is None and first.left == {}
+    second = drive_round(nodes, SPEC, GLOBAL, verify_keys=_keys(fed))
+    digest = model_digest(GLOBAL, {k: v.astype(np.float32) for k, v in GLOBAL.items()})
+    assert set(second.left) == {1, 2, 3, 4}
+    for reason in second.left.values():
+        assert reason == f"PolicyError: {REFUSED_RELEASED}"
+        assert digest[:8] not in reason and str(rid) not in reason
+    again = drive_round(nodes, SPEC, {"w": GLOBAL["w"] + 1, "b": GLOBAL["b"]}, round_id=rid)
+    assert set(again.left) == {1, 2, 3, 4}
+    assert all(r == f"PolicyError: {REFUSED_JOINED}" for r in again.left.values())
+    node = _nodes(_federation(tmp_path / "cap", 3), ProbeNode)[0]
+    for _ in range(MAX_TRAINS_WITHOUT_SETUP):
+        _train(node, GLOBAL)
+    env = records.read(_train(node, GLOBAL).content)
+    assert env is not None and env.left == f"PolicyError: {REFUSED_TRAIN_CAP}"

@@ -28,6 +28,8 @@ from secure_fl.integrations.flower.workflow import (  # noqa: E402
     fresh_round_id,
     plan_secure_round,
 )
+from secure_fl.rounds import codec  # noqa: E402
+from secure_fl.rounds.messages import PlainUpload  # noqa: E402
 from secure_fl.rounds.spec import AggregationSpec  # noqa: E402
 
 N = 5
@@ -457,3 +459,56 @@ def _roster() -> list[Any]:
     from secure_fl.transport.config_common import RosterEntry
 
     return [RosterEntry(site_id=i, name=f"site-{i}") for i in (1, 2, 3)]
+
+
+# -- round-4 finding D2: a plain site that ignores l2_clip, a non-finite mean ----------------
+
+
+class OverBound(LocalGrid):
+    """The first node's plain upload replaced by 1.7e308 values marked unclipped (a tampered
+    node that ignores the plan's l2_clip)."""
+
+    def deliver(self, message: Message, context: Any) -> Message | None:
+        reply = super().deliver(message, context)
+        env = records.read(message.content)
+        first = next(iter(self.contexts))
+        if reply is None or env is None or env.stage != "setup" or context.node_id != first:
+            return reply
+        sent = records.read(reply.content)
+        assert sent is not None and sent.frame is not None
+        upload = codec.decode(sent.frame)
+        assert isinstance(upload, PlainUpload)
+        bad = PlainUpload(upload.round_id, upload.sender, np.full(upload.vector.shape, 1.7e308))
+        return _rewrite(reply, frame=codec.encode(bad))
+
+
+def test_d2_a_plain_upload_beyond_l2_clip_leaves_the_round_not_the_model(tmp_path: Path) -> None:
+    spec = _spec("plain", l2_clip=1.0)
+    fed = provision(spec, tmp_path, 3)
+    deltas = {i: {"w": np.full(4, 0.1 * (i + 1))} for i in range(3)}
+    grid = local_grid(
+        fed, ["unused"] * 3, protocol="plain", train=delta_train(deltas), grid_class=OverBound
+    )
+    workflow = _workflow(spec, fed)
+    init = ArrayRecord({"w": Array(np.zeros(4))})
+    final = workflow(grid, Context(0, 0, {}, RecordDict(), {}), initial_arrays=init, num_rounds=2)
+    # before the fix: the mean was inf and the loop died in round 2
+    assert len(workflow.history) == 2
+    for result in workflow.history:
+        assert len(result.outcome.survivors) == 2 and len(result.outcome.dropped) == 1
+    assert np.all(np.isfinite(final["w"].numpy())) and np.all(final["w"].numpy() > 0)
+
+
+def test_d2_a_non_finite_mean_is_a_skipped_round(tmp_path: Path) -> None:
+    """A mean finite in float64 that overflows the float32 model is never released."""
+    spec = _spec("plain")
+    fed = provision(spec, tmp_path, 3)
+    deltas = {i: {"w": np.full(4, 1e39)} for i in range(3)}
+    grid = local_grid(fed, ["unused"] * 3, protocol="plain", train=delta_train(deltas))
+    workflow = _workflow(spec, fed)
+    init = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
+    with pytest.raises(ThresholdError, match="not finite"):
+        workflow.run_round(grid, arrays=init, round_index=1)
+    with pytest.raises(ThresholdError, match="all 1 rounds aborted"):
+        workflow(grid, Context(0, 0, {}, RecordDict(), {}), initial_arrays=init, num_rounds=1)
+    assert workflow.history == []
