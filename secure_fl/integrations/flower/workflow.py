@@ -397,7 +397,12 @@ class SecureAggregationWorkflow:
             if server_optimizer is not None:
                 flat, layout = records.flatten(result.mean, where="mean")
                 step = records.unflatten(server_optimizer.step(flat), layout)
-            current = add_arrays(current, step)
+            stepped = add_arrays(current, step)
+            if not all(np.all(np.isfinite(stepped[k].numpy())) for k in stepped):
+                # A finite model plus a finite step can overflow the model's dtype: never apply it.
+                log.warning("round %d: the new global model is not finite; not applied", index)
+                continue
+            current = stepped
         if released == 0 and first is not None:
             # Every round aborted: say so (a run that trained nothing must not look finished).
             raise ThresholdError(
@@ -420,7 +425,8 @@ def add_arrays(base: ArrayRecord, delta: ArrayRecord) -> ArrayRecord:
         step = delta[key].numpy()
         if old.shape != step.shape:
             raise ConfigError(f"array {key!r}: the mean has shape {step.shape}, not {old.shape}")
-        out[key] = Array((old.astype(np.float64) + step.astype(np.float64)).astype(old.dtype))
+        with np.errstate(over="ignore"):  # an overflow is caught by the caller's finiteness check
+            out[key] = Array((old.astype(np.float64) + step.astype(np.float64)).astype(old.dtype))
     return ArrayRecord(out)
 
 

@@ -512,3 +512,25 @@ def test_d2_a_non_finite_mean_is_a_skipped_round(tmp_path: Path) -> None:
     with pytest.raises(ThresholdError, match="all 1 rounds aborted"):
         workflow(grid, Context(0, 0, {}, RecordDict(), {}), initial_arrays=init, num_rounds=1)
     assert workflow.history == []
+
+
+def test_a_step_that_overflows_the_global_models_dtype_is_not_applied() -> None:
+    """A finite float32 model plus a finite (float64) mean can overflow float32: the loop keeps
+    the model it had instead of applying infinities."""
+
+    from secure_fl.integrations.flower.workflow import FlowerRoundResult
+    from secure_fl.rounds.base import RoundOutcome
+    from secure_fl.transport.config_common import RosterEntry
+
+    class Once(SecureAggregationWorkflow):
+        def run_round(self, grid: Any, **kwargs: Any) -> Any:
+            mean = ArrayRecord({"w": Array(np.full(3, 3e38))})
+            outcome = RoundOutcome(frozenset({1, 2}), frozenset(), frozenset(), mean=None)
+            return FlowerRoundResult(outcome, mean, {1: 1.0, 2: 1.0}, {}, {}, 0.0, 0, 0)
+
+    init = ArrayRecord({"w": Array(np.full(3, 3e38, dtype=np.float32))})
+    roster = [RosterEntry(name="a", site_id=1), RosterEntry(name="b", site_id=2)]
+    workflow = Once(_spec("plain"), roster)
+    final = workflow(None, None, initial_arrays=init, num_rounds=1)  # type: ignore[arg-type]
+    assert np.all(np.isfinite(final["w"].numpy()))
+    np.testing.assert_array_equal(final["w"].numpy(), init["w"].numpy())
