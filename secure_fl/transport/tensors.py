@@ -135,6 +135,20 @@ def same_structure(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> 
     )
 
 
+def _flat_tensor(name: Any, array: Any) -> np.ndarray:
+    """``array`` flattened in C order (a view when C-contiguous), after checking that ``name``
+    is a non-empty string and ``array`` a numpy array of an accepted float dtype.
+    Errors: InvalidUpdateError naming the tensor."""
+    if not isinstance(name, str) or not name:
+        raise InvalidUpdateError("tensor names must be non-empty strings")
+    if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPES:
+        raise InvalidUpdateError(
+            f"tensor {name!r} must be a numpy array of dtype {sorted(_DTYPES)}"
+        )
+    flat: np.ndarray = array.reshape(-1)
+    return flat
+
+
 def content_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
     """The SHA-256 of what a model *is*, independent of how it was serialised or presented
     (version 1: values upcast to float64; kept for records written by older versions and for
@@ -164,13 +178,7 @@ def content_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
     buf = np.empty(_DIGEST_PIECE, dtype="<f8")
     for name in sorted(tensors):
         array = tensors[name]
-        if not isinstance(name, str) or not name:
-            raise InvalidUpdateError("tensor names must be non-empty strings")
-        if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPES:
-            raise InvalidUpdateError(
-                f"tensor {name!r} must be a numpy array of dtype {sorted(_DTYPES)}"
-            )
-        flat = array.reshape(-1)  # C order; a view when the array is C-contiguous
+        flat = _flat_tensor(name, array)
         raw_name = name.encode()
         digest.update(len(raw_name).to_bytes(8, "little"))
         digest.update(raw_name)
@@ -199,13 +207,7 @@ def _float32_digests(tensors: Mapping[str, np.ndarray], *, with_v1: bool) -> tup
         v1.update(count)
     for name in sorted(tensors):
         array = tensors[name]
-        if not isinstance(name, str) or not name:
-            raise InvalidUpdateError("tensor names must be non-empty strings")
-        if not isinstance(array, np.ndarray) or array.dtype.name not in _DTYPES:
-            raise InvalidUpdateError(
-                f"tensor {name!r} must be a numpy array of dtype {sorted(_DTYPES)}"
-            )
-        flat = array.reshape(-1)  # C order; a view when the array is C-contiguous
+        flat = _flat_tensor(name, array)
         raw_name = name.encode()
         for h in (v2,) if v1 is None else (v2, v1):
             h.update(len(raw_name).to_bytes(8, "little"))

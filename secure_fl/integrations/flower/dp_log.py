@@ -24,7 +24,6 @@ the delta the site now pins). Limits: whoever can write the node's
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -178,14 +177,11 @@ class DPSGDLog:
     def held(self) -> Iterator[None]:
         """An exclusive lock on the log (``<path>.lock``, 0600) for the block: one DP-SGD round
         of the node at a time, across processes."""
+        from secure_fl.integrations.flower.node import locked
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.path):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
 
 @contextmanager

@@ -241,8 +241,9 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> FlowerSite:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` + ``.lock`` (one message of a node at a time)."""
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` + ``.lock`` (0600; one message of a node at a
+    time, across processes)."""
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -343,7 +344,7 @@ class NodeSealer(StateSealer):
         that is already closed writes nothing: no blob of it can be restored (``_current``
         needs ``open``) and the next issue moves past every counter used so far."""
         key = f"{int(site_id)}:{int(round_id)}"
-        with _locked(self._counters):
+        with locked(self._counters):
             data = _read_json_file(self._counters)
             entry = data.get(key, {"latest": 0, "open": False})
             if issue:
@@ -375,7 +376,7 @@ class NodeSealer(StateSealer):
         Errors: OSError."""
         if not self._unsynced:
             return
-        with _locked(self._counters):
+        with locked(self._counters):
             for path, flags in ((self._counters, os.O_RDONLY), (self._dir, os.O_RDONLY)):
                 fd = os.open(path, flags)
                 try:
@@ -393,7 +394,7 @@ class NodeSealer(StateSealer):
         return f"site={int(site_id)};round={int(round_id)};counter={counter}\x00".encode()
 
     def _current(self, site_id: int, round_id: int) -> bytes:
-        with _locked(self._counters):
+        with locked(self._counters):
             entry = _read_json_file(self._counters).get(f"{int(site_id)}:{int(round_id)}")
         if not isinstance(entry, dict) or entry.get("open") is not True:
             raise DecryptionError("round state could not be restored")
@@ -419,7 +420,7 @@ def charge_train(state_dir: Path, *, now: float | None = None) -> None:
     _mkdir_private(folder)
     path = folder / RELEASES
     stamp = time.time() if now is None else float(now)
-    with _locked(path):
+    with locked(path):
         data = _read_json_file(path)
         recent = [
             float(t)
@@ -481,7 +482,7 @@ class NodeReleaseGuard:
         self.participants = tuple(int(p) for p in participants)
 
     def _edit(self) -> Any:
-        return _locked(self.path)
+        return locked(self.path)
 
     def _load(self) -> dict[str, Any]:
         data = _read_json_file(self.path)
@@ -606,5 +607,6 @@ __all__ = [
     "NodeSealer",
     "charge_train",
     "load_flower_site",
+    "locked",
     "site_from_node_config",
 ]
