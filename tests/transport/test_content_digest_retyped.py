@@ -24,12 +24,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adversary.test_grpc import Fed, SpyServer
+from adversary.test_grpc import Fed
+from transport.test_transport_replay import ReserialisingServer
 
 from secure_fl.errors import InvalidUpdateError, PolicyError
 from secure_fl.transport import tensors
-from secure_fl.transport._generated import federation_pb2 as pb
-from secure_fl.transport.chunks import iter_chunk_bytes
 from secure_fl.transport.replay import ContributionGuard
 from secure_fl.transport.rounds import sha256
 from secure_fl.transport.site_model import SiteModel
@@ -185,31 +184,17 @@ def test_release_key_layout() -> None:
 # -- the real site over gRPC ----------------------------------------------------------------------
 
 
-class NudgingServer(SpyServer):
+class NudgingServer(ReserialisingServer):
     """After round 1, serves the initial model again as float64 nudged below float32 resolution
     (in reverse order) and leaves site ``c`` out of round 2."""
 
-    served: list[bytes]
+    def initial(self, model: tensors.Tensors) -> tensors.Tensors:
+        # nonzero float32 values of the same shapes (a nudge of zero is no nudge)
+        rng = np.random.default_rng(7)
+        return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()}
 
-    def _set_model(self, model: Any) -> None:
-        if not self._digest:  # the initial model: nonzero float32 values of the same shapes
-            rng = np.random.default_rng(7)
-            model = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()}
-            self.served = []
-            self._initial = model
-            super()._set_model(model)
-            return
-        blob = tensors.dumps(nudged(self._initial))
-        self._model, self._blob, self._digest = self._initial, blob, sha256(blob)
-        header = pb.PayloadHeader(kind=pb.MODEL, length=len(self._initial))
-        self._model_chunks = list(iter_chunk_bytes(header, blob, self.config.limits.chunk_bytes))
-        self.served.append(blob)
-
-    def _post(self, rs: Any, site: int, kind: str, message: Any) -> None:
-        left_out = self.config.site_by_name("c")
-        if rs.index == 1 and left_out is not None and site == left_out.site_id:
-            return  # c never hears of round 2
-        super()._post(rs, site, kind, message)
+    def reserve(self, initial: tensors.Tensors) -> bytes:
+        return tensors.dumps(nudged(initial))
 
 
 @pytest.fixture

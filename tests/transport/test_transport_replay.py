@@ -52,13 +52,21 @@ class ReserialisingServer(SpyServer):
 
     served: list[bytes]
 
+    def initial(self, model: tensors.Tensors) -> tensors.Tensors:
+        """The model round 1 runs on (subclasses may change it)."""
+        return model
+
+    def reserve(self, initial: tensors.Tensors) -> bytes:
+        """The bytes that serve the round-1 model again (subclasses change how)."""
+        return reserialised(initial, order=list(reversed(initial)))
+
     def _set_model(self, model: Any) -> None:
-        if not self._digest:  # the initial model: served as is
+        if not self._digest:  # the initial model
             self.served = []
-            self._initial = model
-            super()._set_model(model)
+            self._initial = self.initial(model)
+            super()._set_model(self._initial)
             return
-        blob = reserialised(self._initial, order=list(reversed(self._initial)))
+        blob = self.reserve(self._initial)
         self._model, self._blob, self._digest = self._initial, blob, sha256(blob)
         header = pb.PayloadHeader(kind=pb.MODEL, length=len(self._initial))
         self._model_chunks = list(iter_chunk_bytes(header, blob, self.config.limits.chunk_bytes))
