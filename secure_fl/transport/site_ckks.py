@@ -4,8 +4,10 @@
 Guarantee: the only CKKS data this site sends is a fresh encryption of its own new local model
 (global + update) scaled by its normalised weight, after the setup's fingerprint, parameters,
 weight and vector length were checked against the federation's, the model's and the site's
-policy (by the round half). A failure of the range check on its own new model depends on secret
-values: the caller fails closed.
+policy (by the round half). Nothing in the setup refuses on the site's own values: the round
+half (``fail_closed=True``) refuses only what the server sent (a served model beyond the preset's
+bound: :func:`~secure_fl.he.site.check_base`) and clips the new local model into the preset's
+range, the count logged on this site only (a refusal would be a one-bit oracle on the update).
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ def encrypt_upload(
 ) -> list[Reply]:
     """Check ``setup`` (:meth:`CkksSiteRound.on_setup`), then encrypt ``weight * (model +
     update)`` with fresh randomness; returns the ciphertext upload (``round_number``: the
-    federation round from 1, for the log). Errors: PolicyError / RemoteProtocolError (the round
-    is refused, nothing sent); a failed range check calls ``fail_closed``."""
+    federation round from 1, for the log). The new local model is clipped into the preset's
+    range, never refused (:meth:`CkksSiteRound.on_setup` with ``fail_closed=True``). Errors:
+    PolicyError / RemoteProtocolError (the round is refused, nothing sent); a PostDecryptionError
+    of the round half (a check whose outcome depends on secret values) calls ``fail_closed``."""
     half = CkksSiteRound(
         config.site_id, secret=secret, policy=config.policy, name=config.name, fail_closed=True
     )
@@ -62,8 +66,9 @@ def encrypt_upload(
         del base, delta
         upload = out if isinstance(out, CkksUpload) else half.upload()
     except PostDecryptionError as exc:
-        # Checked before the weight was reported; a failure here still depends on secret values.
-        fail_closed(f"this site's new local model failed the CKKS range check ({exc})")
+        # Not raised for the range of the new local model (clipped); any such check depends on
+        # secret values.
+        fail_closed(f"the CKKS setup failed a check that depends on secret values ({exc})")
     layout = half.layout
     if layout is None:  # pragma: no cover - upload() raised already
         raise RuntimeError("no layout after the upload")

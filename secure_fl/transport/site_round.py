@@ -9,14 +9,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+import numpy as np
+
 from secure_fl.crypto import SigningKey
 from secure_fl.errors import (
     ConfigError,
     InvalidUpdateError,
+    PolicyError,
     PostDecryptionError,
     RemoteProtocolError,
 )
-from secure_fl.transport import ckks as ckks_wire
+from secure_fl.he.site import check_base
 from secure_fl.transport import policy, tensors
 from secure_fl.transport._generated import federation_pb2 as pb
 from secure_fl.transport.config import SiteConfig
@@ -67,21 +70,50 @@ def compute_result(
     round_index: int,
     round_config: Mapping[str, Any] | None,
     ckks_secret: Any = None,
+    *,
+    decrypted: bool = False,
 ) -> TaskResult:
     """Run ``task`` on ``model`` for federation round ``round_index`` (``round_config`` passed as
     ``round_config=`` when the server sent one; :func:`~secure_fl.transport.tasks.run_task`) and
-    check its result against the model; with ``ckks_secret``, also check the new local model's
-    range (PostDecryptionError). Errors: ConfigError (settings the task refuses),
+    check its result against the model.
+
+    With ``ckks_secret``, first (before the task runs) the model the site was served must be
+    within the CKKS preset's range (:func:`~secure_fl.he.site.check_base`): that outcome depends
+    only on what the server sent, so it refuses the round (PolicyError, no marker) -- unless the
+    model was ``decrypted`` here, where it depends on decrypted values (PostDecryptionError: the
+    caller fails closed). The new local model (model + update) is never range-checked here:
+    whether it fits depends on the site's data and on a model the server chose (a one-bit
+    oracle); the CKKS setup clips it into range (:meth:`CkksSiteRound.on_setup`).
+
+    Errors: PolicyError / PostDecryptionError as above, ConfigError (settings the task refuses),
     InvalidUpdateError (a task failure, a bad result or a non-finite metric)."""
+    if ckks_secret is not None:
+        check_served_model(ckks_secret, model, decrypted=decrypted)
     try:
         result = run_task(task, model, round_index, round_config)
     except (ConfigError, InvalidUpdateError):
         raise
     except Exception as exc:  # a task bug must not take the site process down
         raise InvalidUpdateError(f"the task failed: {type(exc).__name__}: {exc}") from exc
-    if ckks_secret is not None:
-        ckks_wire.check_local_model(ckks_secret, ckks_wire.local_model_vector(model, result.update))
     return result
+
+
+def check_served_model(secret: Any, model: Tensors, *, decrypted: bool = False) -> None:
+    """Check that every value of the served ``model`` is finite and within the CKKS preset's
+    ``max_abs`` (:func:`~secure_fl.he.site.check_base`; the message names the bound, never a
+    value). Errors: PolicyError (the round is refused) for a model the server sent in the clear;
+    PostDecryptionError (fail closed) for a model ``decrypted`` on this site."""
+    arrays = [np.asarray(v, dtype=np.float64).ravel() for v in model.values()]
+    vector = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.float64)
+    try:
+        check_base(secret, vector)
+    except PolicyError as exc:
+        if decrypted:
+            raise PostDecryptionError(
+                "the decrypted global model failed the CKKS range check (values not finite or "
+                f"beyond the bound {secret.preset.max_abs:g})"
+            ) from exc
+        raise
 
 
 class RoundSteps:
@@ -148,7 +180,9 @@ class RoundSteps:
         t0 = time.perf_counter()
         ckks_secret = self.models.secret() if start.aggregation == "ckks" or decrypted else None
         try:
-            result = compute_result(self.task, model, rs.round_index, round_config, ckks_secret)
+            result = compute_result(
+                self.task, model, rs.round_index, round_config, ckks_secret, decrypted=decrypted
+            )
         except PostDecryptionError as exc:
             self._fail_closed(str(exc))
         except InvalidUpdateError as exc:

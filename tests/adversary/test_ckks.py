@@ -651,30 +651,81 @@ def test_a_check_before_decryption_refuses_only_the_round(tmp_path: Path) -> Non
     assert not (runner.config.state_dir / FAIL_CLOSED_MARKER).exists()
 
 
-def test_site_fails_closed_when_its_own_new_model_is_out_of_range(tmp_path: Path) -> None:
+def test_site_clips_an_update_that_leaves_the_range_and_uploads(tmp_path: Path) -> None:
     """The server serves a (public, plaintext) model sitting at ``max_abs`` and the site's local
-    training overshoots: its new local model (model + update) goes beyond the bound. Whether the
-    site can encrypt depends on its secret update and on a model the server chose, so a
-    per-round refusal would be a one-bit oracle on the update (model at ``max_abs - theta``:
-    refused iff the update exceeds ``theta``). The site stops for good before it reports
-    its weight. Fails before this fix: the site reported its weight, failed at CkksSetup and
-    carried on with the next round."""
-    from secure_fl.transport.site import EXIT_FAIL_CLOSED, FAIL_CLOSED_MARKER
+    training overshoots: its new local model (model + update) goes beyond the bound. Whether it
+    does depends on the site's secret update and on a model the server chose, so any reaction
+    the server can see would be a one-bit oracle on the update (model at ``max_abs - theta``:
+    "refused" iff the update exceeds ``theta``; a fail-closed stop is the same bit, once per
+    site, and lets the server knock a site out at will). The site reports its weight, clips the
+    new local model into range and uploads it like any other round: no marker, and the upload
+    decrypts to ``weight * clip(model + update)``. Fails before this fix: the site wrote
+    FAIL-CLOSED.json and exited 6 right after the download."""
+    from secure_fl.transport.site import FAIL_CLOSED_MARKER
 
     runner, secret = _site(tmp_path)
     runner.task = SyntheticTask("b", rate=3.0)  # local training that overshoots
     model0 = initial_model(load_server_config(tmp_path / "fed" / "server" / "server.json").model)
-    at_bound = {k: np.full_like(v, secret.preset.max_abs) for k, v in model0.items()}
+    bound = secret.preset.max_abs
+    at_bound = {k: np.full_like(v, bound) for k, v in model0.items()}
     blob = dumps(at_bound)
     size = ckks_wire.structure_size(ckks_wire.structure_of(model0))
-    setup = _ckks_setup(secret, size, round_id=0)
+    update = runner.task.compute_update(at_bound, 0).update
+    raw = ckks_wire.local_model_vector(at_bound, update)
+    assert np.max(np.abs(raw)) > bound  # the new local model does leave the range
     server = _ScriptedServer(
-        2, "b", [_round_start(1, 0, sha256(blob)), setup, _round_start(2, 1, sha256(blob))]
+        2, "b", [_round_start(1, 0, sha256(blob)), _ckks_setup(secret, size, round_id=0)]
     )
     server.model = blob
-    _attach(runner, server)
-    assert runner.run() == EXIT_FAIL_CLOSED
+    _run(runner, server)
     names = [c[0] for c in server.calls]
-    assert names == ["Join", "Poll", "DownloadModel"], names
-    reason = json.loads((runner.config.state_dir / FAIL_CLOSED_MARKER).read_text())["reason"]
-    assert "new local model" in reason and "beyond the bound" in reason
+    assert names.count("ReportUpdateReady") == 1 and names.count("UploadCiphertext") == 1, names
+    assert not (runner.config.state_dir / FAIL_CLOSED_MARKER).exists()
+    header, body = server.uploads[0]
+    frames = ckks_wire.unpack_frames(body, header.length)
+    got = np.concatenate([_decrypt_frame(secret, f) for f in frames])[:size]
+    np.testing.assert_allclose(got, 0.5 * np.clip(raw, -bound, bound), atol=1e-3)
+
+
+def test_the_served_model_check_refuses_the_round_and_fails_closed_only_if_decrypted(
+    tmp_path: Path,
+) -> None:
+    """``check_served_model``: a model sent in the clear beyond ``max_abs`` (or non-finite) is a
+    PolicyError (the server's values alone); the same values in a model decrypted on the site
+    are a PostDecryptionError (fail closed); no message quotes a value."""
+    from secure_fl.errors import PolicyError, PostDecryptionError
+    from secure_fl.transport.site_round import check_served_model
+
+    _, secret = _site(tmp_path)
+    bound = secret.preset.max_abs
+    check_served_model(secret, {"w": np.full(3, -bound, dtype=np.float32)}, decrypted=True)
+    for bad in (np.array([0.0, bound * 1.5]), np.array([np.nan, 0.0])):
+        with pytest.raises(PolicyError) as refused:
+            check_served_model(secret, {"w": bad})
+        assert not isinstance(refused.value, PostDecryptionError)
+        with pytest.raises(PostDecryptionError) as closed:
+            check_served_model(secret, {"w": bad}, decrypted=True)
+        for text in (str(refused.value), str(closed.value)):
+            assert f"{bound * 1.5:g}" not in text and "nan" not in text.lower()
+
+
+def test_site_refuses_only_the_round_when_the_served_model_is_out_of_range(
+    tmp_path: Path,
+) -> None:
+    """A plaintext model served beyond ``max_abs`` cannot be the base of an encodable upload.
+    That outcome depends only on what the server sent: the site refuses that round before its
+    task runs (no weight reported, no marker) and takes the next instruction."""
+    from secure_fl.transport.site import FAIL_CLOSED_MARKER
+
+    runner, secret = _site(tmp_path)
+    model0 = initial_model(load_server_config(tmp_path / "fed" / "server" / "server.json").model)
+    beyond = {k: np.full_like(v, 2 * secret.preset.max_abs) for k, v in model0.items()}
+    blob = dumps(beyond)
+    server = _ScriptedServer(
+        2, "b", [_round_start(1, 0, sha256(blob)), _round_start(2, 1, sha256(blob))]
+    )
+    server.model = blob
+    _run(runner, server)
+    names = [c[0] for c in server.calls]
+    assert "ReportUpdateReady" not in names and names.count("Poll") == 3, names
+    assert not (runner.config.state_dir / FAIL_CLOSED_MARKER).exists()

@@ -19,7 +19,7 @@ from site_driver_helpers import (
 
 from secure_fl.errors import PolicyError
 from secure_fl.transport._generated import federation_pb2 as pb
-from secure_fl.transport.site_driver import FAIL_CLOSED_MARKER, FailClosedError
+from secure_fl.transport.site_driver import FAIL_CLOSED_MARKER
 from secure_fl.transport.site_replies import Upload
 
 
@@ -92,16 +92,43 @@ def test_a_site_that_requires_dp_refuses_a_round_without_it(tmp_path: Path) -> N
     assert "require_dp" in log.named("policy-refused")[-1]["reason"]
 
 
-def test_ckks_fails_closed_when_the_new_local_model_is_out_of_range(tmp_path: Path) -> None:
+def test_ckks_clips_a_new_local_model_out_of_range_and_uploads(tmp_path: Path) -> None:
+    """Local training that overshoots any bound: whether the new local model fits depends on
+    the site's data, so the site neither refuses nor fails closed; it reports, and its upload
+    is the new local model clipped into the preset's range (no marker)."""
     pytest.importorskip("tenseal")
+    from secure_fl.he.model import unpack_frames
+    from secure_fl.he.wire import decode_frame
+
     fed = make_federation(tmp_path, ["a", "b"], protocol="ckks", ckks=True)
-    task = FixedTask(1, scale=1e9)  # local training that overshoots any bound
-    driver, log = fed.driver("a", task=task)
-    with pytest.raises(FailClosedError):
-        driver.handle(round_start(1, 1, fed.digest, "ckks"), fed.fetch)
-    marker = fed.configs["a"].state_dir / FAIL_CLOSED_MARKER
-    assert json.loads(marker.read_text())["round_id"] == 1
-    assert log.named("fail-closed") and not driver.may_start()
+    driver, log = fed.driver("a", task=FixedTask(1, scale=1e9))
+    replies = driver.handle(round_start(1, 1, fed.digest, "ckks"), fed.fetch).replies
+    assert [r.rpc for r in replies] == ["ReportUpdateReady"]
+    assert not (fed.configs["a"].state_dir / FAIL_CLOSED_MARKER).exists()
+    assert not log.named("fail-closed") and driver.may_start()
+    secret = driver.models.secret()
+    size = sum(int(v.size) for v in fed.model.values())
+    setup = pb.CkksSetup(
+        context_sha256=bytes.fromhex(secret.fingerprint),
+        poly_modulus_degree=secret.preset.poly_modulus_degree,
+        scale=secret.preset.scale,
+        weight=0.5,
+        vector_length=size,
+        chunk_ciphertexts=64,
+    )
+    inst = pb.Instruction(attempt=1, index=1, round_id=1, ckks_setup=setup)
+    (upload,) = driver.handle(inst, fed.fetch).replies
+    assert isinstance(upload, Upload) and upload.rpc == "UploadCiphertext"
+    import tenseal as ts
+
+    values = np.concatenate(
+        [
+            np.asarray(ts.ckks_vector_from(secret.tenseal_context, blob).decrypt())
+            for frame in unpack_frames(upload.data, upload.header.length)
+            for blob in decode_frame(frame).blobs
+        ]
+    )[:size]
+    np.testing.assert_allclose(values, 0.5 * secret.preset.max_abs, rtol=1e-4)
 
 
 def test_a_ckks_setup_gives_a_fresh_encryption_of_the_weighted_new_model(tmp_path: Path) -> None:
