@@ -23,6 +23,38 @@ from secure_fl.transport.site_driver import FAIL_CLOSED_MARKER
 from secure_fl.transport.site_replies import Upload
 
 
+def _ckks_upload(driver: Any, fed: Any, weight: float) -> tuple[Any, Upload, np.ndarray]:
+    """Send ``driver`` (a site that reported its weight in round 1) the CKKS setup with
+    ``weight``; its setup, its one reply (an upload) and the upload's values decrypted with
+    the site's own secret context."""
+    import tenseal as ts
+
+    from secure_fl.he.model import unpack_frames
+    from secure_fl.he.wire import decode_frame
+
+    secret = driver.models.secret()
+    size = sum(int(v.size) for v in fed.model.values())
+    setup = pb.CkksSetup(
+        context_sha256=bytes.fromhex(secret.fingerprint),
+        poly_modulus_degree=secret.preset.poly_modulus_degree,
+        scale=secret.preset.scale,
+        weight=weight,
+        vector_length=size,
+        chunk_ciphertexts=64,
+    )
+    inst = pb.Instruction(attempt=1, index=1, round_id=1, ckks_setup=setup)
+    (upload,) = driver.handle(inst, fed.fetch).replies
+    assert isinstance(upload, Upload) and upload.rpc == "UploadCiphertext"
+    values = np.concatenate(
+        [
+            np.asarray(ts.ckks_vector_from(secret.tenseal_context, blob).decrypt())
+            for frame in unpack_frames(upload.data, upload.header.length)
+            for blob in decode_frame(frame).blobs
+        ]
+    )[:size]
+    return setup, upload, values
+
+
 @pytest.fixture
 def fed(tmp_path: Path) -> DriverFed:
     return make_federation(tmp_path, ["a", "b", "c"], ckks=False)
@@ -97,8 +129,6 @@ def test_ckks_clips_a_new_local_model_out_of_range_and_uploads(tmp_path: Path) -
     the site's data, so the site neither refuses nor fails closed; it reports, and its upload
     is the new local model clipped into the preset's range (no marker)."""
     pytest.importorskip("tenseal")
-    from secure_fl.he.model import unpack_frames
-    from secure_fl.he.wire import decode_frame
 
     fed = make_federation(tmp_path, ["a", "b"], protocol="ckks", ckks=True)
     driver, log = fed.driver("a", task=FixedTask(1, scale=1e9))
@@ -106,63 +136,20 @@ def test_ckks_clips_a_new_local_model_out_of_range_and_uploads(tmp_path: Path) -
     assert [r.rpc for r in replies] == ["ReportUpdateReady"]
     assert not (fed.configs["a"].state_dir / FAIL_CLOSED_MARKER).exists()
     assert not log.named("fail-closed") and driver.may_start()
-    secret = driver.models.secret()
-    size = sum(int(v.size) for v in fed.model.values())
-    setup = pb.CkksSetup(
-        context_sha256=bytes.fromhex(secret.fingerprint),
-        poly_modulus_degree=secret.preset.poly_modulus_degree,
-        scale=secret.preset.scale,
-        weight=0.5,
-        vector_length=size,
-        chunk_ciphertexts=64,
-    )
-    inst = pb.Instruction(attempt=1, index=1, round_id=1, ckks_setup=setup)
-    (upload,) = driver.handle(inst, fed.fetch).replies
-    assert isinstance(upload, Upload) and upload.rpc == "UploadCiphertext"
-    import tenseal as ts
-
-    values = np.concatenate(
-        [
-            np.asarray(ts.ckks_vector_from(secret.tenseal_context, blob).decrypt())
-            for frame in unpack_frames(upload.data, upload.header.length)
-            for blob in decode_frame(frame).blobs
-        ]
-    )[:size]
-    np.testing.assert_allclose(values, 0.5 * secret.preset.max_abs, rtol=1e-4)
+    _, _, values = _ckks_upload(driver, fed, 0.5)
+    max_abs = driver.models.secret().preset.max_abs
+    np.testing.assert_allclose(values, 0.5 * max_abs, rtol=1e-4)
 
 
 def test_a_ckks_setup_gives_a_fresh_encryption_of_the_weighted_new_model(tmp_path: Path) -> None:
     pytest.importorskip("tenseal")
-    from secure_fl.he.model import unpack_frames
-    from secure_fl.he.wire import decode_frame
 
     fed = make_federation(tmp_path, ["a", "b"], protocol="ckks", ckks=True)
     driver, _ = fed.driver("a")
     replies = driver.handle(round_start(1, 1, fed.digest, "ckks"), fed.fetch).replies
     assert [r.rpc for r in replies] == ["ReportUpdateReady"]
-    secret = driver.models.secret()
-    size = sum(int(v.size) for v in fed.model.values())
-    setup = pb.CkksSetup(
-        context_sha256=bytes.fromhex(secret.fingerprint),
-        poly_modulus_degree=secret.preset.poly_modulus_degree,
-        scale=secret.preset.scale,
-        weight=0.25,
-        vector_length=size,
-        chunk_ciphertexts=64,
-    )
-    inst = pb.Instruction(attempt=1, index=1, round_id=1, ckks_setup=setup)
-    (upload,) = driver.handle(inst, fed.fetch).replies
-    assert isinstance(upload, Upload) and upload.rpc == "UploadCiphertext"
+    setup, upload, values = _ckks_upload(driver, fed, 0.25)
     assert upload.header.kind == pb.CKKS_CIPHERTEXT and upload.header.ckks.weight == 0.25
-    import tenseal as ts
-
-    values = np.concatenate(
-        [
-            np.asarray(ts.ckks_vector_from(secret.tenseal_context, blob).decrypt())
-            for frame in unpack_frames(upload.data, upload.header.length)
-            for blob in decode_frame(frame).blobs
-        ]
-    )[:size]
     want = 0.25 * (0.0 + 0.01 * (driver.site_id + 1))  # model zeros + the task's update
     np.testing.assert_allclose(values, want, atol=1e-5)
     # A setup with another context is refused: nothing is sent.
