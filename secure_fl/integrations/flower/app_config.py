@@ -314,28 +314,10 @@ def site_privacy(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
 
 
 def _train_secret(node_dir: Path) -> bytes:
-    path = node_dir / TRAIN_SEED_FILE
-    if not path.exists():
-        tmp = node_dir / f".{TRAIN_SEED_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, os.urandom(32))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # created once: a concurrent creator's file wins, never replaced
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise ConfigError(f"{path} is open to other users (mode {mode:o}); chmod 600")
-    secret = path.read_bytes()
-    if len(secret) != 32:
-        raise ConfigError(f"{path} must hold 32 bytes, got {len(secret)}")
-    return secret
+    """The site-local training secret (``node_dir/train-seed``, 32 bytes, 0600, created once)."""
+    from secure_fl.integrations.flower.node import load_or_create_key
+
+    return load_or_create_key(node_dir / TRAIN_SEED_FILE, "the site's training secret")
 
 
 def site_secret_seed(node_dir: str | os.PathLike[str], purpose: str) -> int:

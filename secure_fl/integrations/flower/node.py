@@ -265,9 +265,11 @@ def _read_json_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _load_or_create_key(path: Path) -> bytes:
-    """The 32-byte key at ``path``, created once (``os.urandom``, a 0600 file linked into
-    place, so two processes racing both end with the same key)."""
+def load_or_create_key(path: Path, what: str = "the node's sealing key") -> bytes:
+    """The 32-byte secret at ``path`` (``what`` it is, for errors), created once
+    (``os.urandom``, a 0600 file linked into place, so two processes racing both end with the
+    same secret, never replaced). Errors: ConfigError when the file is open to other users or
+    does not hold exactly 32 bytes."""
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -285,7 +287,7 @@ def _load_or_create_key(path: Path) -> bytes:
         raise ConfigError(f"{path} is readable or writable by others (mode {mode:o}); chmod 600")
     key = path.read_bytes()
     if len(key) != 32:
-        raise ConfigError(f"{path} must hold exactly 32 bytes (the node's sealing key)")
+        raise ConfigError(f"{path} must hold exactly 32 bytes ({what}), got {len(key)}")
     return key
 
 
@@ -325,7 +327,7 @@ class NodeSealer(StateSealer):
         _mkdir_private(folder)
         self._dir = folder
         self._counters = folder / SEALER_COUNTERS
-        self._aead = AESGCM(_load_or_create_key(folder / SEALER_KEY))
+        self._aead = AESGCM(load_or_create_key(folder / SEALER_KEY))
         self._latest = {}
         self._open = set()
         self._seen: dict[tuple[int, int], int] = {}  # counter _current verified, to consume
@@ -607,6 +609,7 @@ __all__ = [
     "NodeSealer",
     "charge_train",
     "load_flower_site",
+    "load_or_create_key",
     "locked",
     "site_from_node_config",
 ]
