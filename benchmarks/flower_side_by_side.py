@@ -107,6 +107,26 @@ def best_round(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
+def simulate_best(
+    server_app: Any, client_app: Any, sites: int, summaries: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Run the apps on ``sites`` virtual SuperNodes (the shared backend config); the fastest
+    measured round the ServerApp appended to ``summaries``, with ``simulation_wall_s``."""
+    from flwr.simulation import run_simulation
+
+    t0 = time.perf_counter()
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=sites,
+        backend_config=BACKEND_CONFIG,
+    )
+    total = time.perf_counter() - t0
+    result = best_round(summaries)
+    result["simulation_wall_s"] = total
+    return result
+
+
 def run_flower(
     sites: int, length: int, workdir: Path, *, warmup: int = 1, rounds: int = 1
 ) -> dict[str, Any]:
@@ -120,7 +140,6 @@ def run_flower(
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.simulation import run_simulation
 
     k, threshold = degree_and_threshold(sites)
     log = workdir / "flower-sites.jsonl"
@@ -179,17 +198,8 @@ def run_flower(
 
         DefaultWorkflow(fit_workflow=fit_workflow)(timing, legacy)
 
-    t0 = time.perf_counter()
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=sites,
-        backend_config=BACKEND_CONFIG,
-    )
-    total = time.perf_counter() - t0
-    result = best_round(summaries)
+    result = simulate_best(server_app, client_app, sites, summaries)
     result.update(
-        simulation_wall_s=total,
         num_shares=k + 1,
         reconstruction_threshold=threshold,
         warmup_rounds=warmup,
@@ -229,7 +239,6 @@ def run_ours(
     )
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
 
     from secure_fl.integrations.flower.mod import make_secure_fl_mod
     from secure_fl.integrations.flower.node import load_flower_site
@@ -301,16 +310,8 @@ def run_ours(
             )
             summaries.append(summary)
 
-    t0 = time.perf_counter()
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=sites,
-        backend_config=BACKEND_CONFIG,
-    )
-    total = time.perf_counter() - t0
-    result = best_round(summaries)
-    result.update(simulation_wall_s=total, active=active, warmup_rounds=warmup)
+    result = simulate_best(server_app, client_app, sites, summaries)
+    result.update(active=active, warmup_rounds=warmup)
     return result
 
 
